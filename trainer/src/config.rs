@@ -1,0 +1,834 @@
+//! The trainer's configuration: what a `TrainingJob` hands a replica, and what
+//! `trainyard-trainer train --config FILE` reads.
+//!
+//! See [`TrainerConfig`] for the primary entry point. This module depends on
+//! serde alone (no tensors), so the operator can embed the same types.
+//!
+//! Loading is layered, ripgrep-style: the file is parsed to a generic value,
+//! `--set key=value` overrides are applied to that value, and only then is the
+//! value deserialized into the typed config (unknown keys and wrong types are
+//! errors naming the dotted path) and validated semantically ([`TrainerConfig::validate`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Label value that marks a pixel to be ignored by the loss and the metrics.
+pub const IGNORE_INDEX: u8 = 255;
+
+/// Errors from loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("failed to read config file {path}: {source}")]
+    Read {
+        /// The file that was read.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML or JSON.
+    #[error("failed to parse config file {path}: {message}")]
+    Parse {
+        /// The file that was parsed.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A `--set` override is malformed.
+    #[error("invalid override `{arg}`: {message}")]
+    Override {
+        /// The override as given.
+        arg: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A key is unknown or a value has the wrong type.
+    #[error("invalid config at `{field}`: {message}")]
+    Schema {
+        /// Dotted path of the offending key.
+        field: String,
+        /// What serde said about it.
+        message: String,
+    },
+    /// A value has the right type but is not allowed.
+    #[error("invalid value for `{field}`: {message}")]
+    Invalid {
+        /// Dotted path of the offending key.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything one training run needs. Sections are named so that a
+/// `TrainingJob` spec can embed them unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// The network.
+    pub model: ModelConfig,
+    /// Where samples come from and how they are split and augmented.
+    pub data: DataConfig,
+    /// Optimisation.
+    pub train: TrainConfig,
+    /// Checkpoint cadence and retention.
+    pub checkpoint: CheckpointConfig,
+}
+
+/// How the decoder upsamples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DecoderKind {
+    /// Max-unpooling with the argmax indices of the mirrored encoder stage (SegNet).
+    #[default]
+    Unpool,
+    /// Nearest-neighbour 2x upsampling (the paper's cheap baseline).
+    Nearest,
+}
+
+/// The SegNet family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Channels of each encoder stage; the decoder mirrors them.
+    pub widths: Vec<usize>,
+    /// 3x3 conv → BN → ReLU blocks per stage.
+    pub convs_per_stage: usize,
+    /// How the decoder upsamples.
+    pub decoder: DecoderKind,
+    /// Number of semantic classes, background included.
+    pub classes: usize,
+    /// Input image channels.
+    pub in_channels: usize,
+    /// Train an auxiliary per-pixel instance-boundary head.
+    pub boundary_head: bool,
+    /// Weight of the boundary loss relative to the segmentation loss.
+    pub boundary_loss_weight: f64,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            widths: vec![16, 32, 64],
+            convs_per_stage: 2,
+            decoder: DecoderKind::Unpool,
+            classes: 4,
+            in_channels: 3,
+            boundary_head: false,
+            boundary_loss_weight: 1.0,
+        }
+    }
+}
+
+/// Sample source, split and augmentation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Synthetic shapes (set exactly one of `shapes` and `folder`).
+    pub shapes: Option<ShapesConfig>,
+    /// Images and masks from a directory.
+    pub folder: Option<FolderConfig>,
+    /// Fraction of samples held out for validation.
+    pub val_fraction: f64,
+    /// Seed of the train/validation split and the per-epoch shuffle.
+    pub seed: u64,
+    /// Gaussian input noise on training batches (training with noise).
+    pub noise: Option<NoiseConfig>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            shapes: Some(ShapesConfig::default()),
+            folder: None,
+            val_fraction: 0.1,
+            seed: 1,
+            noise: None,
+        }
+    }
+}
+
+/// The synthetic shapes dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShapesConfig {
+    /// Number of samples (train and validation together).
+    pub samples: usize,
+    /// Image height and width in pixels.
+    pub image_size: usize,
+    /// Most shapes per image (at least one is always drawn).
+    pub max_shapes: usize,
+    /// Generator seed: the same seed gives byte-identical samples everywhere.
+    pub seed: u64,
+}
+
+impl Default for ShapesConfig {
+    fn default() -> Self {
+        Self {
+            samples: 2048,
+            image_size: 64,
+            max_shapes: 4,
+            seed: 7,
+        }
+    }
+}
+
+/// A dataset on disk: `images/*.png|jpg` and `masks/*.png` with equal stems.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FolderConfig {
+    /// Directory holding `images/` and `masks/`.
+    pub path: PathBuf,
+}
+
+/// Additive Gaussian input noise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NoiseConfig {
+    /// Standard deviation, in units of normalised pixel intensity (0..1).
+    pub sigma: f64,
+    /// Probability that a training sample gets noise.
+    pub probability: f64,
+}
+
+impl Default for NoiseConfig {
+    fn default() -> Self {
+        Self {
+            sigma: 0.1,
+            probability: 0.5,
+        }
+    }
+}
+
+/// The optimiser and its hyper-parameters (learning rate lives in [`TrainConfig::lr`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OptimizerConfig {
+    /// Stochastic gradient descent with optional (Nesterov) momentum.
+    Sgd(SgdConfig),
+    /// Adam with decoupled weight decay.
+    AdamW(AdamWConfig),
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self::AdamW(AdamWConfig::default())
+    }
+}
+
+/// SGD hyper-parameters (PyTorch semantics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SgdConfig {
+    /// Momentum factor; 0 disables momentum.
+    pub momentum: f64,
+    /// Use Nesterov momentum (needs `momentum > 0`).
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient.
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        Self {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// AdamW hyper-parameters (PyTorch semantics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-4,
+        }
+    }
+}
+
+/// How the learning rate decays after warm-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DecayConfig {
+    /// Keep the peak learning rate.
+    Constant,
+    /// Cosine from the peak down to `final_factor` × peak at the last step.
+    Cosine(CosineDecay),
+    /// Multiply by `gamma` every `every` steps.
+    Step(StepDecay),
+}
+
+impl Default for DecayConfig {
+    fn default() -> Self {
+        Self::Cosine(CosineDecay::default())
+    }
+}
+
+/// Cosine decay parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CosineDecay {
+    /// Learning rate at the last step, as a fraction of the peak.
+    pub final_factor: f64,
+}
+
+impl Default for CosineDecay {
+    fn default() -> Self {
+        Self { final_factor: 0.01 }
+    }
+}
+
+/// Step decay parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDecay {
+    /// Steps between decays.
+    pub every: u64,
+    /// Multiplicative factor per decay.
+    pub gamma: f64,
+}
+
+/// Optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimiser steps to run.
+    pub steps: u64,
+    /// Samples per step (per replica).
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Steps of linear warm-up from 0 to `lr`.
+    pub warmup_steps: u64,
+    /// Decay after warm-up.
+    pub decay: DecayConfig,
+    /// Optimiser.
+    pub optimizer: OptimizerConfig,
+    /// Clip gradients to this global L2 norm.
+    pub grad_clip_norm: Option<f64>,
+    /// Per-class loss weights (length = `model.classes`).
+    pub class_weights: Option<Vec<f64>>,
+    /// Validate every this many steps (and at the end); 0 validates only at the end.
+    pub val_every: u64,
+    /// Write a `metrics.jsonl` training row every this many steps.
+    pub log_every: u64,
+    /// Seed of parameter initialisation and noise.
+    pub seed: u64,
+    /// Compute threads; absent means one per core.
+    pub threads: Option<usize>,
+    /// Steps excluded from the steady-state throughput in `summary.json`.
+    pub throughput_warmup_steps: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 16,
+            lr: 3e-3,
+            warmup_steps: 50,
+            decay: DecayConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            grad_clip_norm: Some(5.0),
+            class_weights: None,
+            val_every: 200,
+            log_every: 1,
+            seed: 42,
+            threads: None,
+            throughput_warmup_steps: 5,
+        }
+    }
+}
+
+/// Checkpoint cadence and retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every this many steps (and at the end); 0 only at the end.
+    pub every: u64,
+    /// Number of most recent checkpoints to keep.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every: 200,
+            keep_last: 3,
+        }
+    }
+}
+
+impl TrainerConfig {
+    /// Reads `path` (YAML or JSON), applies `key=value` overrides, and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        // YAML is a superset of JSON, so one parser serves both.
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        Self::from_value(value, overrides)
+    }
+
+    /// Builds a config from an already-parsed document plus overrides, and validates it.
+    pub fn from_value(
+        mut value: serde_yaml::Value,
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        if value.is_null() {
+            value = serde_yaml::Value::Mapping(Default::default());
+        }
+        for arg in overrides {
+            apply_override(&mut value, arg)?;
+        }
+        let config: Self =
+            serde_path_to_error::deserialize(value).map_err(|e| ConfigError::Schema {
+                field: e.path().to_string(),
+                message: e.inner().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Semantic checks that types alone cannot express. The first problem wins.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        if m.widths.is_empty() {
+            return Err(ConfigError::invalid(
+                "model.widths",
+                "needs at least one stage, e.g. [16, 32, 64]",
+            ));
+        }
+        if let Some(i) = m.widths.iter().position(|&w| w == 0) {
+            return Err(ConfigError::invalid(
+                format!("model.widths[{i}]"),
+                "a stage needs at least one channel",
+            ));
+        }
+        if m.convs_per_stage == 0 {
+            return Err(ConfigError::invalid(
+                "model.convs_per_stage",
+                "must be at least 1",
+            ));
+        }
+        if m.classes < 2 {
+            return Err(ConfigError::invalid(
+                "model.classes",
+                "must be at least 2 (background and one object class)",
+            ));
+        }
+        if m.classes > IGNORE_INDEX as usize {
+            return Err(ConfigError::invalid(
+                "model.classes",
+                format!(
+                    "at most {IGNORE_INDEX} classes fit in 8-bit masks ({IGNORE_INDEX} marks ignored pixels)"
+                ),
+            ));
+        }
+        if m.in_channels == 0 {
+            return Err(ConfigError::invalid(
+                "model.in_channels",
+                "must be at least 1",
+            ));
+        }
+        check_non_negative("model.boundary_loss_weight", m.boundary_loss_weight)?;
+
+        let d = &self.data;
+        match (&d.shapes, &d.folder) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "data",
+                    "set exactly one of `data.shapes` and `data.folder`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "data",
+                    "set one of `data.shapes` or `data.folder`",
+                ));
+            }
+            (Some(s), None) => {
+                if s.samples < 2 {
+                    return Err(ConfigError::invalid(
+                        "data.shapes.samples",
+                        "needs at least 2 samples (one for training, one for validation)",
+                    ));
+                }
+                let min = 1usize << m.widths.len();
+                if s.image_size < min.max(8) || s.image_size % min != 0 {
+                    return Err(ConfigError::invalid(
+                        "data.shapes.image_size",
+                        format!(
+                            "must be a multiple of {min} (2 to the number of stages) and at least {}",
+                            min.max(8)
+                        ),
+                    ));
+                }
+                if s.max_shapes == 0 {
+                    return Err(ConfigError::invalid(
+                        "data.shapes.max_shapes",
+                        "must be at least 1",
+                    ));
+                }
+                if m.classes != crate::data::shapes::CLASSES {
+                    return Err(ConfigError::invalid(
+                        "model.classes",
+                        format!(
+                            "the shapes dataset has {} classes (background, circle, rectangle, triangle); set model.classes: {}",
+                            crate::data::shapes::CLASSES,
+                            crate::data::shapes::CLASSES
+                        ),
+                    ));
+                }
+                if m.in_channels != 3 {
+                    return Err(ConfigError::invalid(
+                        "model.in_channels",
+                        "the shapes dataset is RGB; set model.in_channels: 3",
+                    ));
+                }
+            }
+            (None, Some(f)) => {
+                if f.path.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid(
+                        "data.folder.path",
+                        "must name a directory holding images/ and masks/",
+                    ));
+                }
+            }
+        }
+        if !(0.0..1.0).contains(&d.val_fraction) || !d.val_fraction.is_finite() {
+            return Err(ConfigError::invalid(
+                "data.val_fraction",
+                "must be in [0, 1), e.g. 0.1",
+            ));
+        }
+        if let Some(n) = &d.noise {
+            check_non_negative("data.noise.sigma", n.sigma)?;
+            if !(0.0..=1.0).contains(&n.probability) {
+                return Err(ConfigError::invalid(
+                    "data.noise.probability",
+                    "must be in [0, 1]",
+                ));
+            }
+        }
+
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(ConfigError::invalid("train.steps", "must be at least 1"));
+        }
+        if t.batch_size == 0 {
+            return Err(ConfigError::invalid(
+                "train.batch_size",
+                "must be at least 1",
+            ));
+        }
+        check_positive("train.lr", t.lr)?;
+        match &t.decay {
+            DecayConfig::Constant => {}
+            DecayConfig::Cosine(c) => {
+                if !(0.0..=1.0).contains(&c.final_factor) {
+                    return Err(ConfigError::invalid(
+                        "train.decay.final_factor",
+                        "must be in [0, 1]",
+                    ));
+                }
+            }
+            DecayConfig::Step(s) => {
+                if s.every == 0 {
+                    return Err(ConfigError::invalid(
+                        "train.decay.every",
+                        "must be at least 1",
+                    ));
+                }
+                if !(s.gamma > 0.0 && s.gamma <= 1.0) {
+                    return Err(ConfigError::invalid(
+                        "train.decay.gamma",
+                        "must be in (0, 1]",
+                    ));
+                }
+            }
+        }
+        match &t.optimizer {
+            OptimizerConfig::Sgd(s) => {
+                check_non_negative("train.optimizer.momentum", s.momentum)?;
+                if s.momentum >= 1.0 {
+                    return Err(ConfigError::invalid(
+                        "train.optimizer.momentum",
+                        "must be below 1",
+                    ));
+                }
+                if s.nesterov && s.momentum == 0.0 {
+                    return Err(ConfigError::invalid(
+                        "train.optimizer.nesterov",
+                        "Nesterov needs momentum; set train.optimizer.momentum > 0",
+                    ));
+                }
+                check_non_negative("train.optimizer.weight_decay", s.weight_decay)?;
+            }
+            OptimizerConfig::AdamW(a) => {
+                for (field, beta) in [
+                    ("train.optimizer.beta1", a.beta1),
+                    ("train.optimizer.beta2", a.beta2),
+                ] {
+                    if !(0.0..1.0).contains(&beta) {
+                        return Err(ConfigError::invalid(field, "must be in [0, 1)"));
+                    }
+                }
+                check_positive("train.optimizer.eps", a.eps)?;
+                check_non_negative("train.optimizer.weight_decay", a.weight_decay)?;
+            }
+        }
+        if let Some(c) = t.grad_clip_norm {
+            check_positive("train.grad_clip_norm", c)?;
+        }
+        if let Some(w) = &t.class_weights {
+            if w.len() != m.classes {
+                return Err(ConfigError::invalid(
+                    "train.class_weights",
+                    format!(
+                        "has {} entries but model.classes is {}; give one weight per class",
+                        w.len(),
+                        m.classes
+                    ),
+                ));
+            }
+            for (i, &x) in w.iter().enumerate() {
+                check_non_negative(&format!("train.class_weights[{i}]"), x)?;
+            }
+            if w.iter().all(|&x| x == 0.0) {
+                return Err(ConfigError::invalid(
+                    "train.class_weights",
+                    "at least one class weight must be positive",
+                ));
+            }
+        }
+        if t.log_every == 0 {
+            return Err(ConfigError::invalid(
+                "train.log_every",
+                "must be at least 1",
+            ));
+        }
+        if t.threads == Some(0) {
+            return Err(ConfigError::invalid(
+                "train.threads",
+                "must be at least 1, or left out for one per core",
+            ));
+        }
+        if self.checkpoint.keep_last == 0 {
+            return Err(ConfigError::invalid(
+                "checkpoint.keep_last",
+                "must be at least 1 so that a run can be resumed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_positive(field: &str, x: f64) -> Result<(), ConfigError> {
+    if x.is_finite() && x > 0.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("must be a positive number, got {x}"),
+        ))
+    }
+}
+
+fn check_non_negative(field: &str, x: f64) -> Result<(), ConfigError> {
+    if x.is_finite() && x >= 0.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!("must be a non-negative number, got {x}"),
+        ))
+    }
+}
+
+/// Applies one `a.b.c=value` override. The value is parsed as YAML, so
+/// `train.steps=200`, `model.decoder=nearest` and `model.widths=[8,16]` all work.
+/// Missing intermediate sections are created; whether the key exists at all is
+/// decided later by the typed deserialization, which names unknown keys.
+pub fn apply_override(root: &mut serde_yaml::Value, arg: &str) -> Result<(), ConfigError> {
+    let err = |message: &str| ConfigError::Override {
+        arg: arg.to_owned(),
+        message: message.to_owned(),
+    };
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected key=value, e.g. train.steps=200"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(err("the key must be a dotted path like train.batch_size"));
+    }
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(raw).map_err(|e| err(&format!("the value is not valid YAML: {e}")))?;
+    let mut node = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().ok_or_else(|| {
+            err(&format!(
+                "`{}` is not a section, so `{part}` cannot be set inside it",
+                parts[..i].join(".")
+            ))
+        })?;
+        let k = serde_yaml::Value::String((*part).to_owned());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map.entry(k).or_insert(serde_yaml::Value::Null);
+    }
+    unreachable!("a non-empty key has a last part")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(yaml: &str, overrides: &[&str]) -> Result<TrainerConfig, ConfigError> {
+        let value = serde_yaml::from_str(yaml).unwrap();
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        TrainerConfig::from_value(value, &overrides)
+    }
+
+    fn field_of(e: ConfigError) -> String {
+        match e {
+            ConfigError::Schema { field, .. } | ConfigError::Invalid { field, .. } => field,
+            other => panic!("unexpected error {other}"),
+        }
+    }
+
+    #[test]
+    fn empty_document_gives_defaults() {
+        assert_eq!(load("", &[]).unwrap(), TrainerConfig::default());
+    }
+
+    #[test]
+    fn overrides_reach_nested_keys_and_parse_yaml_values() {
+        let c = load(
+            "train: {steps: 5}",
+            &[
+                "train.steps=200",
+                "train.batch_size=4",
+                "model.decoder=nearest",
+                "model.widths=[8, 16]",
+                "train.optimizer.kind=sgd",
+                "train.optimizer.nesterov=true",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.steps, 200);
+        assert_eq!(c.train.batch_size, 4);
+        assert_eq!(c.model.decoder, DecoderKind::Nearest);
+        assert_eq!(c.model.widths, vec![8, 16]);
+        assert!(matches!(
+            c.train.optimizer,
+            OptimizerConfig::Sgd(SgdConfig { nesterov: true, .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert_eq!(
+            field_of(load("train: {stepz: 5}", &[]).unwrap_err()),
+            "train.stepz"
+        );
+        let e = load("", &["model.widht=3"]).unwrap_err();
+        assert!(e.to_string().contains("widht"), "{e}");
+        let e = load("train: {optimizer: {kind: adamw, momentum: 0.9}}", &[]).unwrap_err();
+        assert!(e.to_string().contains("momentum"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        assert_eq!(
+            field_of(load("train: {batch_size: lots}", &[]).unwrap_err()),
+            "train.batch_size"
+        );
+        assert_eq!(
+            field_of(load("train: {lr: -1}", &[]).unwrap_err()),
+            "train.lr"
+        );
+        assert_eq!(
+            field_of(load("", &["train.batch_size=0"]).unwrap_err()),
+            "train.batch_size"
+        );
+        assert_eq!(
+            field_of(load("", &["train.steps=-3"]).unwrap_err()),
+            "train.steps"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        for (yaml, field) in [
+            ("model: {widths: []}", "model.widths"),
+            ("model: {widths: [8, 0]}", "model.widths[1]"),
+            ("model: {classes: 5}", "model.classes"),
+            ("data: {shapes: {image_size: 60}}", "data.shapes.image_size"),
+            ("data: {folder: {path: x}}", "data"),
+            ("data: {shapes: null}", "data"),
+            ("data: {val_fraction: 1.0}", "data.val_fraction"),
+            ("data: {noise: {probability: 2}}", "data.noise.probability"),
+            ("train: {class_weights: [1, 1]}", "train.class_weights"),
+            (
+                "train: {optimizer: {kind: sgd, momentum: 0, nesterov: true}}",
+                "train.optimizer.nesterov",
+            ),
+            (
+                "train: {decay: {kind: step, every: 0, gamma: 0.5}}",
+                "train.decay.every",
+            ),
+            ("train: {threads: 0}", "train.threads"),
+            ("checkpoint: {keep_last: 0}", "checkpoint.keep_last"),
+        ] {
+            assert_eq!(field_of(load(yaml, &[]).unwrap_err()), field, "{yaml}");
+        }
+    }
+
+    #[test]
+    fn malformed_overrides_are_rejected() {
+        for bad in ["train.steps", "=3", "train..steps=3", "train.steps.x=3"] {
+            let e = load("train: {steps: 5}", &[bad]).unwrap_err();
+            assert!(matches!(e, ConfigError::Override { .. }), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! `trainyard-trainer`: the command-line entry point.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use trainyard_trainer::config::TrainerConfig;
+use trainyard_trainer::metrics::TrainerMetrics;
+use trainyard_trainer::train::{self, RunOptions};
+
+/// Trainyard's trainer: trains and applies SegNet segmentation models.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model.
+    Train {
+        /// Config file (YAML or JSON) with sections model, data, train, checkpoint.
+        #[arg(long)]
+        config: PathBuf,
+        /// Run directory: config.json, metrics.jsonl, checkpoints/, summary.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue from the newest checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+        /// Override a config key, e.g. --set train.steps=200 (repeatable; values are YAML).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Serve Prometheus metrics on this address while training (e.g. 0.0.0.0:9400).
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
+        /// Compute threads (overrides train.threads; default one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("failed to configure the compute thread pool")?;
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Train {
+            config,
+            out,
+            resume,
+            overrides,
+            metrics_addr,
+            threads,
+        } => {
+            let config = TrainerConfig::load(&config, &overrides)?;
+            if threads == Some(0) {
+                anyhow::bail!("--threads must be at least 1");
+            }
+            init_threads(threads.or(config.train.threads))?;
+            let metrics = match metrics_addr {
+                Some(addr) => {
+                    let m = TrainerMetrics::new();
+                    let bound = m
+                        .serve(addr)
+                        .with_context(|| format!("failed to serve metrics on {addr}"))?;
+                    tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
+                    Some(m)
+                }
+                None => None,
+            };
+            let opts = RunOptions {
+                out_dir: out,
+                resume,
+                metrics,
+                progress_bar: std::io::stderr().is_terminal(),
+            };
+            let summary = train::train(&config, &opts)?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The building blocks of the SegNet family: 3x3 convolution, batch norm and
+//! the conv → BN → ReLU unit, with PyTorch's parameter names and semantics.
+
+use burn::module::{Module, Param, RunningState};
+use burn::tensor::module::{batch_norm, batch_norm_train, conv2d};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Device, Tensor, TensorData, activation};
+use rand::Rng;
+
+/// A 2-D convolution with stride 1 and "same" zero padding.
+///
+/// Parameter names are PyTorch's `nn.Conv2d`: `weight` `[out, in, k, k]` and `bias` `[out]`.
+#[derive(Module, Debug)]
+pub struct Conv2d {
+    /// `[out_channels, in_channels, kernel, kernel]`.
+    pub weight: Param<Tensor<4>>,
+    /// `[out_channels]`, absent when a batch norm follows.
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Conv2d {
+    /// PyTorch's default initialisation (`kaiming_uniform_(a=√5)`, i.e. U(±1/√fan_in)
+    /// for weight and bias), drawn from `rng` so that a seed fixes the network.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        bias: bool,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Self {
+        let fan_in = in_channels * kernel * kernel;
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let mut uniform =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+        let weight = TensorData::new(
+            uniform(out_channels * fan_in),
+            [out_channels, in_channels, kernel, kernel],
+        );
+        let bias = bias.then(|| {
+            Param::from_data(
+                TensorData::new(uniform(out_channels), [out_channels]),
+                device,
+            )
+        });
+        Self {
+            weight: Param::from_data(weight, device),
+            bias,
+        }
+    }
+
+    /// # Shapes
+    /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, k, _] = self.weight.dims();
+        let pad = k / 2;
+        conv2d(
+            x,
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
+        )
+    }
+}
+
+/// Batch normalisation over `[batch, channels, h, w]`, PyTorch's `nn.BatchNorm2d`
+/// (momentum 0.1, eps 1e-5, running variance unbiased).
+///
+/// Like burn's own layer, it normalises with batch statistics and updates the
+/// running ones when the input lives on an autodiff device (training), and uses
+/// the running statistics otherwise (evaluation).
+#[derive(Module, Debug)]
+pub struct BatchNorm2d {
+    /// Scale, `[channels]`.
+    pub weight: Param<Tensor<1>>,
+    /// Shift, `[channels]`.
+    pub bias: Param<Tensor<1>>,
+    /// Running mean, a buffer (not trained).
+    pub running_mean: RunningState<Tensor<1>>,
+    /// Running variance, a buffer (not trained).
+    pub running_var: RunningState<Tensor<1>>,
+}
+
+const BN_MOMENTUM: f64 = 0.1;
+const BN_EPS: f64 = 1e-5;
+
+impl BatchNorm2d {
+    /// Identity initialisation, as in PyTorch.
+    pub fn new(channels: usize, device: &Device) -> Self {
+        Self {
+            weight: Param::from_tensor(Tensor::ones([channels], device)),
+            bias: Param::from_tensor(Tensor::zeros([channels], device)),
+            running_mean: RunningState::new(Tensor::zeros([channels], device)),
+            running_var: RunningState::new(Tensor::ones([channels], device)),
+        }
+    }
+
+    /// # Shapes
+    /// - input `[batch, channels, h, w]` → output of the same shape
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        if x.device().is_autodiff() {
+            let [b, _, h, w] = x.dims();
+            let n = (b * h * w) as f64;
+            let out = batch_norm_train(x, self.weight.val(), self.bias.val(), BN_EPS);
+            let device = out.output.device();
+            // PyTorch keeps the unbiased variance in the running estimate.
+            let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+            let mean = self.running_mean.value_sync().to_device(&device);
+            let var = self.running_var.value_sync().to_device(&device);
+            self.running_mean.update(
+                mean.mul_scalar(1.0 - BN_MOMENTUM)
+                    .add(out.mean.detach().mul_scalar(BN_MOMENTUM))
+                    .detach(),
+            );
+            self.running_var.update(
+                var.mul_scalar(1.0 - BN_MOMENTUM)
+                    .add(out.variance.detach().mul_scalar(BN_MOMENTUM * unbiased))
+                    .detach(),
+            );
+            out.output
+        } else {
+            let device = x.device();
+            batch_norm(
+                x,
+                self.weight.val(),
+                self.bias.val(),
+                self.running_mean.value().to_device(&device),
+                self.running_var.value().to_device(&device),
+                BN_EPS,
+            )
+        }
+    }
+}
+
+/// conv3x3 (no bias) → batch norm → ReLU.
+#[derive(Module, Debug)]
+pub struct ConvBnRelu {
+    /// The convolution.
+    pub conv: Conv2d,
+    /// The normalisation.
+    pub bn: BatchNorm2d,
+}
+
+impl ConvBnRelu {
+    /// A block mapping `in_channels` to `out_channels`.
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Self {
+        Self {
+            conv: Conv2d::new(in_channels, out_channels, 3, false, rng, device),
+            bn: BatchNorm2d::new(out_channels, device),
+        }
+    }
+
+    /// # Shapes
+    /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        activation::relu(self.bn.forward(self.conv.forward(x)))
+    }
+}

@@ -1,0 +1,259 @@
+//! Named, flat access to a module's tensors: the bridge between burn modules
+//! and everything that treats parameters as plain `f32` buffers (optimisers,
+//! checkpoints, all-reduce, federated updates).
+//!
+//! See [`Layout`] for the primary entry point. Names are dotted module paths
+//! (`encoder.0.convs.1.conv.weight`); the order is the module's visiting order,
+//! which is fixed by its structure, so two processes with the same config agree
+//! on it without talking.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
+
+/// One tensor of a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Dotted module path.
+    pub name: String,
+    /// Tensor shape.
+    pub shape: Vec<usize>,
+    /// Number of elements.
+    pub len: usize,
+    /// Trained by the optimiser (`false` for buffers such as BN running statistics).
+    pub trainable: bool,
+}
+
+/// The tensors of a module, in visiting order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// All tensors, trainable ones and buffers interleaved as visited.
+    pub entries: Vec<Entry>,
+}
+
+/// Whether a leaf name is a buffer rather than a parameter. Running statistics
+/// are the only buffers the SegNet family has (PyTorch's `register_buffer`s).
+fn is_buffer(name: &str) -> bool {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    leaf.starts_with("running_")
+}
+
+struct PathTracker(Vec<String>);
+
+impl PathTracker {
+    fn enter(&mut self, name: &str) {
+        self.0.push(name.to_owned());
+    }
+    fn exit(&mut self) {
+        self.0.pop();
+    }
+    fn name(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+impl Layout {
+    /// Reads the layout of `module`.
+    pub fn of<M: Module>(module: &M) -> Self {
+        struct V {
+            path: PathTracker,
+            entries: Vec<Entry>,
+        }
+        impl ModuleVisitor for V {
+            fn enter_module(&mut self, name: &str, _: &str) {
+                self.path.enter(name);
+            }
+            fn exit_module(&mut self, _: &str, _: &str) {
+                self.path.exit();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let name = self.path.name();
+                let shape = param.shape().to_vec();
+                self.entries.push(Entry {
+                    trainable: !is_buffer(&name),
+                    len: shape.iter().product(),
+                    name,
+                    shape,
+                });
+            }
+        }
+        let mut v = V {
+            path: PathTracker(Vec::new()),
+            entries: Vec::new(),
+        };
+        module.visit(&mut v);
+        Self { entries: v.entries }
+    }
+
+    /// Total elements of the trainable tensors.
+    pub fn trainable_len(&self) -> usize {
+        self.trainable().map(|e| e.len).sum()
+    }
+
+    /// The trainable entries, in order.
+    pub fn trainable(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(|e| e.trainable)
+    }
+}
+
+fn tensor_values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32 above")
+}
+
+/// Copies every tensor of `module` (trainable or not, per `select`) into one
+/// flat vector, in layout order.
+fn gather<M: Module>(module: &M, select: fn(&str) -> bool) -> Vec<f32> {
+    struct V {
+        path: PathTracker,
+        select: fn(&str) -> bool,
+        out: Vec<f32>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if (self.select)(&self.path.name()) {
+                self.out.extend(tensor_values(&param.val()));
+            }
+        }
+    }
+    let mut v = V {
+        path: PathTracker(Vec::new()),
+        select,
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
+/// The trainable parameters of `module`, flattened in layout order.
+pub fn trainable_values<M: Module>(module: &M) -> Vec<f32> {
+    gather(module, |n| !is_buffer(n))
+}
+
+/// The buffers (running statistics) of `module`, flattened in layout order.
+pub fn buffer_values<M: Module>(module: &M) -> Vec<f32> {
+    gather(module, is_buffer)
+}
+
+/// Every tensor of `module` by name, for checkpoints and exports.
+pub fn named_values<M: Module>(module: &M) -> Vec<(Entry, Vec<f32>)> {
+    let layout = Layout::of(module);
+    let mut trainable = trainable_values(module).into_iter();
+    let mut buffers = buffer_values(module).into_iter();
+    layout
+        .entries
+        .into_iter()
+        .map(|e| {
+            let source = if e.trainable {
+                &mut trainable
+            } else {
+                &mut buffers
+            };
+            let values: Vec<f32> = source.by_ref().take(e.len).collect();
+            (e, values)
+        })
+        .collect()
+}
+
+/// The gradient of every trainable parameter, flattened in layout order;
+/// parameters that did not take part in the loss get zeros.
+pub fn gradient_values<M: Module>(module: &M, grads: &Gradients) -> Vec<f32> {
+    struct V<'a> {
+        path: PathTracker,
+        grads: &'a Gradients,
+        out: Vec<f32>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if is_buffer(&self.path.name()) {
+                return;
+            }
+            let value = param.val();
+            match value.grad(self.grads) {
+                Some(g) => self.out.extend(tensor_values(&g)),
+                None => self
+                    .out
+                    .extend(std::iter::repeat_n(0.0, value.shape().num_elements())),
+            }
+        }
+    }
+    let mut v = V {
+        path: PathTracker(Vec::new()),
+        grads,
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
+/// Returns `module` with the tensors chosen by `select` replaced, in layout
+/// order, by consecutive runs of `values`. Gradient tracking is preserved.
+fn scatter<M: Module>(module: M, values: &[f32], select: fn(&str) -> bool, device: &Device) -> M {
+    struct Mp<'a> {
+        path: PathTracker,
+        select: fn(&str) -> bool,
+        values: &'a [f32],
+        offset: usize,
+        device: &'a Device,
+    }
+    impl ModuleMapper for Mp<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !(self.select)(&self.path.name()) {
+                return param;
+            }
+            let (id, old, mapper) = param.consume();
+            let shape = old.shape();
+            let n = shape.num_elements();
+            let slice = &self.values[self.offset..self.offset + n];
+            self.offset += n;
+            let mut t = Tensor::<D>::from_data(TensorData::new(slice.to_vec(), shape), self.device);
+            if old.is_require_grad() {
+                t = t.require_grad();
+            }
+            Param::from_mapped_value(id, t, mapper)
+        }
+    }
+    let mut m = Mp {
+        path: PathTracker(Vec::new()),
+        select,
+        values,
+        offset: 0,
+        device,
+    };
+    let module = module.map(&mut m);
+    assert_eq!(
+        m.offset,
+        values.len(),
+        "flat buffer length must match the module's layout"
+    );
+    module
+}
+
+/// Returns `module` with its trainable parameters set from `values` (layout order).
+pub fn with_trainable_values<M: Module>(module: M, values: &[f32], device: &Device) -> M {
+    scatter(module, values, |n| !is_buffer(n), device)
+}
+
+/// Returns `module` with its buffers set from `values` (layout order).
+pub fn with_buffer_values<M: Module>(module: M, values: &[f32], device: &Device) -> M {
+    scatter(module, values, is_buffer, device)
+}

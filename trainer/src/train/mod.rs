@@ -1,0 +1,688 @@
+//! Single-process training: the loop, validation, checkpoints and run outputs.
+//!
+//! See [`train`] for the primary entry point. A run directory holds
+//! `config.json` (the effective config), `metrics.jsonl` (one row per step and
+//! one per validation), `checkpoints/` and, at the end, `summary.json`.
+
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::time::{Duration, Instant};
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::checkpoint::{Checkpoint, CheckpointDir, CheckpointError};
+use crate::config::TrainerConfig;
+use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
+use crate::metrics::TrainerMetrics;
+use crate::model::SegNet;
+use crate::model::params::{self, Layout};
+use crate::tensorfile::{self, NamedTensor, TensorFileError};
+use loss::{PixelTargets, binary_cross_entropy_with_logits, cross_entropy};
+use metrics::{Confusion, SegmentationScores, argmax_classes};
+use optim::Optimizer;
+
+/// Why a run stopped early.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The dataset could not be opened.
+    #[error(transparent)]
+    Data(#[from] FolderError),
+    /// The dataset does not fit the model config.
+    #[error("dataset does not fit the model: {0}")]
+    Mismatch(String),
+    /// A checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A checkpoint does not fit the model.
+    #[error("checkpoint {path} does not fit this model: {message}")]
+    Incompatible {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What differs.
+        message: String,
+    },
+    /// The output directory already holds a run.
+    #[error(
+        "{path} already holds checkpoints of a run; pass --resume to continue it, or choose another --out"
+    )]
+    Exists {
+        /// The checkpoint directory.
+        path: PathBuf,
+    },
+    /// Writing an output file failed.
+    #[error("failed to write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Writing an output file atomically failed.
+    #[error(transparent)]
+    File(#[from] TensorFileError),
+    /// The loss stopped being a number.
+    #[error("loss is {loss} at step {step}; lower train.lr or set train.grad_clip_norm")]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// The loss value.
+        loss: f32,
+    },
+}
+
+/// How to run, beyond the config.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Run directory.
+    pub out_dir: PathBuf,
+    /// Continue from the newest checkpoint in `out_dir`.
+    pub resume: bool,
+    /// Metrics to update while training.
+    pub metrics: Option<TrainerMetrics>,
+    /// Show a progress bar instead of periodic log lines.
+    pub progress_bar: bool,
+}
+
+/// What a finished run reports (`summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Optimiser steps completed.
+    pub steps: u64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Validation mean IoU at the end (absent without a validation split).
+    pub val_miou: Option<f64>,
+    /// Validation pixel accuracy at the end.
+    pub val_pixel_accuracy: Option<f64>,
+    /// Validation IoU per class at the end.
+    pub val_iou: Vec<Option<f64>>,
+    /// Steady-state training throughput: excludes the first
+    /// `train.throughput_warmup_steps` steps, validation and checkpointing.
+    pub samples_per_sec: f64,
+    /// Wall time of this process's run.
+    pub wall_seconds: f64,
+    /// Peak resident memory of the process.
+    pub peak_rss_bytes: Option<u64>,
+    /// Trainable parameters.
+    pub parameters: usize,
+    /// The step this process resumed from, if it did.
+    pub resumed_from: Option<u64>,
+}
+
+/// One `metrics.jsonl` row.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum Row<'a> {
+    Train {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        samples_per_sec: f64,
+        noisy_samples: usize,
+    },
+    Val {
+        step: u64,
+        #[serde(flatten)]
+        scores: &'a SegmentationScores,
+    },
+}
+
+/// Peak resident set size of this process (Linux), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A model and the dataset it trains on, checked against each other.
+pub struct Setup {
+    /// The config.
+    pub config: TrainerConfig,
+    /// The samples.
+    pub dataset: Arc<dyn Dataset>,
+    /// Train/validation split.
+    pub split: Split,
+}
+
+impl Setup {
+    /// Opens the dataset and checks it against the model config.
+    pub fn new(config: &TrainerConfig) -> Result<Self, TrainError> {
+        let dataset: Arc<dyn Dataset> =
+            data::open(&config.data, config.model.in_channels, config.model.classes)?.into();
+        check_dataset(config, dataset.as_ref())?;
+        let split = Split::new(dataset.len(), config.data.val_fraction, config.data.seed);
+        if split.train.is_empty() {
+            return Err(TrainError::Mismatch(
+                "no training samples remain after the validation split; lower data.val_fraction"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            config: config.clone(),
+            dataset,
+            split,
+        })
+    }
+}
+
+/// Checks that a dataset's images fit the model: channels and a size divisible
+/// by 2^stages.
+pub fn check_dataset(config: &TrainerConfig, dataset: &dyn Dataset) -> Result<(), TrainError> {
+    if dataset.channels() != config.model.in_channels {
+        return Err(TrainError::Mismatch(format!(
+            "images have {} channels but model.in_channels is {}",
+            dataset.channels(),
+            config.model.in_channels
+        )));
+    }
+    let factor = 1usize << config.model.widths.len();
+    let [h, w] = dataset.size();
+    if h % factor != 0 || w % factor != 0 {
+        return Err(TrainError::Mismatch(format!(
+            "images are {w}x{h}, but {} encoder stages need both sides divisible by {factor}; resize the images or change model.widths",
+            config.model.widths.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Training batches produced ahead of time on their own thread, so sample
+/// generation and decoding overlap with compute. Each batch is a pure function
+/// of its step, so the order of production does not affect results.
+struct Prefetch {
+    rx: Receiver<(Batch, usize)>,
+}
+
+impl Prefetch {
+    fn spawn(setup: &Setup, rank: usize, world: usize, steps: std::ops::Range<u64>) -> Self {
+        let (tx, rx) = sync_channel(2);
+        let dataset = setup.dataset.clone();
+        let mut sampler = Sampler::new(setup.split.train.clone(), setup.config.data.seed);
+        let batch_size = setup.config.train.batch_size;
+        let noise = setup.config.data.noise.clone();
+        let seed = setup.config.train.seed;
+        let [h, w] = dataset.size();
+        let channels = dataset.channels();
+        std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                for step in steps {
+                    let samples: Vec<_> = sampler
+                        .batch_indices(step, batch_size, rank, world)
+                        .into_iter()
+                        .map(|i| dataset.get(i))
+                        .collect();
+                    let mut batch = Batch::collate(&samples, channels, [h, w]);
+                    let noisy = match &noise {
+                        Some(n) => {
+                            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                            rng.set_stream(step);
+                            batch.add_noise(n, &mut rng)
+                        }
+                        None => 0,
+                    };
+                    if tx.send((batch, noisy)).is_err() {
+                        break; // the trainer stopped
+                    }
+                }
+            })
+            .expect("spawning the prefetch thread");
+        Self { rx }
+    }
+
+    fn next(&self) -> (Batch, usize) {
+        self.rx
+            .recv()
+            .expect("the prefetch thread produces every step it was asked for")
+    }
+}
+
+/// The image tensor of a batch.
+pub fn batch_images(batch: &Batch, device: &Device) -> Tensor<4> {
+    let [c, h, w] = batch.image_shape;
+    Tensor::from_data(
+        TensorData::new(batch.images.clone(), [batch.len, c, h, w]),
+        device,
+    )
+}
+
+/// Forward pass and loss on one batch. Returns the loss tensor (with its graph
+/// on an autodiff device).
+pub fn batch_loss(
+    model: &SegNet,
+    batch: &Batch,
+    config: &TrainerConfig,
+    device: &Device,
+) -> Tensor<1> {
+    let [_, h, w] = batch.image_shape;
+    let out = model.forward(batch_images(batch, device));
+    let targets = PixelTargets::new(
+        &batch.masks,
+        [batch.len, h, w],
+        config.train.class_weights.as_deref(),
+        device,
+    );
+    let mut loss = cross_entropy(out.logits, &targets);
+    if let (Some(logits), Some(b)) = (out.boundary_logits, batch.boundaries.as_ref()) {
+        let t = Tensor::from_data(TensorData::new(b.clone(), [batch.len, 1, h, w]), device);
+        let bl = binary_cross_entropy_with_logits(logits, t);
+        loss = loss.add(bl.mul_scalar(config.model.boundary_loss_weight));
+    }
+    loss
+}
+
+fn scalar(t: Tensor<1>) -> f32 {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 after convert")[0]
+}
+
+/// Loss and flat gradients of the trainable parameters on one batch.
+pub fn loss_and_gradients(
+    model: &SegNet,
+    batch: &Batch,
+    config: &TrainerConfig,
+    device: &Device,
+) -> (f32, Vec<f32>) {
+    let loss = batch_loss(model, batch, config, device);
+    let value = scalar(loss.clone());
+    let grads = loss.backward();
+    (value, params::gradient_values(model, &grads))
+}
+
+/// Pixel accuracy and IoU of `model` on the samples `indices` of `dataset`.
+pub fn evaluate(
+    model: &SegNet,
+    dataset: &dyn Dataset,
+    indices: &[usize],
+    batch_size: usize,
+    classes: usize,
+    device: &Device,
+) -> SegmentationScores {
+    let eval_device = device.clone().inner();
+    let model = model.valid();
+    let mut confusion = Confusion::new(classes);
+    let [h, w] = dataset.size();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let samples: Vec<_> = chunk.iter().map(|&i| dataset.get(i)).collect();
+        let batch = Batch::collate(&samples, dataset.channels(), [h, w]);
+        let logits = model.forward(batch_images(&batch, &eval_device)).logits;
+        let dims = logits.dims();
+        let values = logits
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 after convert");
+        confusion.add(&batch.masks, &argmax_classes(&values, dims));
+    }
+    confusion.scores()
+}
+
+/// Appends rows to `metrics.jsonl`.
+struct MetricsLog {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl MetricsLog {
+    /// Opens the log, first dropping rows past `keep_through_step` (written
+    /// after the checkpoint a resumed run restarts from).
+    fn open(path: &Path, keep_through_step: Option<u64>) -> Result<Self, TrainError> {
+        let werr = |source| TrainError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        match keep_through_step {
+            Some(step) if path.exists() => {
+                let f = std::fs::File::open(path).map_err(werr)?;
+                let mut kept = String::new();
+                for line in std::io::BufReader::new(f).lines() {
+                    let line = line.map_err(werr)?;
+                    let row_step = serde_json::from_str::<serde_json::Value>(&line)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+                    if row_step.is_some_and(|s| s <= step) {
+                        kept.push_str(&line);
+                        kept.push('\n');
+                    }
+                }
+                tensorfile::write_bytes_atomic(path, kept.as_bytes())?;
+            }
+            Some(_) => {}
+            None => {
+                std::fs::File::create(path).map_err(werr)?;
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(werr)?;
+        Ok(Self {
+            path: path.to_owned(),
+            file: std::io::BufWriter::new(file),
+        })
+    }
+
+    fn write(&mut self, row: &Row) -> Result<(), TrainError> {
+        let line = serde_json::to_string(row).expect("rows serialise");
+        writeln!(self.file, "{line}").map_err(|source| TrainError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn flush(&mut self) -> Result<(), TrainError> {
+        self.file.flush().map_err(|source| TrainError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Puts the tensors of `checkpoint` into `model` and `optimizer`.
+fn restore(
+    model: SegNet,
+    optimizer: &mut Optimizer,
+    checkpoint: &Checkpoint,
+    path: &Path,
+    device: &Device,
+) -> Result<(SegNet, Vec<f32>), TrainError> {
+    let incompatible = |message: String| TrainError::Incompatible {
+        path: path.to_owned(),
+        message,
+    };
+    let layout = Layout::of(&model);
+    let (mut trainable, mut buffers) = (Vec::new(), Vec::new());
+    for e in &layout.entries {
+        let t = checkpoint.tensor(&e.name).ok_or_else(|| {
+            incompatible(format!(
+                "it has no tensor `{}` (was it written with another model config?)",
+                e.name
+            ))
+        })?;
+        if t.shape != e.shape {
+            return Err(incompatible(format!(
+                "tensor `{}` has shape {:?}, the model expects {:?}",
+                e.name, t.shape, e.shape
+            )));
+        }
+        if e.trainable {
+            &mut trainable
+        } else {
+            &mut buffers
+        }
+        .extend_from_slice(&t.values);
+    }
+    if checkpoint.model.len() != layout.entries.len() {
+        return Err(incompatible(format!(
+            "it has {} model tensors, the model has {}",
+            checkpoint.model.len(),
+            layout.entries.len()
+        )));
+    }
+    if checkpoint.optimizer != optimizer.kind() {
+        return Err(incompatible(format!(
+            "it was trained with optimizer `{}` but train.optimizer.kind is `{}`",
+            checkpoint.optimizer,
+            optimizer.kind()
+        )));
+    }
+    optimizer
+        .load_state(checkpoint.optimizer_step, trainable.len(), |slot| {
+            checkpoint
+                .optimizer_state
+                .iter()
+                .find(|(n, _)| n == slot)
+                .map(|(_, v)| v.clone())
+        })
+        .map_err(|e| incompatible(e.to_string()))?;
+    let model = params::with_trainable_values(model, &trainable, device);
+    let model = params::with_buffer_values(model, &buffers, device);
+    Ok((model, trainable))
+}
+
+/// The model tensors of `model` by name, for checkpoints.
+pub fn model_tensors(model: &SegNet) -> Vec<(String, NamedTensor)> {
+    params::named_values(model)
+        .into_iter()
+        .map(|(e, values)| {
+            (
+                e.name,
+                NamedTensor {
+                    shape: e.shape,
+                    values,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Trains a SegNet as `config` says, writing outputs to `opts.out_dir`.
+pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, TrainError> {
+    let started = Instant::now();
+    let setup = Setup::new(config)?;
+    let out = &opts.out_dir;
+    std::fs::create_dir_all(out).map_err(|source| TrainError::Write {
+        path: out.clone(),
+        source,
+    })?;
+    let device = Device::flex().autodiff();
+    let mut model = SegNet::new(&config.model, config.train.seed, &device);
+    let mut optimizer = Optimizer::new(&config.train.optimizer, Layout::of(&model).trainable_len());
+    let mut params = params::trainable_values(&model);
+    let checkpoints = CheckpointDir::new(out.join("checkpoints"));
+
+    let mut start_step = 0;
+    let mut resumed_from = None;
+    match (opts.resume, checkpoints.latest()?) {
+        (true, Some(path)) => {
+            let ck = Checkpoint::load(&path)?;
+            let (m, p) = restore(model, &mut optimizer, &ck, &path, &device)?;
+            (model, params) = (m, p);
+            start_step = ck.step;
+            resumed_from = Some(ck.step);
+            tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
+        }
+        (true, None) => {
+            tracing::info!(dir = %out.display(), "no checkpoint to resume from; starting fresh")
+        }
+        (false, Some(_)) => {
+            return Err(TrainError::Exists {
+                path: checkpoints
+                    .path_for(0)
+                    .parent()
+                    .expect("has a parent")
+                    .to_owned(),
+            });
+        }
+        (false, None) => {}
+    }
+    let config_json = serde_json::to_vec_pretty(config).expect("configs serialise");
+    tensorfile::write_bytes_atomic(&out.join("config.json"), &config_json)?;
+    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), resumed_from)?;
+
+    let steps = config.train.steps;
+    let batch_size = config.train.batch_size;
+    let classes = config.model.classes;
+    let prefetch = Prefetch::spawn(&setup, 0, 1, start_step..steps);
+    let bar = (opts.progress_bar && start_step < steps).then(|| {
+        let bar = indicatif::ProgressBar::new(steps);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        bar.set_position(start_step);
+        bar
+    });
+
+    let mut final_loss = f64::NAN;
+    let mut steady = (Duration::ZERO, 0u64);
+    let mut last_scores: Option<SegmentationScores> = None;
+    for step in start_step..steps {
+        let t0 = Instant::now();
+        let (batch, noisy) = prefetch.next();
+        let lr = schedule::learning_rate(&config.train, step);
+        let (loss, mut grads) = loss_and_gradients(&model, &batch, config, &device);
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss,
+            });
+        }
+        let grad_norm = match config.train.grad_clip_norm {
+            Some(max) => optim::clip_grad_norm(&mut grads, max),
+            None => optim::grad_norm(&grads),
+        };
+        optimizer.step(&mut params, &grads, lr);
+        model = params::with_trainable_values(model, &params, &device);
+        let dt = t0.elapsed();
+        let done = step + 1;
+        if step >= start_step + config.train.throughput_warmup_steps {
+            steady.0 += dt;
+            steady.1 += batch_size as u64;
+        }
+        let sps = batch_size as f64 / dt.as_secs_f64();
+        final_loss = loss as f64;
+        log.write(&Row::Train {
+            step: done,
+            loss: final_loss,
+            lr,
+            grad_norm,
+            samples_per_sec: sps,
+            noisy_samples: noisy,
+        })?;
+        if let Some(m) = &opts.metrics {
+            m.step.set(done as i64);
+            m.steps_total.inc();
+            m.loss.set(final_loss);
+            m.learning_rate.set(lr);
+            m.samples_per_second.set(sps);
+            m.samples_total.inc_by(batch_size as u64);
+        }
+        match &bar {
+            Some(bar) => {
+                bar.set_position(done);
+                bar.set_message(format!("loss {final_loss:.4}  {sps:.1} img/s"));
+            }
+            None if done % config.train.log_every == 0 || done == steps => {
+                tracing::info!(
+                    step = done,
+                    loss = final_loss,
+                    lr,
+                    samples_per_sec = sps,
+                    "train"
+                );
+            }
+            None => {}
+        }
+
+        let last = done == steps;
+        let validate = last || (config.train.val_every > 0 && done % config.train.val_every == 0);
+        if validate && !setup.split.val.is_empty() {
+            let scores = evaluate(
+                &model,
+                setup.dataset.as_ref(),
+                &setup.split.val,
+                batch_size,
+                classes,
+                &device,
+            );
+            log.write(&Row::Val {
+                step: done,
+                scores: &scores,
+            })?;
+            if let Some(m) = &opts.metrics {
+                m.val_miou.set(scores.miou);
+                m.val_pixel_accuracy.set(scores.pixel_accuracy);
+            }
+            let message = format!(
+                "val miou {:.3} pixel accuracy {:.3}",
+                scores.miou, scores.pixel_accuracy
+            );
+            match &bar {
+                Some(bar) => bar.println(format!("step {done}: {message}")),
+                None => tracing::info!(
+                    step = done,
+                    miou = scores.miou,
+                    pixel_accuracy = scores.pixel_accuracy,
+                    "validation"
+                ),
+            }
+            last_scores = Some(scores);
+        }
+        if last || (config.checkpoint.every > 0 && done % config.checkpoint.every == 0) {
+            // Rows up to this step become durable with the checkpoint that covers them.
+            log.flush()?;
+            let (optimizer_step, state) = optimizer.state();
+            let ck = Checkpoint {
+                step: done,
+                data_position: done * batch_size as u64,
+                model: model_tensors(&model),
+                optimizer: optimizer.kind().to_owned(),
+                optimizer_step,
+                optimizer_state: state
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                    .collect(),
+                config: config.clone(),
+            };
+            let path = checkpoints.save(&ck, config.checkpoint.keep_last)?;
+            if let Some(m) = &opts.metrics {
+                m.checkpoints_total.inc();
+            }
+            tracing::debug!(path = %path.display(), "checkpoint written");
+        }
+    }
+    log.flush()?;
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    if last_scores.is_none() && !setup.split.val.is_empty() {
+        // A resumed run that was already complete still reports its quality.
+        last_scores = Some(evaluate(
+            &model,
+            setup.dataset.as_ref(),
+            &setup.split.val,
+            batch_size,
+            classes,
+            &device,
+        ));
+    }
+    let summary = Summary {
+        steps,
+        final_loss,
+        val_miou: last_scores.as_ref().map(|s| s.miou),
+        val_pixel_accuracy: last_scores.as_ref().map(|s| s.pixel_accuracy),
+        val_iou: last_scores.map(|s| s.iou).unwrap_or_default(),
+        samples_per_sec: if steady.0.is_zero() {
+            0.0
+        } else {
+            steady.1 as f64 / steady.0.as_secs_f64()
+        },
+        wall_seconds: started.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+        parameters: params.len(),
+        resumed_from,
+    };
+    let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");
+    tensorfile::write_bytes_atomic(&out.join("summary.json"), &json)?;
+    Ok(summary)
+}
