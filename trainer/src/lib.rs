@@ -18,6 +18,8 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod infer;
+pub mod instances;
 pub mod metrics;
 pub mod model;
 pub mod tensorfile;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use trainyard_trainer::config::TrainerConfig;
+use trainyard_trainer::config::{ShapesConfig, TrainerConfig};
+use trainyard_trainer::infer;
 use trainyard_trainer::metrics::TrainerMetrics;
 use trainyard_trainer::train::{self, RunOptions};
 
@@ -49,6 +50,45 @@ enum Command {
         /// Compute threads (overrides train.threads; default one per core).
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// Write class masks and colour overlays (and instance masks, when the
+    /// model has a boundary head) for every image in a directory.
+    Predict {
+        /// A checkpoint written by `train` (checkpoints/step-*.safetensors).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Directory of images (*.png, *.jpg), or a dataset with an images/ folder.
+        #[arg(long)]
+        input: PathBuf,
+        /// Directory for <stem>_mask.png, <stem>_overlay.png, <stem>_instances.png.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Report pixel accuracy and mIoU (and panoptic quality with a boundary head)
+    /// as one JSON line.
+    Eval {
+        /// A checkpoint written by `train`.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Score every sample of this image folder (images/, masks/) instead of
+        /// the validation split of the dataset the checkpoint was trained on.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Write synthetic shapes samples as an image folder (images/, masks/).
+    Shapes {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of samples.
+        #[arg(long, default_value_t = 16)]
+        samples: usize,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Generator seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
     },
 }
 
@@ -120,6 +160,40 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             let summary = train::train(&config, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Predict {
+            checkpoint,
+            input,
+            out,
+        } => {
+            let predictor = infer::Predictor::load(&checkpoint)?;
+            let written = infer::predict_dir(&predictor, &input, &out)?;
+            tracing::info!(files = written.len(), out = %out.display(), "predictions written");
+            Ok(())
+        }
+        Command::Eval { checkpoint, data } => {
+            let report = infer::eval_checkpoint(&checkpoint, data.as_deref())?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Shapes {
+            out,
+            samples,
+            size,
+            seed,
+        } => {
+            let config = ShapesConfig {
+                samples,
+                image_size: size,
+                seed,
+                ..ShapesConfig::default()
+            };
+            if samples == 0 || size < 8 {
+                anyhow::bail!("--samples must be at least 1 and --size at least 8");
+            }
+            infer::write_shapes(&config, &out)?;
+            tracing::info!(samples, out = %out.display(), "shapes dataset written");
             Ok(())
         }
     }

@@ -117,6 +117,11 @@ impl BatchNorm2d {
                     .add(out.variance.detach().mul_scalar(BN_MOMENTUM * unbiased))
                     .detach(),
             );
+            // RunningState applies an update lazily, at the next read on this
+            // thread. Read now so that the stored value is always current: a
+            // checkpoint written after this step must hold this step's statistics.
+            let _ = self.running_mean.value_sync();
+            let _ = self.running_var.value_sync();
             out.output
         } else {
             let device = x.device();

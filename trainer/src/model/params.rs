@@ -257,3 +257,50 @@ pub fn with_trainable_values<M: Module>(module: M, values: &[f32], device: &Devi
 pub fn with_buffer_values<M: Module>(module: M, values: &[f32], device: &Device) -> M {
     scatter(module, values, is_buffer, device)
 }
+
+/// A named tensor is missing or has the wrong shape.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The source has no tensor of that name.
+    #[error("no tensor `{0}` (was it written for another model config?)")]
+    Missing(String),
+    /// The shapes differ.
+    #[error("tensor `{name}` has shape {got:?}, the model expects {expected:?}")]
+    Shape {
+        /// The tensor.
+        name: String,
+        /// Shape in the source.
+        got: Vec<usize>,
+        /// Shape in the model.
+        expected: Vec<usize>,
+    },
+}
+
+/// Returns `module` with every tensor (parameters and buffers) taken by name
+/// from `get`.
+pub fn load_named<'a, M: Module>(
+    module: M,
+    get: impl Fn(&str) -> Option<&'a crate::tensorfile::NamedTensor>,
+    device: &Device,
+) -> Result<M, LoadError> {
+    let layout = Layout::of(&module);
+    let (mut trainable, mut buffers) = (Vec::new(), Vec::new());
+    for e in &layout.entries {
+        let t = get(&e.name).ok_or_else(|| LoadError::Missing(e.name.clone()))?;
+        if t.shape != e.shape {
+            return Err(LoadError::Shape {
+                name: e.name.clone(),
+                got: t.shape.clone(),
+                expected: e.shape.clone(),
+            });
+        }
+        if e.trainable {
+            trainable.extend_from_slice(&t.values);
+        } else {
+            buffers.extend_from_slice(&t.values);
+        }
+    }
+    let module = with_trainable_values(module, &trainable, device);
+    Ok(with_buffer_values(module, &buffers, device))
+}

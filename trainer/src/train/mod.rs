@@ -23,13 +23,13 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointDir, CheckpointError};
 use crate::config::TrainerConfig;
+use crate::infer::{self, EvalReport, Predictor};
 use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
 use crate::metrics::TrainerMetrics;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
 use crate::tensorfile::{self, NamedTensor, TensorFileError};
 use loss::{PixelTargets, binary_cross_entropy_with_logits, cross_entropy};
-use metrics::{Confusion, SegmentationScores, argmax_classes};
 use optim::Optimizer;
 
 /// Why a run stopped early.
@@ -136,7 +136,7 @@ enum Row<'a> {
     Val {
         step: u64,
         #[serde(flatten)]
-        scores: &'a SegmentationScores,
+        report: &'a EvalReport,
     },
 }
 
@@ -305,32 +305,16 @@ pub fn loss_and_gradients(
     (value, params::gradient_values(model, &grads))
 }
 
-/// Pixel accuracy and IoU of `model` on the samples `indices` of `dataset`.
+/// Scores `model` on the samples `indices` of `dataset`, as `eval` would.
 pub fn evaluate(
     model: &SegNet,
+    config: &TrainerConfig,
     dataset: &dyn Dataset,
     indices: &[usize],
-    batch_size: usize,
-    classes: usize,
     device: &Device,
-) -> SegmentationScores {
-    let eval_device = device.clone().inner();
-    let model = model.valid();
-    let mut confusion = Confusion::new(classes);
-    let [h, w] = dataset.size();
-    for chunk in indices.chunks(batch_size.max(1)) {
-        let samples: Vec<_> = chunk.iter().map(|&i| dataset.get(i)).collect();
-        let batch = Batch::collate(&samples, dataset.channels(), [h, w]);
-        let logits = model.forward(batch_images(&batch, &eval_device)).logits;
-        let dims = logits.dims();
-        let values = logits
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32 after convert");
-        confusion.add(&batch.masks, &argmax_classes(&values, dims));
-    }
-    confusion.scores()
+) -> EvalReport {
+    let predictor = Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
+    infer::evaluate(&predictor, dataset, indices, config.train.batch_size)
 }
 
 /// Appends rows to `metrics.jsonl`.
@@ -407,35 +391,15 @@ fn restore(
         path: path.to_owned(),
         message,
     };
-    let layout = Layout::of(&model);
-    let (mut trainable, mut buffers) = (Vec::new(), Vec::new());
-    for e in &layout.entries {
-        let t = checkpoint.tensor(&e.name).ok_or_else(|| {
-            incompatible(format!(
-                "it has no tensor `{}` (was it written with another model config?)",
-                e.name
-            ))
-        })?;
-        if t.shape != e.shape {
-            return Err(incompatible(format!(
-                "tensor `{}` has shape {:?}, the model expects {:?}",
-                e.name, t.shape, e.shape
-            )));
-        }
-        if e.trainable {
-            &mut trainable
-        } else {
-            &mut buffers
-        }
-        .extend_from_slice(&t.values);
-    }
-    if checkpoint.model.len() != layout.entries.len() {
+    let expected = Layout::of(&model).entries.len();
+    if checkpoint.model.len() != expected {
         return Err(incompatible(format!(
-            "it has {} model tensors, the model has {}",
-            checkpoint.model.len(),
-            layout.entries.len()
+            "it has {} model tensors, the model has {expected} (was it written with another model config?)",
+            checkpoint.model.len()
         )));
     }
+    let model = params::load_named(model, |n| checkpoint.tensor(n), device)
+        .map_err(|e| incompatible(e.to_string()))?;
     if checkpoint.optimizer != optimizer.kind() {
         return Err(incompatible(format!(
             "it was trained with optimizer `{}` but train.optimizer.kind is `{}`",
@@ -443,6 +407,7 @@ fn restore(
             optimizer.kind()
         )));
     }
+    let trainable = params::trainable_values(&model);
     optimizer
         .load_state(checkpoint.optimizer_step, trainable.len(), |slot| {
             checkpoint
@@ -452,8 +417,6 @@ fn restore(
                 .map(|(_, v)| v.clone())
         })
         .map_err(|e| incompatible(e.to_string()))?;
-    let model = params::with_trainable_values(model, &trainable, device);
-    let model = params::with_buffer_values(model, &buffers, device);
     Ok((model, trainable))
 }
 
@@ -519,7 +482,6 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
 
     let steps = config.train.steps;
     let batch_size = config.train.batch_size;
-    let classes = config.model.classes;
     let prefetch = Prefetch::spawn(&setup, 0, 1, start_step..steps);
     let bar = (opts.progress_bar && start_step < steps).then(|| {
         let bar = indicatif::ProgressBar::new(steps);
@@ -535,7 +497,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
 
     let mut final_loss = f64::NAN;
     let mut steady = (Duration::ZERO, 0u64);
-    let mut last_scores: Option<SegmentationScores> = None;
+    let mut last_scores: Option<metrics::SegmentationScores> = None;
     for step in start_step..steps {
         let t0 = Instant::now();
         let (batch, noisy) = prefetch.next();
@@ -597,18 +559,12 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let last = done == steps;
         let validate = last || (config.train.val_every > 0 && done % config.train.val_every == 0);
         if validate && !setup.split.val.is_empty() {
-            let scores = evaluate(
-                &model,
-                setup.dataset.as_ref(),
-                &setup.split.val,
-                batch_size,
-                classes,
-                &device,
-            );
+            let report = evaluate(&model, config, setup.dataset.as_ref(), &setup.split.val, &device);
             log.write(&Row::Val {
                 step: done,
-                scores: &scores,
+                report: &report,
             })?;
+            let scores = report.scores;
             if let Some(m) = &opts.metrics {
                 m.val_miou.set(scores.miou);
                 m.val_pixel_accuracy.set(scores.pixel_accuracy);
@@ -657,14 +613,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     }
     if last_scores.is_none() && !setup.split.val.is_empty() {
         // A resumed run that was already complete still reports its quality.
-        last_scores = Some(evaluate(
-            &model,
-            setup.dataset.as_ref(),
-            &setup.split.val,
-            batch_size,
-            classes,
-            &device,
-        ));
+        last_scores = Some(evaluate(&model, config, setup.dataset.as_ref(), &setup.split.val, &device).scores);
     }
     let summary = Summary {
         steps,

@@ -1,0 +1,12 @@
+//! The trainer's integration tests, one binary (fewer links on slow machines).
+
+// Outputs equal PyTorch's on committed fixtures (pooling, unpooling, whole nets).
+mod torch_parity;
+// Autodiff gradients equal central finite differences.
+mod gradients;
+// Training runs: learning, exact resume, guarded output directories.
+mod training;
+// The binary: exit codes and messages on bad input, predict/eval/shapes.
+mod cli;
+
+mod util;

@@ -1,0 +1,130 @@
+//! End-to-end training runs on small synthetic data.
+
+use trainyard_trainer::checkpoint::{Checkpoint, CheckpointDir};
+use trainyard_trainer::train::metrics::Confusion;
+use trainyard_trainer::train::{RunOptions, Setup, TrainError, train};
+
+use crate::util::{tiny_config, train_rows};
+
+fn opts(dir: &std::path::Path, resume: bool) -> RunOptions {
+    RunOptions {
+        out_dir: dir.to_owned(),
+        resume,
+        ..Default::default()
+    }
+}
+
+/// What predicting background everywhere scores on the validation split:
+/// IoU(background) = background share, IoU = 0 for every other class present.
+fn background_only_miou(config: &trainyard_trainer::config::TrainerConfig) -> f64 {
+    let setup = Setup::new(config).unwrap();
+    let mut confusion = Confusion::new(config.model.classes);
+    for &i in &setup.split.val {
+        let s = setup.dataset.get(i);
+        confusion.add(&s.mask, &vec![0; s.mask.len()]);
+    }
+    confusion.scores().miou
+}
+
+/// The CI learning check: a short run must halve the loss and lift mIoU well
+/// above what predicting background everywhere scores.
+#[test]
+fn short_run_learns_shapes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(&[
+        "model.widths=[16, 32]",
+        "data.shapes.samples=400",
+        "data.shapes.max_shapes=3",
+        "data.val_fraction=0.1",
+        "train.batch_size=8",
+        "train.steps=300",
+        "train.warmup_steps=10",
+        "train.lr=0.005",
+        "train.class_weights=[0.3, 1, 1, 1]",
+        "train.val_every=0",
+        "checkpoint.every=0",
+    ]);
+    let summary = train(&config, &opts(dir.path(), false)).unwrap();
+    let rows = train_rows(dir.path());
+    let mean = |r: &[serde_json::Value]| r.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+    let (first, last) = (mean(&rows[..10]), mean(&rows[rows.len() - 10..]));
+    assert!(last < 0.5 * first, "loss fell from {first:.3} to {last:.3}");
+    let miou = summary.val_miou.unwrap();
+    let baseline = background_only_miou(&config);
+    assert!(miou > baseline * 1.4, "val mIoU {miou:.3} vs background-only {baseline:.3}");
+    assert!(summary.samples_per_sec > 0.0 && summary.peak_rss_bytes.unwrap() > 0);
+    eprintln!("short run: loss {first:.3} -> {last:.3}, val mIoU {miou:.3} (background-only {baseline:.3})");
+}
+
+/// A copy of a finished run as a crash right after the checkpoint of `step`
+/// leaves it: later checkpoints are gone, but the metrics rows written after
+/// `step` are still in the file.
+fn crashed_copy(full: &std::path::Path, step: u64) -> tempfile::TempDir {
+    let crashed = tempfile::tempdir().unwrap();
+    for entry in ["config.json", "metrics.jsonl"] {
+        std::fs::copy(full.join(entry), crashed.path().join(entry)).unwrap();
+    }
+    let src = CheckpointDir::new(full.join("checkpoints"));
+    let dst = CheckpointDir::new(crashed.path().join("checkpoints"));
+    std::fs::create_dir_all(crashed.path().join("checkpoints")).unwrap();
+    std::fs::copy(src.path_for(step), dst.path_for(step)).unwrap();
+    crashed
+}
+
+/// Resuming replays the uninterrupted run step for step: same losses, learning
+/// rates and gradient norms, same final weights, BN statistics and optimiser state.
+fn assert_resume_is_exact(extra: &[&str], crash_at: u64) {
+    let config = tiny_config(extra);
+    let full = tempfile::tempdir().unwrap();
+    train(&config, &opts(full.path(), false)).unwrap();
+    let crashed = crashed_copy(full.path(), crash_at);
+    let summary = train(&config, &opts(crashed.path(), true)).unwrap();
+    assert_eq!(summary.resumed_from, Some(crash_at));
+    assert_eq!(train_rows(crashed.path()), train_rows(full.path()));
+    let last = config.train.steps;
+    let a = Checkpoint::load(&CheckpointDir::new(full.path().join("checkpoints")).path_for(last)).unwrap();
+    let b = Checkpoint::load(&CheckpointDir::new(crashed.path().join("checkpoints")).path_for(last)).unwrap();
+    // Compared by name, so a failure names the tensor instead of printing it.
+    for ((name, x), (other, y)) in a.model.iter().zip(&b.model) {
+        assert_eq!(name, other);
+        assert!(x == y, "tensor {name} differs after resuming");
+    }
+    for ((name, x), (_, y)) in a.optimizer_state.iter().zip(&b.optimizer_state) {
+        assert!(x == y, "optimizer state {name} differs after resuming");
+    }
+}
+
+#[test]
+fn adamw_resume_with_input_noise_is_exact() {
+    assert_resume_is_exact(&["data.noise={sigma: 0.2, probability: 0.5}"], 3);
+}
+
+#[test]
+fn sgd_nesterov_resume_is_exact() {
+    assert_resume_is_exact(&["train.optimizer={kind: sgd, momentum: 0.9, nesterov: true}", "train.steps=4", "checkpoint.every=2"], 2);
+}
+
+#[test]
+fn an_existing_run_is_not_overwritten_and_mismatches_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(&["train.steps=3"]);
+    train(&config, &opts(dir.path(), false)).unwrap();
+
+    let again = train(&config, &opts(dir.path(), false)).unwrap_err();
+    assert!(matches!(again, TrainError::Exists { .. }), "{again}");
+    assert!(again.to_string().contains("--resume"));
+
+    let wider = tiny_config(&["train.steps=6", "model.widths=[8, 32]"]);
+    let e = train(&wider, &opts(dir.path(), true)).unwrap_err().to_string();
+    assert!(e.contains("step-00000003.safetensors") && e.contains("shape"), "{e}");
+
+    let sgd = tiny_config(&["train.steps=6", "train.optimizer.kind=sgd"]);
+    let e = train(&sgd, &opts(dir.path(), true)).unwrap_err().to_string();
+    assert!(e.contains("optimizer"), "{e}");
+
+    let ck = CheckpointDir::new(dir.path().join("checkpoints")).path_for(3);
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let e = train(&tiny_config(&["train.steps=6"]), &opts(dir.path(), true)).unwrap_err().to_string();
+    assert!(e.contains("step-00000003.safetensors") && e.contains("corrupt"), "{e}");
+}
