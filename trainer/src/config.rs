@@ -360,7 +360,7 @@ impl Default for TrainConfig {
             grad_clip_norm: Some(5.0),
             class_weights: None,
             val_every: 200,
-            log_every: 1,
+            log_every: 10,
             seed: 42,
             threads: None,
             throughput_warmup_steps: 5,

@@ -78,7 +78,11 @@ pub struct Prediction {
 impl Predictor {
     /// Wraps a model (on a non-autodiff `device`, e.g. from `Module::valid`).
     pub fn from_model(config: TrainerConfig, model: SegNet, device: Device) -> Self {
-        Self { config, model, device }
+        Self {
+            config,
+            model,
+            device,
+        }
     }
 
     /// Loads `path`.
@@ -86,10 +90,13 @@ impl Predictor {
         let checkpoint = Checkpoint::load(path)?;
         let device = Device::flex();
         let model = SegNet::new(&checkpoint.config.model, 0, &device);
-        let model = params::load_named(model, |n| checkpoint.tensor(n), &device).map_err(|source| InferError::Load {
-            path: path.to_owned(),
-            source,
-        })?;
+        let model =
+            params::load_named(model, |n| checkpoint.tensor(n), &device).map_err(|source| {
+                InferError::Load {
+                    path: path.to_owned(),
+                    source,
+                }
+            })?;
         Ok(Self {
             config: checkpoint.config,
             model,
@@ -109,7 +116,10 @@ impl Predictor {
             .map(|i| {
                 let classes = classes[i * h * w..(i + 1) * h * w].to_vec();
                 let instances = boundaries.as_ref().map(|b| {
-                    let edge: Vec<bool> = b[i * h * w..(i + 1) * h * w].iter().map(|&p| p > 0.5).collect();
+                    let edge: Vec<bool> = b[i * h * w..(i + 1) * h * w]
+                        .iter()
+                        .map(|&p| p > 0.5)
+                        .collect();
                     instances::from_semantics(&classes, &edge, w, IGNORE_INDEX)
                 });
                 Prediction { classes, instances }
@@ -119,7 +129,10 @@ impl Predictor {
 }
 
 fn to_vec(t: Tensor<4>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 after convert")
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 after convert")
 }
 
 /// Colours of the first classes in overlays (then a hash of the index).
@@ -150,10 +163,21 @@ fn save(path: &Path, result: image::ImageResult<()>) -> Result<(), InferError> {
 /// Writes `<stem>_mask.png` (class indices), `<stem>_overlay.png` (image with
 /// class colours) and, with a boundary head, `<stem>_instances.png` (16-bit ids)
 /// for every image in `input` (or `input/images`). Returns the files written.
-pub fn predict_dir(predictor: &Predictor, input: &Path, out: &Path) -> Result<Vec<PathBuf>, InferError> {
-    let dir = if input.join("images").is_dir() { input.join("images") } else { input.to_owned() };
+pub fn predict_dir(
+    predictor: &Predictor,
+    input: &Path,
+    out: &Path,
+) -> Result<Vec<PathBuf>, InferError> {
+    let dir = if input.join("images").is_dir() {
+        input.join("images")
+    } else {
+        input.to_owned()
+    };
     let mut inputs: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(|source| FolderError::List { path: dir.clone(), source })?
+        .map_err(|source| FolderError::List {
+            path: dir.clone(),
+            source,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             p.extension()
@@ -183,11 +207,15 @@ pub fn predict_dir(predictor: &Predictor, input: &Path, out: &Path) -> Result<Ve
             instances: None,
         };
         let batch = Batch::collate(&[sample], channels, [h, w]);
-        let prediction = predictor.predict(&batch).pop().expect("one image in, one out");
+        let prediction = predictor
+            .predict(&batch)
+            .pop()
+            .expect("one image in, one out");
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
 
         let mask_path = out.join(format!("{stem}_mask.png"));
-        let mask = image::GrayImage::from_raw(w as u32, h as u32, prediction.classes.clone()).expect("buffer matches size");
+        let mask = image::GrayImage::from_raw(w as u32, h as u32, prediction.classes.clone())
+            .expect("buffer matches size");
         save(&mask_path, mask.save(&mask_path))?;
 
         let overlay_path = out.join(format!("{stem}_overlay.png"));
@@ -199,7 +227,9 @@ pub fn predict_dir(predictor: &Predictor, input: &Path, out: &Path) -> Result<Ve
                 image::Rgb(rgb)
             } else {
                 let col = colour(class);
-                image::Rgb(std::array::from_fn(|c| ((rgb[c] as u16 + col[c] as u16) / 2) as u8))
+                image::Rgb(std::array::from_fn(|c| {
+                    ((rgb[c] as u16 + col[c] as u16) / 2) as u8
+                }))
             }
         });
         save(&overlay_path, overlay.save(&overlay_path))?;
@@ -207,7 +237,10 @@ pub fn predict_dir(predictor: &Predictor, input: &Path, out: &Path) -> Result<Ve
 
         if let Some(instances) = prediction.instances {
             let inst_path = out.join(format!("{stem}_instances.png"));
-            let img = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_raw(w as u32, h as u32, instances).expect("buffer matches size");
+            let img = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_raw(
+                w as u32, h as u32, instances,
+            )
+            .expect("buffer matches size");
             save(&inst_path, img.save(&inst_path))?;
             written.push(inst_path);
         }
@@ -228,17 +261,30 @@ pub struct EvalReport {
 }
 
 /// Scores `predictor` on `indices` of `dataset`.
-pub fn evaluate(predictor: &Predictor, dataset: &dyn Dataset, indices: &[usize], batch_size: usize) -> EvalReport {
+pub fn evaluate(
+    predictor: &Predictor,
+    dataset: &dyn Dataset,
+    indices: &[usize],
+    batch_size: usize,
+) -> EvalReport {
     let classes = predictor.config.model.classes;
     let mut confusion = Confusion::new(classes);
-    let mut panoptic = predictor.config.model.boundary_head.then(|| PanopticQuality::new(classes));
+    let mut panoptic = predictor
+        .config
+        .model
+        .boundary_head
+        .then(|| PanopticQuality::new(classes));
     let [h, w] = dataset.size();
     for chunk in indices.chunks(batch_size.max(1)) {
         let samples: Vec<_> = chunk.iter().map(|&i| dataset.get(i)).collect();
         let batch = Batch::collate(&samples, dataset.channels(), [h, w]);
         for (pred, sample) in predictor.predict(&batch).into_iter().zip(&samples) {
             confusion.add(&sample.mask, &pred.classes);
-            if let (Some(pq), Some(pi), Some(ti)) = (panoptic.as_mut(), pred.instances.as_ref(), sample.instances.as_ref()) {
+            if let (Some(pq), Some(pi), Some(ti)) = (
+                panoptic.as_mut(),
+                pred.instances.as_ref(),
+                sample.instances.as_ref(),
+            ) {
                 pq.add(&pred.classes, pi, &sample.mask, ti);
             } else {
                 panoptic = None;
@@ -260,7 +306,9 @@ pub fn eval_checkpoint(checkpoint: &Path, folder: Option<&Path>) -> Result<EvalR
     let batch_size = config.train.batch_size;
     if let Some(dir) = folder {
         config.data.shapes = None;
-        config.data.folder = Some(crate::config::FolderConfig { path: dir.to_owned() });
+        config.data.folder = Some(crate::config::FolderConfig {
+            path: dir.to_owned(),
+        });
         let dataset = data::open(&config.data, config.model.in_channels, config.model.classes)?;
         check_dataset(&config, dataset.as_ref())?;
         let all: Vec<usize> = (0..dataset.len()).collect();
@@ -269,7 +317,11 @@ pub fn eval_checkpoint(checkpoint: &Path, folder: Option<&Path>) -> Result<EvalR
     let dataset = data::open(&config.data, config.model.in_channels, config.model.classes)?;
     check_dataset(&config, dataset.as_ref())?;
     let split = Split::new(dataset.len(), config.data.val_fraction, config.data.seed);
-    let indices = if split.val.is_empty() { split.train } else { split.val };
+    let indices = if split.val.is_empty() {
+        split.train
+    } else {
+        split.val
+    };
     Ok(evaluate(&predictor, dataset.as_ref(), &indices, batch_size))
 }
 
@@ -293,7 +345,8 @@ pub fn write_shapes(config: &crate::config::ShapesConfig, out: &Path) -> Result<
         let ip = out.join("images").join(format!("{i:05}.png"));
         save(&ip, img.save(&ip))?;
         let mp = out.join("masks").join(format!("{i:05}.png"));
-        let mask = image::GrayImage::from_raw(w as u32, h as u32, s.mask).expect("buffer matches size");
+        let mask =
+            image::GrayImage::from_raw(w as u32, h as u32, s.mask).expect("buffer matches size");
         save(&mp, mask.save(&mp))?;
     }
     Ok(())

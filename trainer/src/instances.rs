@@ -105,7 +105,13 @@ impl PanopticQuality {
     }
 
     /// Adds one image: predicted and true class maps and instance ids.
-    pub fn add(&mut self, pred_class: &[u8], pred_inst: &[u16], true_class: &[u8], true_inst: &[u16]) {
+    pub fn add(
+        &mut self,
+        pred_class: &[u8],
+        pred_inst: &[u16],
+        true_class: &[u8],
+        true_inst: &[u16],
+    ) {
         let mut pred_area: HashMap<Segment, u64> = HashMap::new();
         let mut true_area: HashMap<Segment, u64> = HashMap::new();
         let mut inter: HashMap<(Segment, Segment), u64> = HashMap::new();
@@ -182,11 +188,16 @@ mod tests {
             1, 1, 1, 1, 1,
             1, 1, 1, 1, 1,
         ];
-        let boundary = [false, false, true, false, false, false, false, true, false, false];
+        let boundary = [
+            false, false, true, false, false, false, false, true, false, false,
+        ];
         let ids = from_semantics(&classes, &boundary, 5, 255);
         assert_eq!(ids[0], ids[6]);
         assert_ne!(ids[0], ids[4]);
-        assert!(ids.iter().all(|&i| i != 0), "boundary pixels join an instance");
+        assert!(
+            ids.iter().all(|&i| i != 0),
+            "boundary pixels join an instance"
+        );
         let none = from_semantics(&classes, &[false; 10], 5, 255);
         assert!(none.iter().all(|&i| i == none[0]));
     }
@@ -197,7 +208,14 @@ mod tests {
         let inst = [0, 1, 1, 0, 2, 2];
         let mut pq = PanopticQuality::new(3);
         pq.add(&classes, &inst, &classes, &inst);
-        assert_eq!(pq.scores(), PanopticScores { pq: 1.0, sq: 1.0, rq: 1.0 });
+        assert_eq!(
+            pq.scores(),
+            PanopticScores {
+                pq: 1.0,
+                sq: 1.0,
+                rq: 1.0
+            }
+        );
         let mut miss = PanopticQuality::new(3);
         miss.add(&[0, 1, 1, 0, 0, 0], &[0, 1, 1, 0, 0, 0], &classes, &inst);
         // class 1: perfect; class 2: one FN → RQ 0, PQ 0 → mean PQ 0.5

@@ -15,11 +15,13 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod infer;
 pub mod instances;
+pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod tensorfile;

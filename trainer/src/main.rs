@@ -75,6 +75,28 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// Measure training-step throughput (forward, backward, optimiser step) on
+    /// a fixed random batch and print one JSON line (used by bench/segnet_cpu.sh).
+    BenchStep {
+        /// Config file; defaults give SegNet-mini, batch 16, 64x64, AdamW.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Timed steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Compute threads (default one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Run 3x3 convolutions with burn's generic kernels instead of ours.
+        #[arg(long)]
+        burn_conv: bool,
+    },
     /// Write synthetic shapes samples as an image folder (images/, masks/).
     Shapes {
         /// Output directory.
@@ -175,6 +197,27 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Eval { checkpoint, data } => {
             let report = infer::eval_checkpoint(&checkpoint, data.as_deref())?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::BenchStep {
+            config,
+            overrides,
+            steps,
+            warmup,
+            threads,
+            burn_conv,
+        } => {
+            trainyard_trainer::kernels::set_native_conv(!burn_conv);
+            let config = match config {
+                Some(path) => TrainerConfig::load(&path, &overrides)?,
+                None => TrainerConfig::from_value(serde_yaml::Value::Null, &overrides)?,
+            };
+            if steps == 0 {
+                anyhow::bail!("--steps must be at least 1");
+            }
+            init_threads(threads)?;
+            let result = trainyard_trainer::bench::step_throughput(&config, steps, warmup);
+            println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
         Command::Shapes {

@@ -53,6 +53,9 @@ impl Conv2d {
     /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [_, _, k, _] = self.weight.dims();
+        if k == 3 && self.bias.is_none() && crate::kernels::native_conv() {
+            return crate::kernels::op::conv3x3(x, self.weight.val());
+        }
         let pad = k / 2;
         conv2d(
             x,

@@ -23,8 +23,8 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointDir, CheckpointError};
 use crate::config::TrainerConfig;
-use crate::infer::{self, EvalReport, Predictor};
 use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
+use crate::infer::{self, EvalReport, Predictor};
 use crate::metrics::TrainerMetrics;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
@@ -559,7 +559,13 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let last = done == steps;
         let validate = last || (config.train.val_every > 0 && done % config.train.val_every == 0);
         if validate && !setup.split.val.is_empty() {
-            let report = evaluate(&model, config, setup.dataset.as_ref(), &setup.split.val, &device);
+            let report = evaluate(
+                &model,
+                config,
+                setup.dataset.as_ref(),
+                &setup.split.val,
+                &device,
+            );
             log.write(&Row::Val {
                 step: done,
                 report: &report,
@@ -613,7 +619,16 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     }
     if last_scores.is_none() && !setup.split.val.is_empty() {
         // A resumed run that was already complete still reports its quality.
-        last_scores = Some(evaluate(&model, config, setup.dataset.as_ref(), &setup.split.val, &device).scores);
+        last_scores = Some(
+            evaluate(
+                &model,
+                config,
+                setup.dataset.as_ref(),
+                &setup.split.val,
+                &device,
+            )
+            .scores,
+        );
     }
     let summary = Summary {
         steps,

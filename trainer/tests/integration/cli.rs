@@ -27,18 +27,66 @@ fn bad_input_exits_non_zero_naming_the_field_or_file() {
     let out = dir.path().join("run");
     let out = out.to_str().unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--config".into(), write(dir.path(), "a.yaml", "train: {batch_size: 0}")], "train.batch_size"),
-        (vec!["--config".into(), write(dir.path(), "b.yaml", "train: {lr: -0.1}")], "train.lr"),
-        (vec!["--config".into(), write(dir.path(), "c.yaml", "trian: {steps: 3}")], "trian"),
-        (vec!["--config".into(), write(dir.path(), "d.yaml", "train: {steps: many}")], "train.steps"),
-        (vec!["--config".into(), write(dir.path(), "e.yaml", "train: [1, 2")], "e.yaml"),
-        (vec!["--config".into(), dir.path().join("missing.yaml").to_str().unwrap().into()], "missing.yaml"),
         (
-            vec!["--config".into(), write(dir.path(), "f.yaml", ""), "--set".into(), "train.steps".into()],
+            vec![
+                "--config".into(),
+                write(dir.path(), "a.yaml", "train: {batch_size: 0}"),
+            ],
+            "train.batch_size",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write(dir.path(), "b.yaml", "train: {lr: -0.1}"),
+            ],
+            "train.lr",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write(dir.path(), "c.yaml", "trian: {steps: 3}"),
+            ],
+            "trian",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write(dir.path(), "d.yaml", "train: {steps: many}"),
+            ],
+            "train.steps",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write(dir.path(), "e.yaml", "train: [1, 2"),
+            ],
+            "e.yaml",
+        ),
+        (
+            vec![
+                "--config".into(),
+                dir.path().join("missing.yaml").to_str().unwrap().into(),
+            ],
+            "missing.yaml",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write(dir.path(), "f.yaml", ""),
+                "--set".into(),
+                "train.steps".into(),
+            ],
             "key=value",
         ),
         (
-            vec!["--config".into(), write(dir.path(), "g.yaml", "data: {shapes: null, folder: {path: /nonexistent/ds}}")],
+            vec![
+                "--config".into(),
+                write(
+                    dir.path(),
+                    "g.yaml",
+                    "data: {shapes: null, folder: {path: /nonexistent/ds}}",
+                ),
+            ],
             "/nonexistent/ds/images",
         ),
     ];
@@ -48,7 +96,10 @@ fn bad_input_exits_non_zero_naming_the_field_or_file() {
         let o = trainer(&all);
         assert!(!o.status.success(), "{all:?} should fail");
         let e = stderr(&o);
-        assert!(e.contains(needle), "{all:?}: stderr does not name `{needle}`:\n{e}");
+        assert!(
+            e.contains(needle),
+            "{all:?}: stderr does not name `{needle}`:\n{e}"
+        );
         assert!(!e.contains("panicked"), "{all:?} panicked:\n{e}");
     }
 }
@@ -58,7 +109,14 @@ fn help_documents_the_options() {
     let o = trainer(&["train", "--help"]);
     assert!(o.status.success());
     let help = String::from_utf8_lossy(&o.stdout);
-    for flag in ["--config", "--out", "--resume", "--set", "--metrics-addr", "--threads"] {
+    for flag in [
+        "--config",
+        "--out",
+        "--resume",
+        "--set",
+        "--metrics-addr",
+        "--threads",
+    ] {
         assert!(help.contains(flag), "{flag} undocumented");
     }
 }
@@ -69,7 +127,15 @@ fn help_documents_the_options() {
 fn shapes_train_eval_predict_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let o = trainer(&["shapes", "--out", data.to_str().unwrap(), "--samples", "12", "--size", "32"]);
+    let o = trainer(&[
+        "shapes",
+        "--out",
+        data.to_str().unwrap(),
+        "--samples",
+        "12",
+        "--size",
+        "32",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     let config = write(
@@ -87,30 +153,64 @@ fn shapes_train_eval_predict_round_trip() {
     assert!(o.status.success(), "{}", stderr(&o));
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["steps"], 3);
-    for key in ["final_loss", "val_miou", "val_pixel_accuracy", "samples_per_sec", "wall_seconds", "peak_rss_bytes"] {
-        assert!(summary.get(key).is_some_and(|v| !v.is_null()), "summary lacks {key}: {summary}");
+    for key in [
+        "final_loss",
+        "val_miou",
+        "val_pixel_accuracy",
+        "samples_per_sec",
+        "wall_seconds",
+        "peak_rss_bytes",
+    ] {
+        assert!(
+            summary.get(key).is_some_and(|v| !v.is_null()),
+            "summary lacks {key}: {summary}"
+        );
     }
     let checkpoint = run.join("checkpoints/step-00000003.safetensors");
     assert!(checkpoint.exists());
 
-    let o = trainer(&["eval", "--checkpoint", checkpoint.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    let o = trainer(&[
+        "eval",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["samples"], 12);
     assert!(report["miou"].as_f64().unwrap() >= 0.0);
 
     let pred = dir.path().join("pred");
-    let o = trainer(&["predict", "--checkpoint", checkpoint.to_str().unwrap(), "--input", data.to_str().unwrap(), "--out", pred.to_str().unwrap()]);
+    let o = trainer(&[
+        "predict",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--input",
+        data.to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     for suffix in ["mask", "overlay", "instances"] {
         let p = pred.join(format!("00000_{suffix}.png"));
         assert!(p.exists(), "{} missing", p.display());
     }
-    let mask = image::open(pred.join("00000_mask.png")).unwrap().into_luma8();
+    let mask = image::open(pred.join("00000_mask.png"))
+        .unwrap()
+        .into_luma8();
     assert_eq!(mask.dimensions(), (32, 32));
     assert!(mask.pixels().all(|p| p.0[0] < 4), "class indices only");
 
-    let o = trainer(&["predict", "--checkpoint", run.join("config.json").to_str().unwrap(), "--input", data.to_str().unwrap(), "--out", pred.to_str().unwrap()]);
+    let o = trainer(&[
+        "predict",
+        "--checkpoint",
+        run.join("config.json").to_str().unwrap(),
+        "--input",
+        data.to_str().unwrap(),
+        "--out",
+        pred.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("config.json"), "{}", stderr(&o));
 }

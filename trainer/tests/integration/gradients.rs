@@ -6,13 +6,16 @@ use rand_chacha::ChaCha8Rng;
 use trainyard_trainer::config::TrainerConfig;
 use trainyard_trainer::data::shapes::Shapes;
 use trainyard_trainer::data::{Batch, Dataset};
+use trainyard_trainer::model::SegNet;
 use trainyard_trainer::model::params::{trainable_values, with_trainable_values};
 use trainyard_trainer::model::pool::{max_pool2x2, max_unpool2d};
-use trainyard_trainer::model::SegNet;
 use trainyard_trainer::train::{batch_loss, loss_and_gradients};
 
 fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data().convert::<f64>().try_into_vec::<f64>().unwrap()[0]
+    t.into_data()
+        .convert::<f64>()
+        .try_into_vec::<f64>()
+        .unwrap()[0]
 }
 
 #[test]
@@ -24,18 +27,31 @@ fn pool_then_unpool_gradient_equals_finite_differences() {
     let r: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
     let f = |x: &[f32], device: &Device| -> Tensor<1> {
         let xt = Tensor::<4>::from_data(TensorData::new(x.to_vec(), shape), device);
-        let xt = if device.is_autodiff() { xt.require_grad() } else { xt };
+        let xt = if device.is_autodiff() {
+            xt.require_grad()
+        } else {
+            xt
+        };
         let (p, i) = max_pool2x2(xt);
         let u = max_unpool2d(p, i, [4, 6]);
-        u.mul(Tensor::from_data(TensorData::new(r.clone(), shape), device)).sum()
+        u.mul(Tensor::from_data(TensorData::new(r.clone(), shape), device))
+            .sum()
     };
 
     let ad = Device::flex().autodiff();
     let xt = Tensor::<4>::from_data(TensorData::new(x.clone(), shape), &ad).require_grad();
     let (p, i) = max_pool2x2(xt.clone());
-    let loss = max_unpool2d(p, i, [4, 6]).mul(Tensor::from_data(TensorData::new(r.clone(), shape), &ad)).sum();
+    let loss = max_unpool2d(p, i, [4, 6])
+        .mul(Tensor::from_data(TensorData::new(r.clone(), shape), &ad))
+        .sum();
     let grads = loss.backward();
-    let analytic: Vec<f32> = xt.grad(&grads).unwrap().into_data().convert::<f32>().try_into_vec().unwrap();
+    let analytic: Vec<f32> = xt
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .unwrap();
 
     let plain = Device::flex();
     let eps = 1e-3f32;
@@ -44,7 +60,11 @@ fn pool_then_unpool_gradient_equals_finite_differences() {
         up[k] += eps;
         down[k] -= eps;
         let fd = (scalar(f(&up, &plain)) - scalar(f(&down, &plain))) / (2.0 * eps as f64);
-        assert!((fd - analytic[k] as f64).abs() < 1e-3, "x[{k}]: finite difference {fd} vs autodiff {}", analytic[k]);
+        assert!(
+            (fd - analytic[k] as f64).abs() < 1e-3,
+            "x[{k}]: finite difference {fd} vs autodiff {}",
+            analytic[k]
+        );
     }
     // Only the argmax positions pass gradient: exactly one per 2x2 window.
     assert_eq!(analytic.iter().filter(|g| **g != 0.0).count(), n / 4);
@@ -85,7 +105,14 @@ impl Probe {
         let (_, analytic) = loss_and_gradients(&model, &batch, &config, &device);
         let base = trainable_values(&model);
         assert_eq!(base.len(), analytic.len());
-        Self { config, batch, device, model, base, analytic }
+        Self {
+            config,
+            batch,
+            device,
+            model,
+            base,
+            analytic,
+        }
     }
 
     /// The loss at `params`. Batch norm in training mode normalises with batch
@@ -98,13 +125,21 @@ impl Probe {
     /// Central difference along `direction`.
     fn directional(&self, direction: &[f32], eps: f32) -> f64 {
         let shifted = |sign: f32| -> Vec<f32> {
-            self.base.iter().zip(direction).map(|(p, d)| p + sign * eps * d).collect()
+            self.base
+                .iter()
+                .zip(direction)
+                .map(|(p, d)| p + sign * eps * d)
+                .collect()
         };
         (self.loss_at(&shifted(1.0)) - self.loss_at(&shifted(-1.0))) / (2.0 * eps as f64)
     }
 
     fn analytic_along(&self, direction: &[f32]) -> f64 {
-        self.analytic.iter().zip(direction).map(|(g, d)| (*g as f64) * (*d as f64)).sum()
+        self.analytic
+            .iter()
+            .zip(direction)
+            .map(|(g, d)| (*g as f64) * (*d as f64))
+            .sum()
     }
 
     /// A random ±1 direction over the tensors `select` picks.
@@ -141,7 +176,10 @@ fn whole_network_gradient_equals_finite_differences_per_coordinate() {
     for &k in &coords {
         let mut unit = vec![0.0f32; n];
         unit[k] = 1.0;
-        let (fine, coarse) = (probe.directional(&unit, 1e-3), probe.directional(&unit, 2e-3));
+        let (fine, coarse) = (
+            probe.directional(&unit, 1e-3),
+            probe.directional(&unit, 2e-3),
+        );
         if (fine - coarse).abs() > 2e-3 + 0.05 * fine.abs() {
             continue;
         }
@@ -154,7 +192,11 @@ fn whole_network_gradient_equals_finite_differences_per_coordinate() {
             "param {k}: finite difference {fine} vs autodiff {ad}"
         );
     }
-    assert!(checked >= coords.len() / 2, "only {checked} of {} coordinates were smooth", coords.len());
+    assert!(
+        checked >= coords.len() / 2,
+        "only {checked} of {} coordinates were smooth",
+        coords.len()
+    );
 }
 
 /// A directional derivative along a random ±1 direction sums hundreds of
@@ -169,8 +211,14 @@ fn decoder_and_head_directional_derivative_is_exact_with_unpooling() {
     let probe = Probe::new("unpool");
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     let direction = probe.direction(&mut rng, |name| !name.starts_with("encoder."));
-    let (fd, ad) = (probe.directional(&direction, 1e-4), probe.analytic_along(&direction));
-    assert!((fd - ad).abs() <= 0.02 * ad.abs(), "finite difference {fd} vs autodiff {ad}");
+    let (fd, ad) = (
+        probe.directional(&direction, 1e-4),
+        probe.analytic_along(&direction),
+    );
+    assert!(
+        (fd - ad).abs() <= 0.02 * ad.abs(),
+        "finite difference {fd} vs autodiff {ad}"
+    );
 }
 
 /// With nearest-neighbour upsampling the loss is continuous in every
@@ -180,6 +228,12 @@ fn whole_network_directional_derivative_is_exact_with_nearest_upsampling() {
     let probe = Probe::new("nearest");
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let direction = probe.direction(&mut rng, |_| true);
-    let (fd, ad) = (probe.directional(&direction, 1e-4), probe.analytic_along(&direction));
-    assert!((fd - ad).abs() <= 0.02 * ad.abs(), "finite difference {fd} vs autodiff {ad}");
+    let (fd, ad) = (
+        probe.directional(&direction, 1e-4),
+        probe.analytic_along(&direction),
+    );
+    assert!(
+        (fd - ad).abs() <= 0.02 * ad.abs(),
+        "finite difference {fd} vs autodiff {ad}"
+    );
 }

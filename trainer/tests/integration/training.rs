@@ -46,14 +46,21 @@ fn short_run_learns_shapes() {
     ]);
     let summary = train(&config, &opts(dir.path(), false)).unwrap();
     let rows = train_rows(dir.path());
-    let mean = |r: &[serde_json::Value]| r.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64;
+    let mean = |r: &[serde_json::Value]| {
+        r.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64
+    };
     let (first, last) = (mean(&rows[..10]), mean(&rows[rows.len() - 10..]));
     assert!(last < 0.5 * first, "loss fell from {first:.3} to {last:.3}");
     let miou = summary.val_miou.unwrap();
     let baseline = background_only_miou(&config);
-    assert!(miou > baseline * 1.4, "val mIoU {miou:.3} vs background-only {baseline:.3}");
+    assert!(
+        miou > baseline * 1.4,
+        "val mIoU {miou:.3} vs background-only {baseline:.3}"
+    );
     assert!(summary.samples_per_sec > 0.0 && summary.peak_rss_bytes.unwrap() > 0);
-    eprintln!("short run: loss {first:.3} -> {last:.3}, val mIoU {miou:.3} (background-only {baseline:.3})");
+    eprintln!(
+        "short run: loss {first:.3} -> {last:.3}, val mIoU {miou:.3} (background-only {baseline:.3})"
+    );
 }
 
 /// A copy of a finished run as a crash right after the checkpoint of `step`
@@ -82,8 +89,11 @@ fn assert_resume_is_exact(extra: &[&str], crash_at: u64) {
     assert_eq!(summary.resumed_from, Some(crash_at));
     assert_eq!(train_rows(crashed.path()), train_rows(full.path()));
     let last = config.train.steps;
-    let a = Checkpoint::load(&CheckpointDir::new(full.path().join("checkpoints")).path_for(last)).unwrap();
-    let b = Checkpoint::load(&CheckpointDir::new(crashed.path().join("checkpoints")).path_for(last)).unwrap();
+    let a = Checkpoint::load(&CheckpointDir::new(full.path().join("checkpoints")).path_for(last))
+        .unwrap();
+    let b =
+        Checkpoint::load(&CheckpointDir::new(crashed.path().join("checkpoints")).path_for(last))
+            .unwrap();
     // Compared by name, so a failure names the tensor instead of printing it.
     for ((name, x), (other, y)) in a.model.iter().zip(&b.model) {
         assert_eq!(name, other);
@@ -101,7 +111,14 @@ fn adamw_resume_with_input_noise_is_exact() {
 
 #[test]
 fn sgd_nesterov_resume_is_exact() {
-    assert_resume_is_exact(&["train.optimizer={kind: sgd, momentum: 0.9, nesterov: true}", "train.steps=4", "checkpoint.every=2"], 2);
+    assert_resume_is_exact(
+        &[
+            "train.optimizer={kind: sgd, momentum: 0.9, nesterov: true}",
+            "train.steps=4",
+            "checkpoint.every=2",
+        ],
+        2,
+    );
 }
 
 #[test]
@@ -115,16 +132,28 @@ fn an_existing_run_is_not_overwritten_and_mismatches_are_named() {
     assert!(again.to_string().contains("--resume"));
 
     let wider = tiny_config(&["train.steps=6", "model.widths=[8, 32]"]);
-    let e = train(&wider, &opts(dir.path(), true)).unwrap_err().to_string();
-    assert!(e.contains("step-00000003.safetensors") && e.contains("shape"), "{e}");
+    let e = train(&wider, &opts(dir.path(), true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("step-00000003.safetensors") && e.contains("shape"),
+        "{e}"
+    );
 
     let sgd = tiny_config(&["train.steps=6", "train.optimizer.kind=sgd"]);
-    let e = train(&sgd, &opts(dir.path(), true)).unwrap_err().to_string();
+    let e = train(&sgd, &opts(dir.path(), true))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("optimizer"), "{e}");
 
     let ck = CheckpointDir::new(dir.path().join("checkpoints")).path_for(3);
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
-    let e = train(&tiny_config(&["train.steps=6"]), &opts(dir.path(), true)).unwrap_err().to_string();
-    assert!(e.contains("step-00000003.safetensors") && e.contains("corrupt"), "{e}");
+    let e = train(&tiny_config(&["train.steps=6"]), &opts(dir.path(), true))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("step-00000003.safetensors") && e.contains("corrupt"),
+        "{e}"
+    );
 }

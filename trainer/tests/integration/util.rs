@@ -3,7 +3,9 @@ use std::path::{Path, PathBuf};
 use trainyard_trainer::config::TrainerConfig;
 
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// A small, fast config: 32x32 shapes, SegNet 8-16, batch 4.

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Training-step throughput of SegNet-mini (16-32-64, batch 16, 3x64x64,
+# 4 classes, AdamW, 2 threads) in PyTorch CPU and in the Trainyard trainer,
+# measured in the same run, for both decoder variants.
+#
+#   bench/segnet_cpu.sh            # 20 timed steps after 3 warm-up steps
+#   STEPS=50 bench/segnet_cpu.sh
+#
+# Sets up bench/.venv on first use (see setup-venv.sh) and builds the trainer
+# in release mode. Results are printed and saved to bench/results/segnet_cpu.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS="${STEPS:-20}"
+WARMUP="${WARMUP:-3}"
+THREADS="${THREADS:-2}"
+
+bench/setup-venv.sh >/dev/null
+cargo build --release --quiet -p trainyard-trainer
+bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+mkdir -p bench/results
+out=bench/results/segnet_cpu.jsonl
+: > "$out"
+
+for decoder in unpool nearest; do
+  # Each engine runs in its own process so peak RSS is its own.
+  bench/.venv/bin/python bench/torch_step.py --decoder "$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" >> "$out"
+  RUST_LOG=warn "$bin" bench-step --set "model.decoder=$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" >> "$out"
+done
+
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"{'decoder':8} {'engine':28} {'img/s':>8} {'vs torch':>9} {'peak RSS':>10}")
+for decoder in ("unpool", "nearest"):
+    torch_row = next(r for r in rows if r["decoder"] == decoder and r["engine"].startswith("pytorch"))
+    for r in (x for x in rows if x["decoder"] == decoder):
+        ratio = r["images_per_sec"] / torch_row["images_per_sec"]
+        print(f"{decoder:8} {r['engine']:28} {r['images_per_sec']:8.1f} {ratio:8.2f}x {r['peak_rss_bytes'] / 2**20:8.0f} MiB")
+PY
