@@ -69,10 +69,14 @@ pub fn step_throughput(config: &TrainerConfig, steps: usize, warmup: usize) -> S
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     StepBench {
-        engine: if crate::kernels::native_conv() {
-            "trainyard (native conv)"
-        } else {
-            "trainyard (burn conv)"
+        engine: match (
+            crate::kernels::native_conv(),
+            crate::kernels::native_bn_relu(),
+        ) {
+            (true, true) => "trainyard (native conv+bn)",
+            (true, false) => "trainyard (native conv)",
+            (false, true) => "trainyard (native bn)",
+            (false, false) => "trainyard (burn ops)",
         },
         decoder: config.model.decoder,
         batch_size: b,

@@ -96,6 +96,9 @@ enum Command {
         /// Run 3x3 convolutions with burn's generic kernels instead of ours.
         #[arg(long)]
         burn_conv: bool,
+        /// Run batch norm + ReLU with burn's composite ops instead of our fused kernel.
+        #[arg(long)]
+        burn_bn: bool,
     },
     /// Write synthetic shapes samples as an image folder (images/, masks/).
     Shapes {
@@ -206,8 +209,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             warmup,
             threads,
             burn_conv,
+            burn_bn,
         } => {
-            trainyard_trainer::kernels::set_native_conv(!burn_conv);
+            trainyard_trainer::kernels::set_native(!burn_conv, !burn_bn);
             let config = match config {
                 Some(path) => TrainerConfig::load(&path, &overrides)?,
                 None => TrainerConfig::from_value(serde_yaml::Value::Null, &overrides)?,

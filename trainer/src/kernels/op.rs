@@ -13,10 +13,15 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::ModuleOps;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::backend::{
+    Autodiff, Backend, Dispatch, ExtensionType, Flex, TensorMetadata, backend_extension,
+};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Tensor, TensorData};
 
+use std::borrow::Cow;
+
+use super::bn_relu::BnRelu;
 use super::conv3x3::Conv3x3;
 
 /// Backends that can run [`conv3x3`].
@@ -37,10 +42,18 @@ fn dims4(t: &FlexTensor) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-fn values(t: FlexTensor) -> Vec<f32> {
-    t.into_data()
-        .try_into_vec::<f32>()
-        .expect("f32 checked by the caller")
+/// The values of an f32 tensor, borrowed when it is contiguous (the usual
+/// case: no copy), copied otherwise.
+fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
+    match t.as_slice::<f32>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(
+            t.clone()
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("f32 checked by the caller"),
+        ),
+    }
 }
 
 fn from_values(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
@@ -69,7 +82,7 @@ impl Conv3x3Backend for Flex {
         }
         let g = geometry(&x, &weight);
         from_values(
-            g.forward(&values(x), &values(weight)),
+            g.forward(&values(&x), &values(&weight)),
             [g.n, g.cout, g.h, g.w],
         )
     }
@@ -105,13 +118,13 @@ impl Backward<Flex, 2> for Conv3x3Grad {
             return;
         }
         let geo = geometry(&x, &weight);
-        let dy = values(dy);
+        let dy = values(&dy);
         if let Some(node) = node_x {
-            let dx = geo.backward_input(&dy, &values(weight.clone()));
+            let dx = geo.backward_input(&dy, &values(&weight));
             grads.register::<Flex>(node.id, from_values(dx, [geo.n, geo.cin, geo.h, geo.w]));
         }
         if let Some(node) = node_weight {
-            let dw = geo.backward_weight(&values(x), &dy);
+            let dw = geo.backward_weight(&values(&x), &dy);
             grads.register::<Flex>(node.id, from_values(dw, [geo.cout, geo.cin, 3, 3]));
         }
     }
@@ -138,6 +151,173 @@ impl<C: CheckpointStrategy> Conv3x3Backend for Autodiff<Flex, C> {
                 prep.finish(Flex::conv3x3(x.into_primitive(), weight.into_primitive()))
             }
         }
+    }
+}
+
+/// Output of [`bn_relu_train`]: the activation and the batch statistics.
+#[derive(ExtensionType)]
+pub struct BnReluOutput<B: Backend> {
+    /// `max(0, γ·x̂ + β)`.
+    pub output: FloatTensor<B>,
+    /// Batch mean per channel (no gradient).
+    pub mean: FloatTensor<B>,
+    /// Biased batch variance per channel (no gradient).
+    pub var: FloatTensor<B>,
+}
+
+/// Backends that can run [`bn_relu_train`].
+#[backend_extension(Flex, Autodiff)]
+pub trait BnReluBackend: Backend {
+    /// Training-mode batch norm (batch statistics) followed by ReLU.
+    fn bn_relu_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        eps: f64,
+    ) -> BnReluOutput<Self>;
+}
+
+fn vec1(values: Vec<f32>) -> FlexTensor {
+    let n = values.len();
+    FlexTensor::from_data(TensorData::new(values, [n]))
+}
+
+fn bn_geometry(x: &FlexTensor, eps: f64) -> BnRelu {
+    let [n, c, h, w] = dims4(x);
+    BnRelu {
+        n,
+        c,
+        hw: h * w,
+        eps,
+    }
+}
+
+impl BnReluBackend for Flex {
+    fn bn_relu_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        eps: f64,
+    ) -> BnReluOutput<Self> {
+        assert_eq!(x.dtype(), DType::F32, "bn_relu_train runs on f32 tensors");
+        let geo = bn_geometry(&x, eps);
+        let shape = dims4(&x);
+        let f = geo.forward(&values(&x), &values(&gamma), &values(&beta));
+        BnReluOutput {
+            output: from_values(f.output, shape),
+            mean: vec1(f.mean),
+            var: vec1(f.var),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BnReluGrad;
+
+impl Backward<Flex, 3> for BnReluGrad {
+    /// Input and γ (checkpointed), the output, the batch statistics and eps.
+    type State = (NodeId, NodeId, FlexTensor, Vec<f32>, Vec<f32>, f64);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x_state, gamma_state, output, mean, var, eps) = ops.state;
+        let x = checkpointer.retrieve_node_output::<FlexTensor>(x_state);
+        let gamma = checkpointer.retrieve_node_output::<FlexTensor>(gamma_state);
+        let geo = bn_geometry(&x, eps);
+        let shape = dims4(&x);
+        let g = geo.backward(
+            &values(&x),
+            &values(&gamma),
+            (&values(&output), &mean, &var),
+            &values(&dy),
+        );
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, from_values(g.dx, shape));
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<Flex>(node.id, vec1(g.dgamma));
+        }
+        if let Some(node) = node_beta {
+            grads.register::<Flex>(node.id, vec1(g.dbeta));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> BnReluBackend for Autodiff<Flex, C> {
+    fn bn_relu_train(
+        x: AutodiffFlexTensor<C>,
+        gamma: AutodiffFlexTensor<C>,
+        beta: AutodiffFlexTensor<C>,
+        eps: f64,
+    ) -> BnReluOutput<Self> {
+        let prep = BnReluGrad
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful();
+        let (output, mean, var) = match prep {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let gamma_state = prep.checkpoint(&gamma);
+                let f = Flex::bn_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    eps,
+                );
+                let (mean, var) = (values(&f.mean).into_owned(), values(&f.var).into_owned());
+                let out = f.output.clone();
+                let output = prep.finish((x_state, gamma_state, out, mean, var, eps), f.output);
+                (output, f.mean, f.var)
+            }
+            OpsKind::UnTracked(prep) => {
+                let f = Flex::bn_relu_train(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    eps,
+                );
+                (prep.finish(f.output), f.mean, f.var)
+            }
+        };
+        BnReluOutput {
+            output,
+            mean: AutodiffFlexTensor::<C>::new(mean),
+            var: AutodiffFlexTensor::<C>::new(var),
+        }
+    }
+}
+
+/// What [`bn_relu_train`] returns as tensors.
+pub struct BnReluTensors {
+    /// The activation `[n, c, h, w]`.
+    pub output: Tensor<4>,
+    /// Batch mean `[c]`.
+    pub mean: Tensor<1>,
+    /// Biased batch variance `[c]`.
+    pub var: Tensor<1>,
+}
+
+/// Training-mode batch norm followed by ReLU with our fused CPU kernels.
+///
+/// # Shapes
+/// - `x` `[n, c, h, w]`, `gamma`, `beta` `[c]`
+pub fn bn_relu_train(x: Tensor<4>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) -> BnReluTensors {
+    let out = <Dispatch as BnReluBackend>::bn_relu_train(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        eps,
+    );
+    BnReluTensors {
+        output: Tensor::from_dispatch(out.output),
+        mean: Tensor::from_dispatch(out.mean),
+        var: Tensor::from_dispatch(out.var),
     }
 }
 
@@ -204,6 +384,49 @@ mod tests {
         close(
             vals(w.grad(&g_ours).unwrap()),
             vals(w.grad(&g_theirs).unwrap()),
+        );
+    }
+
+    /// The fused op equals burn's training batch norm followed by ReLU: output,
+    /// batch statistics and the gradients of input, γ and β.
+    #[test]
+    fn bn_relu_matches_burn_batch_norm_then_relu() {
+        use burn::tensor::activation::relu;
+        use burn::tensor::module::batch_norm_train;
+        let device = Device::flex().autodiff();
+        let x = tensor(2 * 3 * 4 * 5, [2, 3, 4, 5], 7, &device).require_grad();
+        let gamma = Tensor::<1>::from_data(TensorData::new(vec![0.5f32, 1.5, -1.0], [3]), &device)
+            .require_grad();
+        let beta = Tensor::<1>::from_data(TensorData::new(vec![0.1f32, -0.1, 0.2], [3]), &device)
+            .require_grad();
+        let r = tensor(2 * 3 * 4 * 5, [2, 3, 4, 5], 8, &device);
+
+        let ours = bn_relu_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        let theirs = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        let theirs_out = relu(theirs.output);
+        close(vals(ours.output.clone()), vals(theirs_out.clone()));
+        let v1 = |t: Tensor<1>| {
+            t.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .unwrap()
+        };
+        close(v1(ours.mean.clone()), v1(theirs.mean));
+        close(v1(ours.var.clone()), v1(theirs.variance));
+
+        let g_ours = ours.output.mul(r.clone()).sum().backward();
+        let g_theirs = theirs_out.mul(r).sum().backward();
+        close(
+            vals(x.grad(&g_ours).unwrap()),
+            vals(x.grad(&g_theirs).unwrap()),
+        );
+        close(
+            v1(gamma.grad(&g_ours).unwrap()),
+            v1(gamma.grad(&g_theirs).unwrap()),
+        );
+        close(
+            v1(beta.grad(&g_ours).unwrap()),
+            v1(beta.grad(&g_theirs).unwrap()),
         );
     }
 

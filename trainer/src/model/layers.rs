@@ -7,6 +7,8 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData, activation};
 use rand::Rng;
 
+use crate::kernels::op::bn_relu_train;
+
 /// A 2-D convolution with stride 1 and "same" zero padding.
 ///
 /// Parameter names are PyTorch's `nn.Conv2d`: `weight` `[out, in, k, k]` and `bias` `[out]`.
@@ -103,28 +105,8 @@ impl BatchNorm2d {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         if x.device().is_autodiff() {
             let [b, _, h, w] = x.dims();
-            let n = (b * h * w) as f64;
             let out = batch_norm_train(x, self.weight.val(), self.bias.val(), BN_EPS);
-            let device = out.output.device();
-            // PyTorch keeps the unbiased variance in the running estimate.
-            let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-            let mean = self.running_mean.value_sync().to_device(&device);
-            let var = self.running_var.value_sync().to_device(&device);
-            self.running_mean.update(
-                mean.mul_scalar(1.0 - BN_MOMENTUM)
-                    .add(out.mean.detach().mul_scalar(BN_MOMENTUM))
-                    .detach(),
-            );
-            self.running_var.update(
-                var.mul_scalar(1.0 - BN_MOMENTUM)
-                    .add(out.variance.detach().mul_scalar(BN_MOMENTUM * unbiased))
-                    .detach(),
-            );
-            // RunningState applies an update lazily, at the next read on this
-            // thread. Read now so that the stored value is always current: a
-            // checkpoint written after this step must hold this step's statistics.
-            let _ = self.running_mean.value_sync();
-            let _ = self.running_var.value_sync();
+            self.update_running(out.mean, out.variance, b * h * w);
             out.output
         } else {
             let device = x.device();
@@ -137,6 +119,34 @@ impl BatchNorm2d {
                 BN_EPS,
             )
         }
+    }
+
+    /// Folds one batch's statistics (mean, biased variance over `count`
+    /// values per channel) into the running estimates.
+    fn update_running(&self, mean: Tensor<1>, biased_var: Tensor<1>, count: usize) {
+        let n = count as f64;
+        // PyTorch keeps the unbiased variance in the running estimate.
+        let unbiased = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let device = mean.device();
+        let running_mean = self.running_mean.value_sync().to_device(&device);
+        let running_var = self.running_var.value_sync().to_device(&device);
+        self.running_mean.update(
+            running_mean
+                .mul_scalar(1.0 - BN_MOMENTUM)
+                .add(mean.detach().mul_scalar(BN_MOMENTUM))
+                .detach(),
+        );
+        self.running_var.update(
+            running_var
+                .mul_scalar(1.0 - BN_MOMENTUM)
+                .add(biased_var.detach().mul_scalar(BN_MOMENTUM * unbiased))
+                .detach(),
+        );
+        // RunningState applies an update lazily, at the next read on this
+        // thread. Read now so that the stored value is always current: a
+        // checkpoint written after this step must hold this step's statistics.
+        let _ = self.running_mean.value_sync();
+        let _ = self.running_var.value_sync();
     }
 }
 
@@ -166,6 +176,13 @@ impl ConvBnRelu {
     /// # Shapes
     /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        activation::relu(self.bn.forward(self.conv.forward(x)))
+        let y = self.conv.forward(x);
+        if y.device().is_autodiff() && crate::kernels::native_bn_relu() {
+            let [b, _, h, w] = y.dims();
+            let out = bn_relu_train(y, self.bn.weight.val(), self.bn.bias.val(), BN_EPS);
+            self.bn.update_running(out.mean, out.var, b * h * w);
+            return out.output;
+        }
+        activation::relu(self.bn.forward(y))
     }
 }
