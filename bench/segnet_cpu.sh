@@ -24,13 +24,19 @@ out=bench/results/segnet_cpu.jsonl
 for decoder in unpool nearest; do
   # Each engine runs in its own process so peak RSS is its own.
   bench/.venv/bin/python bench/torch_step.py --decoder "$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" >> "$out"
-  RUST_LOG=warn "$bin" bench-step --set "model.decoder=$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" >> "$out"
+  # Our trainer with each kernel lever off and on: burn's own ops, our 3x3
+  # convolution, and our convolution plus the fused batch norm + ReLU (default).
+  for levers in "--burn-conv --burn-bn" "--burn-bn" ""; do
+    # shellcheck disable=SC2086
+    RUST_LOG=warn "$bin" bench-step --set "model.decoder=$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" $levers >> "$out"
+  done
 done
 
 python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print(f"{'decoder':8} {'engine':28} {'img/s':>8} {'vs torch':>9} {'peak RSS':>10}")
+# engine names: pytorch <version>, or trainyard (<which kernels are ours>)
 for decoder in ("unpool", "nearest"):
     torch_row = next(r for r in rows if r["decoder"] == decoder and r["engine"].startswith("pytorch"))
     for r in (x for x in rows if x["decoder"] == decoder):

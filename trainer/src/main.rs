@@ -140,6 +140,7 @@ fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    trainyard_trainer::allocator::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match run(cli.command) {
