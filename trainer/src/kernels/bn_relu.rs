@@ -68,6 +68,20 @@ impl BnRelu {
         (1.0 / (var as f64 + self.eps).sqrt()) as f32
     }
 
+    /// The per-channel affine map `x ↦ x·scale + shift` equal to `γ·x̂ + β`.
+    /// Forward and backward both use it, so the ReLU mask agrees bit for bit.
+    fn affine(
+        &self,
+        gamma: &[f32],
+        beta: &[f32],
+        mean: &[f32],
+        var: &[f32],
+        ch: usize,
+    ) -> (f32, f32) {
+        let scale = gamma[ch] * self.inv_std(var[ch]);
+        (scale, beta[ch] - mean[ch] * scale)
+    }
+
     /// Normalises `x` with its batch statistics, scales, shifts and rectifies.
     pub fn forward(&self, x: &[f32], gamma: &[f32], beta: &[f32]) -> BnReluForward {
         assert_eq!(x.len(), self.len(), "input length");
@@ -93,6 +107,8 @@ impl BnRelu {
                 ((mean_shifted + shift as f64) as f32, var as f32)
             })
             .collect();
+        let means: Vec<f32> = stats.iter().map(|s| s.0).collect();
+        let vars: Vec<f32> = stats.iter().map(|s| s.1).collect();
         let mut output = vec![0.0f32; x.len()];
         output
             .par_chunks_mut(self.hw)
@@ -100,17 +116,15 @@ impl BnRelu {
             .enumerate()
             .for_each(|(plane, (out, inp))| {
                 let ch = plane % self.c;
-                let (mean, var) = stats[ch];
-                let scale = gamma[ch] * self.inv_std(var);
-                let shift = beta[ch] - mean * scale;
+                let (scale, shift) = self.affine(gamma, beta, &means, &vars, ch);
                 for (o, &v) in out.iter_mut().zip(inp) {
                     *o = (v * scale + shift).max(0.0);
                 }
             });
         BnReluForward {
             output,
-            mean: stats.iter().map(|s| s.0).collect(),
-            var: stats.iter().map(|s| s.1).collect(),
+            mean: means,
+            var: vars,
         }
     }
 
@@ -118,35 +132,29 @@ impl BnRelu {
     pub fn backward(
         &self,
         x: &[f32],
-        gamma: &[f32],
-        forward: (&[f32], &[f32], &[f32]),
+        (gamma, beta): (&[f32], &[f32]),
+        (mean, var): (&[f32], &[f32]),
         dy: &[f32],
     ) -> BnReluGrads {
-        let (output, mean, var) = forward;
         assert_eq!(x.len(), self.len(), "input length");
-        assert_eq!(
-            (output.len(), dy.len()),
-            (x.len(), x.len()),
-            "output and gradient lengths"
-        );
+        assert_eq!(dy.len(), x.len(), "gradient length");
         let m = (self.n * self.hw) as f64;
+        // The ReLU mask is recomputed from x with the forward's own affine map
+        // (bit-identical), rather than read from the stored output: one array
+        // less to keep alive and to stream through memory.
         let sums: Vec<(f64, f64)> = (0..self.c)
             .into_par_iter()
             .map(|ch| {
-                let (mu, inv) = (mean[ch], self.inv_std(var[ch]));
-                // Σ g and Σ g·x over the active (y > 0) pixels, then
-                // dγ = Σ g·x̂ = inv·(Σ g·x − μ·Σ g).
+                let (scale, shift) = self.affine(gamma, beta, mean, var, ch);
+                // Σ g and Σ g·(x − μ) over the active pixels, then
+                // dγ = Σ g·x̂ = inv·Σ g·(x − μ).
                 let (mut g_sum, mut gx_sum) = (0.0f64, 0.0f64);
-                for ((xp, yp), gp) in self
-                    .planes(x, ch)
-                    .zip(self.planes(output, ch))
-                    .zip(self.planes(dy, ch))
-                {
-                    let (g, gx) = masked_sums(xp, yp, gp, mu);
+                for (xp, gp) in self.planes(x, ch).zip(self.planes(dy, ch)) {
+                    let (g, gx) = masked_sums(xp, gp, mean[ch], scale, shift);
                     g_sum += g;
                     gx_sum += gx;
                 }
-                (gx_sum * inv as f64, g_sum)
+                (gx_sum * self.inv_std(var[ch]) as f64, g_sum)
             })
             .collect();
         let mut dx = vec![0.0f32; x.len()];
@@ -155,19 +163,15 @@ impl BnRelu {
             .for_each(|(plane, out)| {
                 let ch = plane % self.c;
                 let range = plane * self.hw..(plane + 1) * self.hw;
+                let (scale, shift) = self.affine(gamma, beta, mean, var, ch);
                 let (mu, inv) = (mean[ch], self.inv_std(var[ch]));
                 let (dgamma, dbeta) = sums[ch];
                 let k = gamma[ch] * inv / m as f32;
-                let (mean_g, mean_gx) = (dbeta as f32, dgamma as f32);
-                for (((o, &xv), &yv), &gv) in out
-                    .iter_mut()
-                    .zip(&x[range.clone()])
-                    .zip(&output[range.clone()])
-                    .zip(&dy[range])
-                {
-                    let g = if yv > 0.0 { gv } else { 0.0 };
+                let (sum_g, sum_gx) = (dbeta as f32, dgamma as f32);
+                for ((o, &xv), &gv) in out.iter_mut().zip(&x[range.clone()]).zip(&dy[range]) {
+                    let g = if xv * scale + shift > 0.0 { gv } else { 0.0 };
                     let xhat = (xv - mu) * inv;
-                    *o = k * (m as f32 * g - mean_g - xhat * mean_gx);
+                    *o = k * (m as f32 * g - sum_g - xhat * sum_gx);
                 }
             });
         BnReluGrads {
@@ -206,17 +210,18 @@ fn shifted_sums(plane: &[f32], shift: f32) -> (f64, f64) {
     (s64, q64)
 }
 
-/// `(Σ g, Σ g·(x − μ))` over the pixels of one plane where `y > 0`.
-fn masked_sums(x: &[f32], y: &[f32], g: &[f32], mu: f32) -> (f64, f64) {
+/// `(Σ g, Σ g·(x − μ))` over the pixels of one plane where the ReLU was
+/// active, i.e. `x·scale + shift > 0`.
+fn masked_sums(x: &[f32], g: &[f32], mu: f32, scale: f32, shift: f32) -> (f64, f64) {
     let (mut gs, mut gxs) = ([0.0f32; LANES], [0.0f32; LANES]);
     let n = x.len() / LANES * LANES;
-    for ((xc, yc), gc) in x[..n]
-        .chunks_exact(LANES)
-        .zip(y[..n].chunks_exact(LANES))
-        .zip(g[..n].chunks_exact(LANES))
-    {
+    for (xc, gc) in x[..n].chunks_exact(LANES).zip(g[..n].chunks_exact(LANES)) {
         for i in 0..LANES {
-            let gv = if yc[i] > 0.0 { gc[i] } else { 0.0 };
+            let gv = if xc[i] * scale + shift > 0.0 {
+                gc[i]
+            } else {
+                0.0
+            };
             gs[i] += gv;
             gxs[i] += gv * (xc[i] - mu);
         }
@@ -226,7 +231,7 @@ fn masked_sums(x: &[f32], y: &[f32], g: &[f32], mu: f32) -> (f64, f64) {
         gxs.iter().map(|&v| v as f64).sum(),
     );
     for i in n..x.len() {
-        if y[i] > 0.0 {
+        if x[i] * scale + shift > 0.0 {
             g64 += g[i] as f64;
             gx64 += (g[i] * (x[i] - mu)) as f64;
         }
@@ -290,7 +295,7 @@ mod tests {
         let beta = vec![0.1, -0.2, 0.3];
         let r = data(24, 3);
         let f = bn.forward(&x, &gamma, &beta);
-        let g = bn.backward(&x, &gamma, (&f.output, &f.mean, &f.var), &r);
+        let g = bn.backward(&x, (&gamma, &beta), (&f.mean, &f.var), &r);
         let eps = 1e-3f32;
         let fd = |xs: &[f32], gs: &[f32], bs: &[f32], which: usize, k: usize| {
             let (mut a, mut b, mut c) = (xs.to_vec(), gs.to_vec(), bs.to_vec());

@@ -215,8 +215,8 @@ impl BnReluBackend for Flex {
 struct BnReluGrad;
 
 impl Backward<Flex, 3> for BnReluGrad {
-    /// Input and γ (checkpointed), the output, the batch statistics and eps.
-    type State = (NodeId, NodeId, FlexTensor, Vec<f32>, Vec<f32>, f64);
+    /// Input, γ and β (checkpointed), the batch statistics and eps.
+    type State = (NodeId, NodeId, NodeId, Vec<f32>, Vec<f32>, f64);
 
     fn backward(
         self,
@@ -226,15 +226,16 @@ impl Backward<Flex, 3> for BnReluGrad {
     ) {
         let [node_x, node_gamma, node_beta] = ops.parents;
         let dy = grads.consume::<Flex>(&ops.node);
-        let (x_state, gamma_state, output, mean, var, eps) = ops.state;
+        let (x_state, gamma_state, beta_state, mean, var, eps) = ops.state;
         let x = checkpointer.retrieve_node_output::<FlexTensor>(x_state);
         let gamma = checkpointer.retrieve_node_output::<FlexTensor>(gamma_state);
+        let beta = checkpointer.retrieve_node_output::<FlexTensor>(beta_state);
         let geo = bn_geometry(&x, eps);
         let shape = dims4(&x);
         let g = geo.backward(
             &values(&x),
-            &values(&gamma),
-            (&values(&output), &mean, &var),
+            (&values(&gamma), &values(&beta)),
+            (&mean, &var),
             &values(&dy),
         );
         if let Some(node) = node_x {
@@ -264,6 +265,7 @@ impl<C: CheckpointStrategy> BnReluBackend for Autodiff<Flex, C> {
             OpsKind::Tracked(mut prep) => {
                 let x_state = prep.checkpoint(&x);
                 let gamma_state = prep.checkpoint(&gamma);
+                let beta_state = prep.checkpoint(&beta);
                 let f = Flex::bn_relu_train(
                     x.into_primitive(),
                     gamma.into_primitive(),
@@ -271,9 +273,8 @@ impl<C: CheckpointStrategy> BnReluBackend for Autodiff<Flex, C> {
                     eps,
                 );
                 let (mean, var) = (values(&f.mean).into_owned(), values(&f.var).into_owned());
-                let out = f.output.clone();
-                let output = prep.finish((x_state, gamma_state, out, mean, var, eps), f.output);
-                (output, f.mean, f.var)
+                let state = (x_state, gamma_state, beta_state, mean, var, eps);
+                (prep.finish(state, f.output), f.mean, f.var)
             }
             OpsKind::UnTracked(prep) => {
                 let f = Flex::bn_relu_train(

@@ -214,3 +214,37 @@ fn shapes_train_eval_predict_round_trip() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("config.json"), "{}", stderr(&o));
 }
+
+/// Every example config parses and trains (two steps on fewer samples).
+#[test]
+fn example_configs_run() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/trainer");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        seen += 1;
+        let out = tempfile::tempdir().unwrap();
+        let o = trainer(&[
+            "train",
+            "--config",
+            path.to_str().unwrap(),
+            "--out",
+            out.path().to_str().unwrap(),
+            "--set",
+            "train.steps=2",
+            "--set",
+            "data.shapes.samples=40",
+            "--set",
+            "train.batch_size=4",
+        ]);
+        assert!(o.status.success(), "{}: {}", path.display(), stderr(&o));
+    }
+    assert!(
+        seen >= 1,
+        "no example configs found in {}",
+        examples.display()
+    );
+}
