@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 /// Label value that marks a pixel to be ignored by the loss and the metrics.
 pub const IGNORE_INDEX: u8 = 255;
 
+/// Classes of the synthetic shapes dataset: background, circle, rectangle, triangle.
+pub const SHAPES_CLASSES: usize = 4;
+
 /// Errors from loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -503,13 +506,11 @@ impl TrainerConfig {
                         "must be at least 1",
                     ));
                 }
-                if m.classes != crate::data::shapes::CLASSES {
+                if m.classes != SHAPES_CLASSES {
                     return Err(ConfigError::invalid(
                         "model.classes",
                         format!(
-                            "the shapes dataset has {} classes (background, circle, rectangle, triangle); set model.classes: {}",
-                            crate::data::shapes::CLASSES,
-                            crate::data::shapes::CLASSES
+                            "the shapes dataset has {SHAPES_CLASSES} classes (background, circle, rectangle, triangle); set model.classes: {SHAPES_CLASSES}"
                         ),
                     ));
                 }

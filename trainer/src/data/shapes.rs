@@ -12,7 +12,7 @@ use super::{Dataset, Sample};
 use crate::config::ShapesConfig;
 
 /// Classes of the shapes dataset: background and three shape kinds.
-pub const CLASSES: usize = 4;
+pub const CLASSES: usize = crate::config::SHAPES_CLASSES;
 /// Class names, by index.
 pub const CLASS_NAMES: [&str; CLASSES] = ["background", "circle", "rectangle", "triangle"];
 

@@ -5,7 +5,7 @@
 //! `row * width + col` of the maximum inside its `(batch, channel)` plane of the
 //! *pre-pool* tensor.
 
-use burn::tensor::module::{interpolate, max_pool2d_with_indices};
+use burn::tensor::module::{interpolate, max_pool2d, max_pool2d_with_indices};
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions, MaxPoolOptions};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
@@ -15,6 +15,11 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 /// - input `[b, c, h, w]` → output and indices `[b, c, h/2, w/2]`
 pub fn max_pool2x2(x: Tensor<4>) -> (Tensor<4>, Tensor<4, Int>) {
     max_pool2d_with_indices(x, MaxPoolOptions::new([2, 2]).with_stride([2, 2]))
+}
+
+/// 2x2 max-pool with stride 2, without indices (for decoders that do not unpool).
+pub fn max_pool2x2_values(x: Tensor<4>) -> Tensor<4> {
+    max_pool2d(x, MaxPoolOptions::new([2, 2]).with_stride([2, 2]))
 }
 
 /// Scatters every value of `x` to the position its index names in an

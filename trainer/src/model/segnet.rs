@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::layers::{Conv2d, ConvBnRelu};
-use super::pool::{max_pool2x2, max_unpool2d, upsample_nearest};
+use super::pool::{max_pool2x2, max_pool2x2_values, max_unpool2d, upsample_nearest};
 use crate::config::{DecoderKind, ModelConfig};
 
 /// `k` conv → BN → ReLU blocks.
@@ -104,19 +104,29 @@ impl SegNet {
     /// - output: see [`SegNetOutput`]
     pub fn forward(&self, images: Tensor<4>) -> SegNetOutput {
         let mut x = images;
-        let mut skips: Vec<(Tensor<4, Int>, [usize; 2])> = Vec::with_capacity(self.encoder.len());
+        // What each decoder stage needs from its mirrored encoder stage: the
+        // pre-pool size, and the argmax indices when unpooling.
+        let mut skips: Vec<(Option<Tensor<4, Int>>, [usize; 2])> = Vec::with_capacity(self.encoder.len());
         for stage in &self.encoder {
             x = stage.forward(x);
             let [_, _, h, w] = x.dims();
-            let (pooled, indices) = max_pool2x2(x);
-            skips.push((indices, [h, w]));
-            x = pooled;
+            match self.decoder_kind {
+                DecoderKind::Unpool => {
+                    let (pooled, indices) = max_pool2x2(x);
+                    skips.push((Some(indices), [h, w]));
+                    x = pooled;
+                }
+                DecoderKind::Nearest => {
+                    skips.push((None, [h, w]));
+                    x = max_pool2x2_values(x);
+                }
+            }
         }
         for stage in &self.decoder {
             let (indices, hw) = skips.pop().expect("one skip per encoder stage");
-            x = match self.decoder_kind {
-                DecoderKind::Unpool => max_unpool2d(x, indices, hw),
-                DecoderKind::Nearest => upsample_nearest(x, hw),
+            x = match indices {
+                Some(indices) => max_unpool2d(x, indices, hw),
+                None => upsample_nearest(x, hw),
             };
             x = stage.forward(x);
         }
