@@ -24,9 +24,10 @@ out=bench/results/segnet_cpu.jsonl
 for decoder in unpool nearest; do
   # Each engine runs in its own process so peak RSS is its own.
   bench/.venv/bin/python bench/torch_step.py --decoder "$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" >> "$out"
-  # Our trainer with each kernel lever off and on: burn's own ops, our 3x3
-  # convolution, and our convolution plus the fused batch norm + ReLU (default).
-  for levers in "--burn-conv --burn-bn" "--burn-bn" ""; do
+  # Our trainer with the kernel levers switched on one after another: burn's
+  # own ops, + our 3x3 convolution, + fused batch norm + ReLU, + our unpooling
+  # (the default).
+  for levers in "--burn-conv --burn-bn --burn-unpool" "--burn-bn --burn-unpool" "--burn-unpool" ""; do
     # shellcheck disable=SC2086
     RUST_LOG=warn "$bin" bench-step --set "model.decoder=$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" $levers >> "$out"
   done

@@ -19,7 +19,7 @@ use crate::train::{loss_and_gradients, optim::Optimizer, peak_rss_bytes};
 #[derive(Debug, Clone, Serialize)]
 pub struct StepBench {
     /// Engine label.
-    pub engine: &'static str,
+    pub engine: String,
     /// Decoder variant.
     pub decoder: crate::config::DecoderKind,
     /// Images per step.
@@ -32,6 +32,23 @@ pub struct StepBench {
     pub images_per_sec: f64,
     /// Peak resident memory of the process.
     pub peak_rss_bytes: Option<u64>,
+}
+
+/// "trainyard (native conv+bn+unpool)", naming the kernels that are ours.
+fn engine_label(native: crate::kernels::NativeOps) -> String {
+    let ours: Vec<&str> = [
+        ("conv", native.conv),
+        ("bn", native.bn_relu),
+        ("unpool", native.unpool),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    if ours.is_empty() {
+        "trainyard (burn ops)".to_owned()
+    } else {
+        format!("trainyard (native {})", ours.join("+"))
+    }
 }
 
 /// Times `steps` training steps after `warmup` untimed ones.
@@ -69,15 +86,7 @@ pub fn step_throughput(config: &TrainerConfig, steps: usize, warmup: usize) -> S
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     StepBench {
-        engine: match (
-            crate::kernels::native_conv(),
-            crate::kernels::native_bn_relu(),
-        ) {
-            (true, true) => "trainyard (native conv+bn)",
-            (true, false) => "trainyard (native conv)",
-            (false, true) => "trainyard (native bn)",
-            (false, false) => "trainyard (burn ops)",
-        },
+        engine: engine_label(crate::kernels::native()),
         decoder: config.model.decoder,
         batch_size: b,
         steps,

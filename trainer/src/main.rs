@@ -99,6 +99,9 @@ enum Command {
         /// Run batch norm + ReLU with burn's composite ops instead of our fused kernel.
         #[arg(long)]
         burn_bn: bool,
+        /// Run max-unpooling with burn's scatter/gather instead of our kernel.
+        #[arg(long)]
+        burn_unpool: bool,
     },
     /// Write synthetic shapes samples as an image folder (images/, masks/).
     Shapes {
@@ -211,8 +214,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             threads,
             burn_conv,
             burn_bn,
+            burn_unpool,
         } => {
-            trainyard_trainer::kernels::set_native(!burn_conv, !burn_bn);
+            trainyard_trainer::kernels::set_native(trainyard_trainer::kernels::NativeOps {
+                conv: !burn_conv,
+                bn_relu: !burn_bn,
+                unpool: !burn_unpool,
+            });
             let config = match config {
                 Some(path) => TrainerConfig::load(&path, &overrides)?,
                 None => TrainerConfig::from_value(serde_yaml::Value::Null, &overrides)?,

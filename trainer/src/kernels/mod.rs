@@ -5,27 +5,48 @@ pub mod bn_relu;
 pub mod conv3x3;
 mod gemm;
 pub mod op;
+pub mod unpool;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
-static NATIVE_CONV: AtomicBool = AtomicBool::new(true);
-static NATIVE_BN_RELU: AtomicBool = AtomicBool::new(true);
-
-/// Whether 3x3 convolutions run our kernels ([`op::conv3x3`]) rather than
-/// burn's generic ones. On by default; benchmarks turn it off to measure the
-/// difference in one process.
-pub fn native_conv() -> bool {
-    NATIVE_CONV.load(Ordering::Relaxed)
+/// Which operations run our kernels instead of burn's generic ones. All on by
+/// default; benchmarks switch them off one by one to measure each in one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NativeOps {
+    /// 3x3 convolutions ([`op::conv3x3`]).
+    pub conv: bool,
+    /// Training-mode batch norm + ReLU ([`op::bn_relu_train`]).
+    pub bn_relu: bool,
+    /// Max-unpooling ([`op::max_unpool2d`]).
+    pub unpool: bool,
 }
 
-/// Whether training-mode batch norm + ReLU runs our fused kernel
-/// ([`op::bn_relu_train`]) rather than burn's composite batch norm and ReLU.
-pub fn native_bn_relu() -> bool {
-    NATIVE_BN_RELU.load(Ordering::Relaxed)
+impl NativeOps {
+    /// Everything native.
+    pub const ALL: Self = Self {
+        conv: true,
+        bn_relu: true,
+        unpool: true,
+    };
+
+    fn bits(self) -> u8 {
+        self.conv as u8 | (self.bn_relu as u8) << 1 | (self.unpool as u8) << 2
+    }
 }
 
-/// Chooses the implementations for this process (both on by default).
-pub fn set_native(conv: bool, bn_relu: bool) {
-    NATIVE_CONV.store(conv, Ordering::Relaxed);
-    NATIVE_BN_RELU.store(bn_relu, Ordering::Relaxed);
+static NATIVE: AtomicU8 = AtomicU8::new(0b111);
+
+/// The operations that currently run our kernels.
+pub fn native() -> NativeOps {
+    let bits = NATIVE.load(Ordering::Relaxed);
+    NativeOps {
+        conv: bits & 1 != 0,
+        bn_relu: bits & 2 != 0,
+        unpool: bits & 4 != 0,
+    }
+}
+
+/// Chooses, for this process, which operations run our kernels.
+pub fn set_native(ops: NativeOps) {
+    NATIVE.store(ops.bits(), Ordering::Relaxed);
 }

@@ -12,17 +12,18 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::ModuleOps;
-use burn::backend::tensor::FloatTensor;
+use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{
     Autodiff, Backend, Dispatch, ExtensionType, Flex, TensorMetadata, backend_extension,
 };
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 
 use std::borrow::Cow;
 
 use super::bn_relu::BnRelu;
 use super::conv3x3::Conv3x3;
+use super::unpool::Unpool;
 
 /// Backends that can run [`conv3x3`].
 #[backend_extension(Flex, Autodiff)]
@@ -322,6 +323,122 @@ pub fn bn_relu_train(x: Tensor<4>, gamma: Tensor<1>, beta: Tensor<1>, eps: f64) 
     }
 }
 
+/// Backends that can run [`max_unpool2d`].
+#[backend_extension(Flex, Autodiff)]
+pub trait UnpoolBackend: Backend {
+    /// Max-unpooling of `x` `[n, c, h, w]` with flat per-plane `indices` into
+    /// `[n, c, out_h, out_w]`.
+    fn max_unpool2d(
+        x: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        out_h: usize,
+        out_w: usize,
+    ) -> FloatTensor<Self>;
+}
+
+/// The indices of an int tensor as i64 (burn's default int dtype; i32 is widened).
+fn index_values(t: &FlexTensor) -> Cow<'_, [i64]> {
+    match t.as_slice::<i64>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(
+            t.clone()
+                .into_data()
+                .convert::<i64>()
+                .try_into_vec::<i64>()
+                .expect("converted to i64 above"),
+        ),
+    }
+}
+
+fn unpool_geometry(x: &FlexTensor, out_h: usize, out_w: usize) -> Unpool {
+    let [n, c, h, w] = dims4(x);
+    Unpool {
+        planes: n * c,
+        inner: h * w,
+        outer: out_h * out_w,
+    }
+}
+
+impl UnpoolBackend for Flex {
+    fn max_unpool2d(x: FlexTensor, indices: FlexTensor, out_h: usize, out_w: usize) -> FlexTensor {
+        assert_eq!(x.dtype(), DType::F32, "max_unpool2d runs on f32 tensors");
+        let [n, c, _, _] = dims4(&x);
+        let out = unpool_geometry(&x, out_h, out_w).forward(&values(&x), &index_values(&indices));
+        from_values(out, [n, c, out_h, out_w])
+    }
+}
+
+#[derive(Debug)]
+struct UnpoolGrad;
+
+impl Backward<Flex, 1> for UnpoolGrad {
+    /// The indices and the input shape.
+    type State = (FlexTensor, [usize; 4]);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let dout = grads.consume::<Flex>(&ops.node);
+        let (indices, shape) = ops.state;
+        if let Some(node) = node_x {
+            let [n, c, h, w] = shape;
+            let [_, _, out_h, out_w] = dims4(&dout);
+            let geo = Unpool {
+                planes: n * c,
+                inner: h * w,
+                outer: out_h * out_w,
+            };
+            let dx = geo.backward(&values(&dout), &index_values(&indices));
+            grads.register::<Flex>(node.id, from_values(dx, shape));
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> UnpoolBackend for Autodiff<Flex, C> {
+    fn max_unpool2d(
+        x: AutodiffFlexTensor<C>,
+        indices: FlexTensor,
+        out_h: usize,
+        out_w: usize,
+    ) -> AutodiffFlexTensor<C> {
+        let shape = dims4(x.primitive());
+        match UnpoolGrad
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let out = Flex::max_unpool2d(x.into_primitive(), indices.clone(), out_h, out_w);
+                prep.finish((indices, shape), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(Flex::max_unpool2d(
+                x.into_primitive(),
+                indices,
+                out_h,
+                out_w,
+            )),
+        }
+    }
+}
+
+/// Max-unpooling with our CPU kernel: every value of `x` goes to the flat
+/// position (within its plane) that `indices` names; everything else is zero.
+///
+/// # Shapes
+/// - `x`, `indices` `[n, c, h, w]` → `[n, c, out_h, out_w]`
+pub fn max_unpool2d(
+    x: Tensor<4>,
+    indices: Tensor<4, Int>,
+    [out_h, out_w]: [usize; 2],
+) -> Tensor<4> {
+    let out = <Dispatch as UnpoolBackend>::max_unpool2d(
+        x.into_dispatch(),
+        indices.into_dispatch(),
+        out_h,
+        out_w,
+    );
+    Tensor::from_dispatch(out)
+}
+
 /// 3x3 convolution (stride 1, zero padding 1, no bias) with our CPU kernels.
 ///
 /// # Shapes
@@ -428,6 +545,34 @@ mod tests {
         close(
             v1(beta.grad(&g_ours).unwrap()),
             v1(beta.grad(&g_theirs).unwrap()),
+        );
+    }
+
+    /// Our unpooling equals burn's `zeros + scatter`, and its gradient burn's.
+    #[test]
+    fn unpool_matches_burn_scatter_forward_and_backward() {
+        use crate::model::pool::max_pool2x2;
+        use burn::tensor::IndexingUpdateOp;
+        let device = Device::flex().autodiff();
+        let (_, indices) = max_pool2x2(tensor(2 * 3 * 6 * 8, [2, 3, 6, 8], 9, &device));
+        let v = tensor(2 * 3 * 3 * 4, [2, 3, 3, 4], 10, &device).require_grad();
+        let r = tensor(2 * 3 * 6 * 8, [2, 3, 6, 8], 11, &device);
+
+        let ours = max_unpool2d(v.clone(), indices.clone(), [6, 8]);
+        let theirs = Tensor::<3>::zeros([2, 3, 48], &device)
+            .scatter(
+                2,
+                indices.reshape([2, 3, 12]),
+                v.clone().reshape([2, 3, 12]),
+                IndexingUpdateOp::Add,
+            )
+            .reshape([2, 3, 6, 8]);
+        close(vals(ours.clone()), vals(theirs.clone()));
+        let g_ours = ours.mul(r.clone()).sum().backward();
+        let g_theirs = theirs.mul(r).sum().backward();
+        close(
+            vals(v.grad(&g_ours).unwrap()),
+            vals(v.grad(&g_theirs).unwrap()),
         );
     }
 

@@ -55,7 +55,7 @@ impl Conv2d {
     /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [_, _, k, _] = self.weight.dims();
-        if k == 3 && self.bias.is_none() && crate::kernels::native_conv() {
+        if k == 3 && self.bias.is_none() && crate::kernels::native().conv {
             return crate::kernels::op::conv3x3(x, self.weight.val());
         }
         let pad = k / 2;
@@ -177,7 +177,7 @@ impl ConvBnRelu {
     /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = self.conv.forward(x);
-        if y.device().is_autodiff() && crate::kernels::native_bn_relu() {
+        if y.device().is_autodiff() && crate::kernels::native().bn_relu {
             let [b, _, h, w] = y.dims();
             let out = bn_relu_train(y, self.bn.weight.val(), self.bn.bias.val(), BN_EPS);
             self.bn.update_running(out.mean, out.var, b * h * w);

@@ -29,6 +29,9 @@ pub fn max_pool2x2_values(x: Tensor<4>) -> Tensor<4> {
 /// # Shapes
 /// - `x`, `indices` `[b, c, h, w]` → output `[b, c, out_h, out_w]`
 pub fn max_unpool2d(x: Tensor<4>, indices: Tensor<4, Int>, out_hw: [usize; 2]) -> Tensor<4> {
+    if crate::kernels::native().unpool {
+        return crate::kernels::op::max_unpool2d(x, indices, out_hw);
+    }
     let [b, c, h, w] = x.dims();
     let [out_h, out_w] = out_hw;
     let device = x.device();

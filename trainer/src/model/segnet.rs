@@ -106,7 +106,8 @@ impl SegNet {
         let mut x = images;
         // What each decoder stage needs from its mirrored encoder stage: the
         // pre-pool size, and the argmax indices when unpooling.
-        let mut skips: Vec<(Option<Tensor<4, Int>>, [usize; 2])> = Vec::with_capacity(self.encoder.len());
+        let mut skips: Vec<(Option<Tensor<4, Int>>, [usize; 2])> =
+            Vec::with_capacity(self.encoder.len());
         for stage in &self.encoder {
             x = stage.forward(x);
             let [_, _, h, w] = x.dims();
