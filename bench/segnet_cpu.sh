@@ -24,10 +24,11 @@ out=bench/results/segnet_cpu.jsonl
 for decoder in unpool nearest; do
   # Each engine runs in its own process so peak RSS is its own.
   bench/.venv/bin/python bench/torch_step.py --decoder "$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" >> "$out"
-  # Our trainer with the kernel levers switched on one after another: burn's
-  # own ops, + our 3x3 convolution, + fused batch norm + ReLU, + our unpooling
-  # (the default).
-  for levers in "--burn-conv --burn-bn --burn-unpool" "--burn-bn --burn-unpool" "--burn-unpool" ""; do
+  # Our trainer with the levers switched on one after another: burn's own ops
+  # with glibc's default allocator thresholds, + heap-kept memory, + our 3x3
+  # convolution, + fused batch norm + ReLU, + our unpooling (the default).
+  for levers in "--default-malloc --burn-conv --burn-bn --burn-unpool" "--burn-conv --burn-bn --burn-unpool" \
+                "--burn-bn --burn-unpool" "--burn-unpool" ""; do
     # shellcheck disable=SC2086
     RUST_LOG=warn "$bin" bench-step --set "model.decoder=$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" $levers >> "$out"
   done
@@ -36,11 +37,11 @@ done
 python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"{'decoder':8} {'engine':28} {'img/s':>8} {'vs torch':>9} {'peak RSS':>10}")
+print(f"{'decoder':8} {'engine':40} {'img/s':>8} {'vs torch':>9} {'peak RSS':>10}")
 # engine names: pytorch <version>, or trainyard (<which kernels are ours>)
 for decoder in ("unpool", "nearest"):
     torch_row = next(r for r in rows if r["decoder"] == decoder and r["engine"].startswith("pytorch"))
     for r in (x for x in rows if x["decoder"] == decoder):
         ratio = r["images_per_sec"] / torch_row["images_per_sec"]
-        print(f"{decoder:8} {r['engine']:28} {r['images_per_sec']:8.1f} {ratio:8.2f}x {r['peak_rss_bytes'] / 2**20:8.0f} MiB")
+        print(f"{decoder:8} {r['engine']:40} {r['images_per_sec']:8.1f} {ratio:8.2f}x {r['peak_rss_bytes'] / 2**20:8.0f} MiB")
 PY

@@ -35,7 +35,7 @@ pub struct StepBench {
 }
 
 /// "trainyard (native conv+bn+unpool)", naming the kernels that are ours.
-fn engine_label(native: crate::kernels::NativeOps) -> String {
+fn engine_label(native: crate::kernels::NativeOps, default_malloc: bool) -> String {
     let ours: Vec<&str> = [
         ("conv", native.conv),
         ("bn", native.bn_relu),
@@ -44,15 +44,28 @@ fn engine_label(native: crate::kernels::NativeOps) -> String {
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))
     .collect();
-    if ours.is_empty() {
-        "trainyard (burn ops)".to_owned()
+    let ops = if ours.is_empty() {
+        "burn ops".to_owned()
     } else {
-        format!("trainyard (native {})", ours.join("+"))
-    }
+        format!("native {}", ours.join("+"))
+    };
+    let malloc = if default_malloc {
+        ", default malloc"
+    } else {
+        ""
+    };
+    format!("trainyard ({ops}{malloc})")
 }
 
 /// Times `steps` training steps after `warmup` untimed ones.
-pub fn step_throughput(config: &TrainerConfig, steps: usize, warmup: usize) -> StepBench {
+/// `default_malloc` only labels the result: the caller decides the allocator
+/// tuning before any allocation (see [`crate::allocator`]).
+pub fn step_throughput(
+    config: &TrainerConfig,
+    steps: usize,
+    warmup: usize,
+    default_malloc: bool,
+) -> StepBench {
     let device = Device::flex().autodiff();
     let [h, w] = [config.data.shapes.as_ref().map_or(64, |s| s.image_size); 2];
     let (b, c, k) = (
@@ -86,7 +99,7 @@ pub fn step_throughput(config: &TrainerConfig, steps: usize, warmup: usize) -> S
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     StepBench {
-        engine: engine_label(crate::kernels::native()),
+        engine: engine_label(crate::kernels::native(), default_malloc),
         decoder: config.model.decoder,
         batch_size: b,
         steps,

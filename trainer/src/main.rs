@@ -102,6 +102,9 @@ enum Command {
         /// Run max-unpooling with burn's scatter/gather instead of our kernel.
         #[arg(long)]
         burn_unpool: bool,
+        /// Leave glibc's allocator thresholds at their defaults (see `allocator`).
+        #[arg(long)]
+        default_malloc: bool,
     },
     /// Write synthetic shapes samples as an image folder (images/, masks/).
     Shapes {
@@ -143,8 +146,17 @@ fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    trainyard_trainer::allocator::keep_freed_memory();
     let cli = Cli::parse();
+    let default_malloc = matches!(
+        cli.command,
+        Command::BenchStep {
+            default_malloc: true,
+            ..
+        }
+    );
+    if !default_malloc {
+        trainyard_trainer::allocator::keep_freed_memory();
+    }
     init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -215,6 +227,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             burn_conv,
             burn_bn,
             burn_unpool,
+            default_malloc,
         } => {
             trainyard_trainer::kernels::set_native(trainyard_trainer::kernels::NativeOps {
                 conv: !burn_conv,
@@ -229,7 +242,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 anyhow::bail!("--steps must be at least 1");
             }
             init_threads(threads)?;
-            let result = trainyard_trainer::bench::step_throughput(&config, steps, warmup);
+            let result =
+                trainyard_trainer::bench::step_throughput(&config, steps, warmup, default_malloc);
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
