@@ -15,12 +15,13 @@ pub struct MatRef<'a> {
     col_stride: isize,
 }
 
-/// A writable row-major matrix view.
+/// A writable matrix view with contiguous rows (`row_stride` apart).
 #[derive(Debug)]
 pub struct MatMut<'a> {
     data: &'a mut [f32],
     rows: usize,
     cols: usize,
+    row_stride: usize,
 }
 
 fn last_index(rows: usize, cols: usize, rs: isize, cs: isize) -> usize {
@@ -63,7 +64,28 @@ impl<'a> MatMut<'a> {
     /// A contiguous row-major view of exactly `rows × cols` elements.
     pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "destination size");
-        Self { data, rows, cols }
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+        }
+    }
+
+    /// `rows × cols` elements whose rows start `row_stride` apart (a block of
+    /// columns of a wider row-major matrix, starting at `data[0]`).
+    pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(cols <= row_stride, "rows must not overlap");
+        assert!(
+            rows == 0 || cols == 0 || (rows - 1) * row_stride + cols <= data.len(),
+            "matrix view exceeds its slice"
+        );
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
     }
 }
 
@@ -78,14 +100,16 @@ pub fn matmul(dst: MatMut<'_>, accumulate: bool, a: MatRef<'_>, b: MatRef<'_>) {
     }
     if k == 0 {
         if !accumulate {
-            dst.data.fill(0.0);
+            for r in 0..m {
+                dst.data[r * dst.row_stride..r * dst.row_stride + n].fill(0.0);
+            }
         }
         return;
     }
     // SAFETY: the views were checked to lie inside their slices (`MatRef::new`,
-    // `MatMut::row_major`), the shapes agree (asserted above), `dst` is borrowed
-    // mutably and so does not alias `a` or `b`, and gemm only reads `dst` when
-    // `read_dst` is true.
+    // `MatMut::row_major`/`strided`), the shapes agree (asserted above), `dst`
+    // is borrowed mutably and so does not alias `a` or `b`, and gemm only reads
+    // `dst` when `read_dst` is true.
     unsafe {
         gemm::gemm(
             m,
@@ -93,7 +117,7 @@ pub fn matmul(dst: MatMut<'_>, accumulate: bool, a: MatRef<'_>, b: MatRef<'_>) {
             k,
             dst.data.as_mut_ptr(),
             1,
-            n as isize,
+            dst.row_stride as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride,
@@ -137,6 +161,20 @@ mod tests {
             MatRef::row_major(&a, 2, 3),
         );
         assert_eq!(d, [18.0, 23.0, 28.0, 23.0, 30.0, 37.0, 28.0, 37.0, 46.0]);
+    }
+
+    #[test]
+    fn strided_destination_writes_only_its_block() {
+        let a = [1.0, 2.0, 3.0, 4.0]; // 2x2
+        let id = [1.0, 0.0, 0.0, 1.0];
+        let mut wide = [9.0f32; 8]; // 2x4, block = columns 1..3
+        matmul(
+            MatMut::strided(&mut wide[1..], 2, 2, 4),
+            false,
+            MatRef::row_major(&a, 2, 2),
+            MatRef::row_major(&id, 2, 2),
+        );
+        assert_eq!(wide, [9.0, 1.0, 2.0, 9.0, 9.0, 3.0, 4.0, 9.0]);
     }
 
     #[test]
