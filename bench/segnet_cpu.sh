@@ -26,9 +26,9 @@ for decoder in unpool nearest; do
   bench/.venv/bin/python bench/torch_step.py --decoder "$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" >> "$out"
   # Our trainer with the levers switched on one after another: burn's own ops
   # with glibc's default allocator thresholds, + heap-kept memory, + our 3x3
-  # convolution, + fused batch norm + ReLU, + our unpooling (the default).
-  for levers in "--default-malloc --burn-conv --burn-bn --burn-unpool" "--burn-conv --burn-bn --burn-unpool" \
-                "--burn-bn --burn-unpool" "--burn-unpool" ""; do
+  # convolution, + fused batch norm + ReLU, + our max-pooling and unpooling (the default).
+  for levers in "--default-malloc --burn-conv --burn-bn --burn-pooling" "--burn-conv --burn-bn --burn-pooling" \
+                "--burn-bn --burn-pooling" "--burn-pooling" ""; do
     # shellcheck disable=SC2086
     RUST_LOG=warn "$bin" bench-step --set "model.decoder=$decoder" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS" $levers >> "$out"
   done

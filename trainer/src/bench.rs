@@ -34,12 +34,12 @@ pub struct StepBench {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// "trainyard (native conv+bn+unpool)", naming the kernels that are ours.
+/// "trainyard (native conv+bn+pooling)", naming the kernels that are ours.
 fn engine_label(native: crate::kernels::NativeOps, default_malloc: bool) -> String {
     let ours: Vec<&str> = [
         ("conv", native.conv),
         ("bn", native.bn_relu),
-        ("unpool", native.unpool),
+        ("pooling", native.pooling),
     ]
     .into_iter()
     .filter_map(|(name, on)| on.then_some(name))

@@ -99,9 +99,9 @@ enum Command {
         /// Run batch norm + ReLU with burn's composite ops instead of our fused kernel.
         #[arg(long)]
         burn_bn: bool,
-        /// Run max-unpooling with burn's scatter/gather instead of our kernel.
+        /// Run max-pooling and unpooling with burn's ops instead of our kernels.
         #[arg(long)]
-        burn_unpool: bool,
+        burn_pooling: bool,
         /// Leave glibc's allocator thresholds at their defaults (see `allocator`).
         #[arg(long)]
         default_malloc: bool,
@@ -226,13 +226,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             threads,
             burn_conv,
             burn_bn,
-            burn_unpool,
+            burn_pooling,
             default_malloc,
         } => {
             trainyard_trainer::kernels::set_native(trainyard_trainer::kernels::NativeOps {
                 conv: !burn_conv,
                 bn_relu: !burn_bn,
-                unpool: !burn_unpool,
+                pooling: !burn_pooling,
             });
             let config = match config {
                 Some(path) => TrainerConfig::load(&path, &overrides)?,

@@ -4,6 +4,7 @@
 pub mod bn_relu;
 pub mod conv3x3;
 mod gemm;
+pub mod maxpool;
 pub mod op;
 pub mod unpool;
 
@@ -17,8 +18,9 @@ pub struct NativeOps {
     pub conv: bool,
     /// Training-mode batch norm + ReLU ([`op::bn_relu_train`]).
     pub bn_relu: bool,
-    /// Max-unpooling ([`op::max_unpool2d`]).
-    pub unpool: bool,
+    /// Max-pooling with indices and max-unpooling
+    /// ([`op::max_pool2x2_with_indices`], [`op::max_unpool2d`]).
+    pub pooling: bool,
 }
 
 impl NativeOps {
@@ -26,11 +28,11 @@ impl NativeOps {
     pub const ALL: Self = Self {
         conv: true,
         bn_relu: true,
-        unpool: true,
+        pooling: true,
     };
 
     fn bits(self) -> u8 {
-        self.conv as u8 | (self.bn_relu as u8) << 1 | (self.unpool as u8) << 2
+        self.conv as u8 | (self.bn_relu as u8) << 1 | (self.pooling as u8) << 2
     }
 }
 
@@ -42,7 +44,7 @@ pub fn native() -> NativeOps {
     NativeOps {
         conv: bits & 1 != 0,
         bn_relu: bits & 2 != 0,
-        unpool: bits & 4 != 0,
+        pooling: bits & 4 != 0,
     }
 }
 
