@@ -29,20 +29,24 @@ pub fn from_semantics(classes: &[u8], boundary: &[bool], width: usize, ignore: u
         .flatten()
     };
     let object = |p: usize| classes[p] != 0 && classes[p] != ignore;
-    for start in 0..n {
-        if ids[start] != 0 || !object(start) || boundary[start] {
-            continue;
-        }
+    // Labels every pixel reachable from `start` through pixels of its class
+    // that `admit` accepts with the next instance id.
+    let mut flood = |ids: &mut Vec<u16>, start: usize, admit: &dyn Fn(usize) -> bool| {
         next = next.saturating_add(1);
         ids[start] = next;
         queue.push_back(start);
         while let Some(p) = queue.pop_front() {
             for q in neighbours(p) {
-                if ids[q] == 0 && !boundary[q] && classes[q] == classes[p] {
+                if ids[q] == 0 && admit(q) && classes[q] == classes[p] {
                     ids[q] = next;
                     queue.push_back(q);
                 }
             }
+        }
+    };
+    for start in 0..n {
+        if ids[start] == 0 && object(start) && !boundary[start] {
+            flood(&mut ids, start, &|q| !boundary[q]);
         }
     }
     // Grow instances into the boundary pixels of their own class.
@@ -57,19 +61,8 @@ pub fn from_semantics(classes: &[u8], boundary: &[bool], width: usize, ignore: u
     }
     // Boundary-only blobs (no interior) become instances of their own.
     for start in 0..n {
-        if ids[start] != 0 || !object(start) {
-            continue;
-        }
-        next = next.saturating_add(1);
-        ids[start] = next;
-        queue.push_back(start);
-        while let Some(p) = queue.pop_front() {
-            for q in neighbours(p) {
-                if ids[q] == 0 && classes[q] == classes[p] {
-                    ids[q] = next;
-                    queue.push_back(q);
-                }
-            }
+        if ids[start] == 0 && object(start) {
+            flood(&mut ids, start, &|_| true);
         }
     }
     ids

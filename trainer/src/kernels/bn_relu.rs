@@ -240,16 +240,13 @@ fn masked_sums(x: &[f32], g: &[f32], mu: f32, scale: f32, shift: f32) -> (f64, f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testutil::pseudo_random;
 
+    /// Values in [-2, 2): wide enough that some ReLUs are off.
     fn data(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 4001) as f32 / 1000.0 - 2.0
-            })
+        pseudo_random(len, seed)
+            .into_iter()
+            .map(|v| 2.0 * v)
             .collect()
     }
 

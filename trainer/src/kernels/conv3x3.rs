@@ -232,6 +232,7 @@ impl Conv3x3 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testutil::pseudo_random;
 
     /// Direct 7-loop definition, the reference for every pass.
     fn reference_forward(c: &Conv3x3, x: &[f32], wt: &[f32]) -> Vec<f32> {
@@ -263,18 +264,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
     }
 
     fn close(a: &[f32], b: &[f32], tol: f32) {

@@ -6,6 +6,8 @@ pub mod conv3x3;
 mod gemm;
 pub mod maxpool;
 pub mod op;
+#[cfg(test)]
+mod testutil;
 pub mod unpool;
 
 use std::sync::atomic::{AtomicU8, Ordering};

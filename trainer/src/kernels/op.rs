@@ -554,18 +554,12 @@ pub fn conv3x3(x: Tensor<4>, weight: Tensor<4>) -> Tensor<4> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testutil::pseudo_random;
     use burn::tensor::Device;
     use burn::tensor::module::conv2d;
 
-    fn tensor(len: usize, shape: [usize; 4], seed: u32, device: &Device) -> Tensor<4> {
-        let mut s = seed.wrapping_mul(747796405).wrapping_add(1);
-        let v: Vec<f32> = (0..len)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect();
-        Tensor::from_data(TensorData::new(v, shape), device)
+    fn tensor(len: usize, shape: [usize; 4], seed: u64, device: &Device) -> Tensor<4> {
+        Tensor::from_data(TensorData::new(pseudo_random(len, seed), shape), device)
     }
 
     fn vals(t: Tensor<4>) -> Vec<f32> {
