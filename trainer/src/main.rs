@@ -3,6 +3,8 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -162,7 +164,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            match e.downcast_ref::<train::TrainError>() {
+                // The shell's convention for "terminated by SIGTERM", so that
+                // supervisors see an interrupted, resumable run.
+                Some(train::TrainError::Stopped { .. }) => std::process::ExitCode::from(143),
+                _ => std::process::ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -193,11 +200,21 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            // SIGTERM (pod eviction, `kill`) and SIGINT (Ctrl-C) finish the
+            // current step, checkpoint it and exit; a second signal kills at once.
+            let stop = Arc::new(AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+                    .context("failed to install a signal handler")?;
+                signal_hook::flag::register(signal, stop.clone())
+                    .context("failed to install a signal handler")?;
+            }
             let opts = RunOptions {
                 out_dir: out,
                 resume,
                 metrics,
                 progress_bar: std::io::stderr().is_terminal(),
+                stop: Some(stop),
             };
             let summary = train::train(&config, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);

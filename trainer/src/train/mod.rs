@@ -12,6 +12,7 @@ pub mod schedule;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -72,6 +73,17 @@ pub enum TrainError {
     /// Writing an output file atomically failed.
     #[error(transparent)]
     File(#[from] TensorFileError),
+    /// The stop flag was raised (SIGTERM, SIGINT); the run saved a checkpoint
+    /// of the last completed step first.
+    #[error(
+        "stopped at step {step} on request; checkpoint {checkpoint} written, continue with --resume"
+    )]
+    Stopped {
+        /// The last completed step.
+        step: u64,
+        /// The checkpoint holding it.
+        checkpoint: PathBuf,
+    },
     /// The loss stopped being a number.
     #[error("loss is {loss} at step {step}; lower train.lr or set train.grad_clip_norm")]
     Diverged {
@@ -93,6 +105,9 @@ pub struct RunOptions {
     pub metrics: Option<TrainerMetrics>,
     /// Show a progress bar instead of periodic log lines.
     pub progress_bar: bool,
+    /// Raised from outside (a signal handler) to stop after the current step
+    /// with a checkpoint, so that an evicted pod loses no work.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// What a finished run reports (`summary.json`).
@@ -590,7 +605,9 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             }
             last_scores = Some(scores);
         }
-        if last || (config.checkpoint.every > 0 && done % config.checkpoint.every == 0) {
+        let stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        if last || stopping || (config.checkpoint.every > 0 && done % config.checkpoint.every == 0)
+        {
             // Rows up to this step become durable with the checkpoint that covers them.
             log.flush()?;
             let (optimizer_step, state) = optimizer.state();
@@ -611,6 +628,15 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                 m.checkpoints_total.inc();
             }
             tracing::debug!(path = %path.display(), "checkpoint written");
+            if stopping && !last {
+                if let Some(bar) = &bar {
+                    bar.abandon();
+                }
+                return Err(TrainError::Stopped {
+                    step: done,
+                    checkpoint: path,
+                });
+            }
         }
     }
     log.flush()?;

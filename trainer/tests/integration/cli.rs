@@ -248,3 +248,82 @@ fn example_configs_run() {
         examples.display()
     );
 }
+
+/// SIGTERM (what Kubernetes sends an evicted pod) ends the run after the
+/// current step with a checkpoint of it, exit status 143; `--resume` then
+/// continues with every step logged exactly once.
+#[test]
+fn sigterm_checkpoints_the_current_step_and_resume_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "job.yaml",
+        "model: {widths: [8, 16]}\n\
+         data: {shapes: {samples: 64, image_size: 32}}\n\
+         train: {steps: 1000000, batch_size: 4, val_every: 0, decay: {kind: constant}}\n\
+         checkpoint: {every: 0}\n",
+    );
+    let run = dir.path().join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
+        .args(["train", "--config", &config, "--out", run.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let metrics = run.join("metrics.jsonl");
+    // Metrics rows are buffered; wait until the run is clearly under way.
+    while started.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        if run.join("config.json").exists() && started.elapsed() > std::time::Duration::from_secs(2)
+        {
+            break;
+        }
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let checkpoints: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        checkpoints.len(),
+        1,
+        "one checkpoint, of the step the run stopped at"
+    );
+    let stopped: u64 = checkpoints[0]
+        .trim_start_matches("step-")
+        .trim_end_matches(".safetensors")
+        .parse()
+        .unwrap();
+    assert!(stopped > 0);
+
+    let end = format!("train.steps={}", stopped + 5);
+    let o = trainer(&[
+        "train",
+        "--config",
+        &config,
+        "--out",
+        run.to_str().unwrap(),
+        "--resume",
+        "--set",
+        &end,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let steps: Vec<u64> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=stopped + 5).collect::<Vec<_>>());
+}
