@@ -264,7 +264,7 @@ fn sigterm_checkpoints_the_current_step_and_resume_finishes() {
          checkpoint: {every: 0}\n",
     );
     let run = dir.path().join("run");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
+    let child = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
         .args(["train", "--config", &config, "--out", run.to_str().unwrap()])
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
