@@ -18,6 +18,7 @@
 pub mod allocator;
 pub mod bench;
 pub mod checkpoint;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod infer;

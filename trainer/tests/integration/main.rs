@@ -4,6 +4,8 @@
 mod torch_parity;
 // Autodiff gradients equal central finite differences.
 mod gradients;
+// Collectives over loopback: correctness, bit-identity, dead peers.
+mod collective;
 // Training runs: learning, exact resume, guarded output directories.
 mod training;
 // The binary: exit codes and messages on bad input, predict/eval/shapes.

@@ -1,0 +1,235 @@
+//! Collective communication between the ranks of a data-parallel group.
+//!
+//! See [`Collective`] for the operations, [`ring::TcpRing`] for the CPU
+//! implementation, [`store`] for the rendezvous through which ranks find each
+//! other, and [`DistEnv`] for the torchrun-compatible environment that says who
+//! is who.
+
+pub mod ring;
+pub mod store;
+
+use std::time::Duration;
+
+/// How [`Collective::all_reduce`] combines the ranks' buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum.
+    Sum,
+    /// Element-wise mean.
+    Average,
+}
+
+/// Why a collective operation failed. Every variant that involves a peer
+/// names it, so a group can tell which process died.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CollectiveError {
+    /// Setting up sockets failed.
+    #[error("failed to set up the collective: {0}")]
+    Setup(std::io::Error),
+    /// Rendezvous failed.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// A peer's connection broke.
+    #[error("failed to {action} rank {peer}: {source} (did it exit?)")]
+    Peer {
+        /// The peer's rank.
+        peer: usize,
+        /// What we were doing.
+        action: &'static str,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A peer stalled beyond the collective timeout.
+    #[error("timed out after {timeout:?} trying to {action} rank {peer} (is it alive?)")]
+    Timeout {
+        /// The peer's rank.
+        peer: usize,
+        /// What we were doing.
+        action: &'static str,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// A peer sent something unexpected.
+    #[error("protocol error with rank {peer}: {message}")]
+    Protocol {
+        /// The peer's rank.
+        peer: usize,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// The collective operations data-parallel training needs. Every rank must
+/// call the same operations in the same order with buffers of equal length.
+pub trait Collective: Send {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+
+    /// Combines `buf` across ranks in place; every rank ends with the same bits.
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError>;
+
+    /// Copies `root`'s `buf` to every rank.
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
+
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        self.all_reduce(&mut [0.0], ReduceOp::Sum)
+    }
+
+    /// Every rank's `value`, indexed by rank (for metrics).
+    fn all_gather_f32(&mut self, value: f32) -> Result<Vec<f32>, CollectiveError> {
+        // Exact: every slot but one is zero on every rank.
+        let mut slots = vec![0.0f32; self.world_size()];
+        slots[self.rank()] = value;
+        self.all_reduce(&mut slots, ReduceOp::Sum)?;
+        Ok(slots)
+    }
+}
+
+/// Environment variable names, the single source of truth (torchrun's names
+/// plus the operator's run-attempt counter).
+pub mod env {
+    /// This process's rank.
+    pub const RANK: &str = "RANK";
+    /// Number of ranks.
+    pub const WORLD_SIZE: &str = "WORLD_SIZE";
+    /// Rank within the node.
+    pub const LOCAL_RANK: &str = "LOCAL_RANK";
+    /// Host of rank 0's rendezvous store.
+    pub const MASTER_ADDR: &str = "MASTER_ADDR";
+    /// Port of rank 0's rendezvous store.
+    pub const MASTER_PORT: &str = "MASTER_PORT";
+    /// Gang-restart counter set by the operator.
+    pub const RUN_ATTEMPT: &str = "TRAINYARD_RUN_ATTEMPT";
+}
+
+/// Who this process is in the group, from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world_size: usize,
+    /// Rank within the node.
+    pub local_rank: usize,
+    /// Host of the rendezvous store.
+    pub master_addr: String,
+    /// Port of the rendezvous store.
+    pub master_port: u16,
+    /// Gang-restart counter.
+    pub attempt: u64,
+}
+
+/// The environment does not describe a valid group.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid distributed environment: {variable} {message}")]
+pub struct EnvError {
+    /// The variable at fault.
+    pub variable: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl DistEnv {
+    /// Reads the variables through `get` (normally `std::env::var`). Absent
+    /// variables mean a single process: rank 0 of 1 on 127.0.0.1:29500.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        fn parse<T: std::str::FromStr>(
+            get: &impl Fn(&str) -> Option<String>,
+            variable: &'static str,
+            default: T,
+        ) -> Result<T, EnvError> {
+            match get(variable) {
+                None => Ok(default),
+                Some(raw) => raw.trim().parse().map_err(|_| EnvError {
+                    variable,
+                    message: format!("is `{raw}`, expected a non-negative integer"),
+                }),
+            }
+        }
+        let world_size: usize = parse(&get, env::WORLD_SIZE, 1)?;
+        if world_size == 0 {
+            return Err(EnvError {
+                variable: env::WORLD_SIZE,
+                message: "is 0; a group needs at least one rank".into(),
+            });
+        }
+        let rank: usize = parse(&get, env::RANK, 0)?;
+        if rank >= world_size {
+            return Err(EnvError {
+                variable: env::RANK,
+                message: format!(
+                    "is {rank}, but ranks run from 0 to WORLD_SIZE-1 = {}",
+                    world_size - 1
+                ),
+            });
+        }
+        let master_addr = get(env::MASTER_ADDR).unwrap_or_else(|| "127.0.0.1".into());
+        if master_addr.trim().is_empty() {
+            return Err(EnvError {
+                variable: env::MASTER_ADDR,
+                message: "is empty; set it to rank 0's host".into(),
+            });
+        }
+        Ok(Self {
+            rank,
+            world_size,
+            local_rank: parse(&get, env::LOCAL_RANK, 0)?,
+            master_addr,
+            master_port: parse(&get, env::MASTER_PORT, 29500)?,
+            attempt: parse(&get, env::RUN_ATTEMPT, 0)?,
+        })
+    }
+
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, EnvError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// `host:port` of the store.
+    pub fn store_addr(&self) -> String {
+        format!("{}:{}", self.master_addr, self.master_port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> Result<DistEnv, EnvError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        DistEnv::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_describe_a_single_process() {
+        let e = env_of(&[]).unwrap();
+        assert_eq!((e.rank, e.world_size, e.attempt), (0, 1, 0));
+        assert_eq!(e.store_addr(), "127.0.0.1:29500");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (pairs, variable) in [
+            (vec![("WORLD_SIZE", "0")], "WORLD_SIZE"),
+            (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "RANK"),
+            (vec![("RANK", "x")], "RANK"),
+            (vec![("MASTER_PORT", "99999")], "MASTER_PORT"),
+            (vec![("MASTER_ADDR", " ")], "MASTER_ADDR"),
+            (
+                vec![("TRAINYARD_RUN_ATTEMPT", "-1")],
+                "TRAINYARD_RUN_ATTEMPT",
+            ),
+        ] {
+            assert_eq!(env_of(&pairs).unwrap_err().variable, variable);
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The CPU collective: a ring over TCP. Each rank keeps one connection to its
+//! successor and one from its predecessor, set up through the rendezvous
+//! store.
+//!
+//! All-reduce is reduce-scatter then all-gather, `2(n-1)` steps: the buffer is
+//! cut into `n` contiguous chunks; in reduce-scatter step `s` rank `r` sends
+//! chunk `r - s` and adds the chunk `r - s - 1` it receives, so after `n - 1`
+//! steps it holds the finished sum of chunk `r + 1`; all-gather then passes the
+//! finished chunks round the ring. Every element is summed once, at one rank,
+//! in ring order, and copied everywhere else, so all ranks get bit-identical
+//! results. Sending and receiving overlap (a writer thread per step), and
+//! received data is added segment by segment as it arrives.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::store::StoreClient;
+use super::{Collective, CollectiveError, ReduceOp};
+
+/// Bytes read and added at a time while a chunk streams in.
+const SEGMENT_FLOATS: usize = 64 * 1024;
+
+/// Timeouts of a ring.
+#[derive(Debug, Clone, Copy)]
+pub struct RingTimeouts {
+    /// How long to wait for peers to appear at start-up.
+    pub join: Duration,
+    /// How long any single transfer may stall before the peer is declared dead.
+    pub collective: Duration,
+}
+
+impl Default for RingTimeouts {
+    fn default() -> Self {
+        Self {
+            join: Duration::from_secs(300),
+            collective: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A TCP ring of `world` ranks.
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    /// To `rank + 1` (absent for a world of one).
+    next: Option<TcpStream>,
+    /// From `rank - 1`.
+    prev: Option<TcpStream>,
+    timeout: Duration,
+}
+
+fn io_err(
+    peer: usize,
+    action: &'static str,
+    timeout: Duration,
+) -> impl Fn(std::io::Error) -> CollectiveError {
+    move |source| {
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            CollectiveError::Timeout {
+                peer,
+                action,
+                timeout,
+            }
+        } else {
+            CollectiveError::Peer {
+                peer,
+                action,
+                source,
+            }
+        }
+    }
+}
+
+impl TcpRing {
+    /// Builds the ring: binds a data-plane port on the interface that reaches
+    /// the store, publishes it, connects to the successor and accepts the
+    /// predecessor (checking it is who it claims to be).
+    pub fn connect(
+        store: &mut StoreClient,
+        rank: usize,
+        world: usize,
+        timeouts: RingTimeouts,
+    ) -> Result<Self, CollectiveError> {
+        if world == 1 {
+            return Ok(Self {
+                rank,
+                world,
+                next: None,
+                prev: None,
+                timeout: timeouts.collective,
+            });
+        }
+        let ip = store.local_ip().map_err(CollectiveError::Setup)?;
+        let listener = TcpListener::bind((ip, 0)).map_err(CollectiveError::Setup)?;
+        let addr = listener.local_addr().map_err(CollectiveError::Setup)?;
+        store.set(&format!("ring/addr/{rank}"), addr.to_string().as_bytes())?;
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let next_addr =
+            String::from_utf8_lossy(&store.get(&format!("ring/addr/{next_rank}"), timeouts.join)?)
+                .into_owned();
+
+        // Connect forward on another thread while accepting from behind, or a
+        // ring of blocking connects could wait on each other.
+        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
+            let deadline = Instant::now() + timeouts.join;
+            loop {
+                match TcpStream::connect(&next_addr) {
+                    Ok(mut s) => {
+                        s.write_all(&(rank as u64).to_le_bytes())?;
+                        return Ok(s);
+                    }
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "successor not reachable yet");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        listener
+            .set_nonblocking(true)
+            .map_err(CollectiveError::Setup)?;
+        let deadline = Instant::now() + timeouts.join;
+        let prev = loop {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).map_err(CollectiveError::Setup)?;
+                    s.set_read_timeout(Some(timeouts.join))
+                        .map_err(CollectiveError::Setup)?;
+                    let mut who = [0u8; 8];
+                    s.read_exact(&mut who).map_err(io_err(
+                        prev_rank,
+                        "handshake with",
+                        timeouts.join,
+                    ))?;
+                    let who = u64::from_le_bytes(who) as usize;
+                    if who != prev_rank {
+                        return Err(CollectiveError::Protocol {
+                            peer: who,
+                            message: format!(
+                                "rank {rank} expected its predecessor {prev_rank}, got rank {who}"
+                            ),
+                        });
+                    }
+                    break s;
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(CollectiveError::Timeout {
+                        peer: prev_rank,
+                        action: "wait for a connection from",
+                        timeout: timeouts.join,
+                    });
+                }
+                Err(e) => return Err(CollectiveError::Setup(e)),
+            }
+        };
+        let next = connector
+            .join()
+            .expect("connector thread does not panic")
+            .map_err(io_err(next_rank, "connect to", timeouts.join))?;
+        for s in [&next, &prev] {
+            s.set_nodelay(true).map_err(CollectiveError::Setup)?;
+            s.set_read_timeout(Some(timeouts.collective))
+                .map_err(CollectiveError::Setup)?;
+            s.set_write_timeout(Some(timeouts.collective))
+                .map_err(CollectiveError::Setup)?;
+        }
+        Ok(Self {
+            rank,
+            world,
+            next: Some(next),
+            prev: Some(prev),
+            timeout: timeouts.collective,
+        })
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// Sends `out` to the successor while receiving `incoming.len()` floats
+    /// from the predecessor, handing each received segment to `absorb`.
+    fn exchange(
+        &mut self,
+        out: &[f32],
+        incoming_len: usize,
+        mut absorb: impl FnMut(usize, &[f32]),
+    ) -> Result<(), CollectiveError> {
+        let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
+        let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            return Ok(());
+        };
+        std::thread::scope(|scope| -> Result<(), CollectiveError> {
+            let writer = scope.spawn(move || -> Result<(), CollectiveError> {
+                let mut bytes = Vec::with_capacity(SEGMENT_FLOATS * 4);
+                for seg in out.chunks(SEGMENT_FLOATS) {
+                    bytes.clear();
+                    bytes.extend(seg.iter().flat_map(|v| v.to_le_bytes()));
+                    next.write_all(&bytes)
+                        .map_err(io_err(next_rank, "send to", timeout))?;
+                }
+                Ok(())
+            });
+            let mut buf = vec![0u8; SEGMENT_FLOATS.min(incoming_len.max(1)) * 4];
+            let mut floats = vec![0f32; SEGMENT_FLOATS.min(incoming_len.max(1))];
+            let mut done = 0;
+            while done < incoming_len {
+                let n = SEGMENT_FLOATS.min(incoming_len - done);
+                prev.read_exact(&mut buf[..n * 4]).map_err(io_err(
+                    prev_rank,
+                    "receive from",
+                    timeout,
+                ))?;
+                for (f, c) in floats[..n].iter_mut().zip(buf[..n * 4].chunks_exact(4)) {
+                    *f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                absorb(done, &floats[..n]);
+                done += n;
+            }
+            writer.join().expect("writer thread does not panic")
+        })
+    }
+}
+
+/// The half-open range of chunk `c` when `len` values are cut into `n` chunks.
+fn chunk(len: usize, n: usize, c: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (len / n, len % n);
+    let start = c * base + c.min(extra);
+    start..start + base + usize::from(c < extra)
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
+        let n = self.world;
+        if n > 1 {
+            let len = buf.len();
+            let r = self.rank;
+            for s in 0..n - 1 {
+                let send = chunk(len, n, (r + n - s) % n);
+                let recv = chunk(len, n, (r + 2 * n - s - 1) % n);
+                let out = buf[send].to_vec();
+                let target = &mut buf[recv.clone()];
+                self.exchange(&out, recv.len(), |at, seg| {
+                    for (t, v) in target[at..at + seg.len()].iter_mut().zip(seg) {
+                        *t += v;
+                    }
+                })?;
+            }
+            for s in 0..n - 1 {
+                let send = chunk(len, n, (r + 1 + n - s) % n);
+                let recv = chunk(len, n, (r + n - s) % n);
+                let out = buf[send].to_vec();
+                let target = &mut buf[recv.clone()];
+                self.exchange(&out, recv.len(), |at, seg| {
+                    target[at..at + seg.len()].copy_from_slice(seg)
+                })?;
+            }
+        }
+        if op == ReduceOp::Average && n > 1 {
+            let inv = 1.0 / n as f32;
+            for v in buf.iter_mut() {
+                *v *= inv;
+            }
+        }
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        let n = self.world;
+        // Pass the buffer round the ring from the root; the root's
+        // predecessor receives last and forwards nothing.
+        let position = (self.rank + n - root) % n;
+        for step in 0..n.saturating_sub(1) {
+            let sending = position == step;
+            let receiving = position == step + 1;
+            if !(sending || receiving) {
+                continue;
+            }
+            let out: Vec<f32> = if sending { buf.to_vec() } else { Vec::new() };
+            let incoming = if receiving { buf.len() } else { 0 };
+            let (next_rank, prev_rank, timeout) =
+                (self.next_rank(), self.prev_rank(), self.timeout);
+            if sending {
+                let next = self.next.as_mut().expect("a ring of more than one rank");
+                let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+                next.write_all(&bytes)
+                    .map_err(io_err(next_rank, "send to", timeout))?;
+            }
+            if incoming > 0 {
+                let prev = self.prev.as_mut().expect("a ring of more than one rank");
+                let mut bytes = vec![0u8; incoming * 4];
+                prev.read_exact(&mut bytes)
+                    .map_err(io_err(prev_rank, "receive from", timeout))?;
+                for (v, c) in buf.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_every_length_exactly_once() {
+        for len in [0, 1, 2, 3, 7, 100] {
+            for n in 1..=5 {
+                let mut covered = vec![0; len];
+                for c in 0..n {
+                    for i in chunk(len, n, c) {
+                        covered[i] += 1;
+                    }
+                }
+                assert!(covered.iter().all(|&k| k == 1), "len {len}, n {n}");
+            }
+        }
+    }
+}

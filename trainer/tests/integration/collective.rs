@@ -1,0 +1,134 @@
+//! The TCP ring on loopback: all-reduce against a serial sum, bit-identical
+//! results across ranks, broadcast, and failure when a peer dies.
+
+use std::time::{Duration, Instant};
+
+use trainyard_trainer::collective::ring::{RingTimeouts, TcpRing};
+use trainyard_trainer::collective::store::{StoreClient, StoreServer};
+use trainyard_trainer::collective::{Collective, CollectiveError, ReduceOp};
+
+/// Runs `body` on every rank of a fresh ring of `world` threads and returns
+/// the results by rank.
+fn group<T: Send + 'static>(
+    world: usize,
+    timeouts: RingTimeouts,
+    body: impl Fn(TcpRing) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), world, 0).unwrap();
+    let addr = server.addr().to_string();
+    let handles: Vec<_> = (0..world)
+        .map(|rank| {
+            let (addr, body) = (addr.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut store = StoreClient::join(&addr, rank, world, 0, timeouts.join).unwrap();
+                let ring = TcpRing::connect(&mut store, rank, world, timeouts).unwrap();
+                body(ring)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn quick() -> RingTimeouts {
+    RingTimeouts {
+        join: Duration::from_secs(10),
+        collective: Duration::from_secs(10),
+    }
+}
+
+/// Rank r's input: small integers, so any summation order is exact.
+fn input(rank: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7 + rank * 13) % 19) as f32 - 9.0)
+        .collect()
+}
+
+#[test]
+fn all_reduce_equals_the_serial_sum_for_every_length_and_world() {
+    for world in 1..=4 {
+        for len in [0, 1, 2, 3, 5, 1000, 70_001] {
+            let results = group(world, quick(), move |mut ring| {
+                let mut sum = input(ring.rank(), len);
+                ring.all_reduce(&mut sum, ReduceOp::Sum).unwrap();
+                let mut avg = input(ring.rank(), len);
+                ring.all_reduce(&mut avg, ReduceOp::Average).unwrap();
+                (sum, avg)
+            });
+            let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
+            let expect: Vec<f32> = (0..len)
+                .map(|i| inputs.iter().map(|x| x[i]).sum())
+                .collect();
+            for (rank, (sum, avg)) in results.iter().enumerate() {
+                assert_eq!(sum, &expect, "sum: world {world}, len {len}, rank {rank}");
+                let mean: Vec<f32> = expect.iter().map(|v| v * (1.0 / world as f32)).collect();
+                assert_eq!(avg, &mean, "average: world {world}, len {len}, rank {rank}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_rank_gets_the_same_bits() {
+    let results = group(3, quick(), |mut ring| {
+        let r = ring.rank() as f32;
+        let mut buf: Vec<f32> = (0..100_003)
+            .map(|i| (i as f32 * 0.37 + r).sin() * 1e-3 + 1.0 / (r + 3.0))
+            .collect();
+        ring.all_reduce(&mut buf, ReduceOp::Average).unwrap();
+        buf.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    });
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[1], results[2]);
+}
+
+#[test]
+fn broadcast_barrier_and_gather() {
+    for root in 0..3 {
+        let results = group(3, quick(), move |mut ring| {
+            let mut buf = vec![ring.rank() as f32; 5];
+            ring.broadcast(&mut buf, root).unwrap();
+            ring.barrier().unwrap();
+            let gathered = ring.all_gather_f32(ring.rank() as f32 * 10.0).unwrap();
+            (buf, gathered)
+        });
+        for (buf, gathered) in results {
+            assert_eq!(buf, vec![root as f32; 5]);
+            assert_eq!(gathered, vec![0.0, 10.0, 20.0]);
+        }
+    }
+}
+
+/// A rank that dies makes every other rank fail within the collective
+/// timeout, with an error naming a peer, instead of hanging.
+#[test]
+fn a_dead_peer_fails_the_others_within_the_timeout() {
+    let timeouts = RingTimeouts {
+        join: Duration::from_secs(10),
+        collective: Duration::from_secs(2),
+    };
+    let started = Instant::now();
+    let results = group(3, timeouts, |mut ring| {
+        if ring.rank() == 2 {
+            drop(ring); // the process dies: its sockets close
+            return None;
+        }
+        let mut buf = vec![1.0f32; 10_000];
+        Some(ring.all_reduce(&mut buf, ReduceOp::Sum))
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    for r in results.into_iter().flatten() {
+        let e = r.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CollectiveError::Peer { .. } | CollectiveError::Timeout { .. }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("rank "), "{e}");
+    }
+}
