@@ -30,6 +30,11 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Dtype {
+    F32,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a model.
@@ -107,6 +112,29 @@ enum Command {
         /// Leave glibc's allocator thresholds at their defaults (see `allocator`).
         #[arg(long)]
         default_malloc: bool,
+    },
+    /// All-reduce bandwidth of the CPU ring. Run by every rank with the
+    /// torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
+    /// rank 0 prints one JSON line (nccl-tests' algbw and busbw).
+    BenchAllreduce {
+        /// Bytes per all-reduce (rounded down to whole f32 values).
+        #[arg(long, default_value_t = 16 << 20)]
+        bytes: usize,
+        /// Timed iterations.
+        #[arg(long, default_value_t = 20)]
+        iters: usize,
+        /// Untimed warm-up iterations.
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// Payload type (f32; compressed payloads are not implemented yet).
+        #[arg(long, value_enum, default_value_t = Dtype::F32)]
+        dtype: Dtype,
+        /// Seconds to wait for all ranks to join.
+        #[arg(long, default_value_t = 300)]
+        join_timeout: u64,
+        /// Seconds a transfer may stall before a peer is declared dead.
+        #[arg(long, default_value_t = 300)]
+        collective_timeout: u64,
     },
     /// Write synthetic shapes samples as an image folder (images/, masks/).
     Shapes {
@@ -262,6 +290,30 @@ fn run(command: Command) -> anyhow::Result<()> {
             let result =
                 trainyard_trainer::bench::step_throughput(&config, steps, warmup, default_malloc);
             println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Command::BenchAllreduce {
+            bytes,
+            iters,
+            warmup,
+            dtype: Dtype::F32,
+            join_timeout,
+            collective_timeout,
+        } => {
+            use trainyard_trainer::collective::{self, DistEnv, ring::RingTimeouts};
+            if iters == 0 {
+                anyhow::bail!("--iters must be at least 1");
+            }
+            let env = DistEnv::from_env()?;
+            let timeouts = RingTimeouts {
+                join: std::time::Duration::from_secs(join_timeout),
+                collective: std::time::Duration::from_secs(collective_timeout),
+            };
+            let mut group = collective::join_group(&env, timeouts)?;
+            let result = collective::bench_all_reduce(&mut group.ring, bytes, iters, warmup)?;
+            if env.rank == 0 {
+                println!("{}", serde_json::to_string(&result)?);
+            }
             Ok(())
         }
         Command::Shapes {

@@ -196,6 +196,106 @@ impl DistEnv {
     }
 }
 
+/// A joined group: the store (served here on rank 0) and the ring.
+pub struct Group {
+    /// Rank 0's store server, kept alive for the group's lifetime.
+    pub server: Option<store::StoreServer>,
+    /// This rank's store connection.
+    pub store: store::StoreClient,
+    /// The data plane.
+    pub ring: ring::TcpRing,
+}
+
+/// Joins the group `env` describes: rank 0 serves the store on all interfaces
+/// at MASTER_PORT; every rank joins it and builds the ring.
+pub fn join_group(env: &DistEnv, timeouts: ring::RingTimeouts) -> Result<Group, CollectiveError> {
+    let server = if env.rank == 0 {
+        let bind: std::net::SocketAddr = ([0, 0, 0, 0], env.master_port).into();
+        Some(
+            store::StoreServer::start(bind, env.world_size, env.attempt)
+                .map_err(CollectiveError::Setup)?,
+        )
+    } else {
+        None
+    };
+    let mut store = store::StoreClient::join(
+        &env.store_addr(),
+        env.rank,
+        env.world_size,
+        env.attempt,
+        timeouts.join,
+    )?;
+    let ring = ring::TcpRing::connect(&mut store, env.rank, env.world_size, timeouts)?;
+    Ok(Group {
+        server,
+        store,
+        ring,
+    })
+}
+
+/// What `trainyard-trainer bench-allreduce` prints (rank 0), with the
+/// bandwidth definitions of nccl-tests.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AllReduceBench {
+    /// Ranks.
+    pub world_size: usize,
+    /// Bytes reduced per call.
+    pub bytes: usize,
+    /// Payload type.
+    pub dtype: &'static str,
+    /// Timed calls.
+    pub iters: usize,
+    /// Median seconds per call.
+    pub median_seconds: f64,
+    /// `bytes / time`, GB/s.
+    pub algbw_gbps: f64,
+    /// `algbw · 2(n-1)/n`, GB/s: comparable across world sizes.
+    pub busbw_gbps: f64,
+}
+
+/// Times `iters` all-reduces of `bytes` of f32 after `warmup` untimed ones;
+/// each call starts after a barrier so ranks are aligned.
+pub fn bench_all_reduce(
+    c: &mut dyn Collective,
+    bytes: usize,
+    iters: usize,
+    warmup: usize,
+) -> Result<AllReduceBench, CollectiveError> {
+    let mut buf: Vec<f32> = (0..bytes / 4).map(|i| (i % 97) as f32).collect();
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        c.barrier()?;
+        let t0 = std::time::Instant::now();
+        c.all_reduce(&mut buf, ReduceOp::Average)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    // Every rank must agree on the time, or they would report different rows:
+    // take the slowest rank's median, as nccl-tests does.
+    times.sort_by(f64::total_cmp);
+    let median = times.get(times.len() / 2).copied().unwrap_or(0.0);
+    let median = c
+        .all_gather_f32(median as f32)?
+        .into_iter()
+        .fold(0.0f32, f32::max) as f64;
+    let n = c.world_size() as f64;
+    let algbw = if median > 0.0 {
+        (buf.len() * 4) as f64 / median / 1e9
+    } else {
+        0.0
+    };
+    Ok(AllReduceBench {
+        world_size: c.world_size(),
+        bytes: buf.len() * 4,
+        dtype: "f32",
+        iters,
+        median_seconds: median,
+        algbw_gbps: algbw,
+        busbw_gbps: algbw * 2.0 * (n - 1.0) / n,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use super::store::StoreClient;
 use super::{Collective, CollectiveError, ReduceOp};
 
-/// Bytes read and added at a time while a chunk streams in.
+/// Floats read and added at a time while a chunk streams in.
 const SEGMENT_FLOATS: usize = 64 * 1024;
 
 /// Timeouts of a ring.
@@ -192,47 +192,62 @@ impl TcpRing {
         (self.rank + self.world - 1) % self.world
     }
 
-    /// Sends `out` to the successor while receiving `incoming.len()` floats
-    /// from the predecessor, handing each received segment to `absorb`.
+    /// Sends `out` to the successor while receiving `into.len()` floats from
+    /// the predecessor, either added onto `into` or copied over it.
     fn exchange(
         &mut self,
         out: &[f32],
-        incoming_len: usize,
-        mut absorb: impl FnMut(usize, &[f32]),
+        into: &mut [f32],
+        add: bool,
     ) -> Result<(), CollectiveError> {
         let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
         let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
             return Ok(());
         };
         std::thread::scope(|scope| -> Result<(), CollectiveError> {
-            let writer = scope.spawn(move || -> Result<(), CollectiveError> {
-                let mut bytes = Vec::with_capacity(SEGMENT_FLOATS * 4);
-                for seg in out.chunks(SEGMENT_FLOATS) {
-                    bytes.clear();
-                    bytes.extend(seg.iter().flat_map(|v| v.to_le_bytes()));
-                    next.write_all(&bytes)
-                        .map_err(io_err(next_rank, "send to", timeout))?;
-                }
-                Ok(())
+            let writer = scope.spawn(move || {
+                // f32 in memory is the wire format (little-endian hosts only;
+                // checked at compile time below).
+                next.write_all(bytemuck::cast_slice(out))
+                    .map_err(io_err(next_rank, "send to", timeout))
             });
-            let mut buf = vec![0u8; SEGMENT_FLOATS.min(incoming_len.max(1)) * 4];
-            let mut floats = vec![0f32; SEGMENT_FLOATS.min(incoming_len.max(1))];
-            let mut done = 0;
-            while done < incoming_len {
-                let n = SEGMENT_FLOATS.min(incoming_len - done);
-                prev.read_exact(&mut buf[..n * 4]).map_err(io_err(
-                    prev_rank,
-                    "receive from",
-                    timeout,
-                ))?;
-                for (f, c) in floats[..n].iter_mut().zip(buf[..n * 4].chunks_exact(4)) {
-                    *f = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-                absorb(done, &floats[..n]);
-                done += n;
-            }
-            writer.join().expect("writer thread does not panic")
+            let received = if add {
+                let mut segment = vec![0f32; SEGMENT_FLOATS.min(into.len())];
+                into.chunks_mut(SEGMENT_FLOATS).try_for_each(|target| {
+                    let seg = &mut segment[..target.len()];
+                    prev.read_exact(bytemuck::cast_slice_mut(seg))
+                        .map_err(io_err(prev_rank, "receive from", timeout))?;
+                    for (t, v) in target.iter_mut().zip(seg.iter()) {
+                        *t += v;
+                    }
+                    Ok(())
+                })
+            } else {
+                prev.read_exact(bytemuck::cast_slice_mut(into))
+                    .map_err(io_err(prev_rank, "receive from", timeout))
+            };
+            let sent = writer.join().expect("writer thread does not panic");
+            received.and(sent)
         })
+    }
+}
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the TCP ring sends f32 in native byte order, which must be little-endian");
+
+/// Two disjoint ranges of `buf`, one to read and one to write.
+fn split_pair(
+    buf: &mut [f32],
+    read: std::ops::Range<usize>,
+    write: std::ops::Range<usize>,
+) -> (&[f32], &mut [f32]) {
+    if read.start >= write.end {
+        let (lo, hi) = buf.split_at_mut(read.start);
+        (&hi[..read.len()], &mut lo[write])
+    } else {
+        assert!(read.end <= write.start, "chunks are disjoint");
+        let (lo, hi) = buf.split_at_mut(write.start);
+        (&lo[read], &mut hi[..write.len()])
     }
 }
 
@@ -260,22 +275,14 @@ impl Collective for TcpRing {
             for s in 0..n - 1 {
                 let send = chunk(len, n, (r + n - s) % n);
                 let recv = chunk(len, n, (r + 2 * n - s - 1) % n);
-                let out = buf[send].to_vec();
-                let target = &mut buf[recv.clone()];
-                self.exchange(&out, recv.len(), |at, seg| {
-                    for (t, v) in target[at..at + seg.len()].iter_mut().zip(seg) {
-                        *t += v;
-                    }
-                })?;
+                let (out, into) = split_pair(buf, send, recv);
+                self.exchange(out, into, true)?;
             }
             for s in 0..n - 1 {
                 let send = chunk(len, n, (r + 1 + n - s) % n);
                 let recv = chunk(len, n, (r + n - s) % n);
-                let out = buf[send].to_vec();
-                let target = &mut buf[recv.clone()];
-                self.exchange(&out, recv.len(), |at, seg| {
-                    target[at..at + seg.len()].copy_from_slice(seg)
-                })?;
+                let (out, into) = split_pair(buf, send, recv);
+                self.exchange(out, into, false)?;
             }
         }
         if op == ReduceOp::Average && n > 1 {
