@@ -336,6 +336,8 @@ pub fn evaluate(
 struct MetricsLog {
     path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
+    /// Loss of the last training row kept from an earlier run, if any.
+    last_loss: Option<f64>,
 }
 
 impl MetricsLog {
@@ -346,16 +348,19 @@ impl MetricsLog {
             path: path.to_owned(),
             source,
         };
+        let mut last_loss = None;
         match keep_through_step {
             Some(step) if path.exists() => {
                 let f = std::fs::File::open(path).map_err(werr)?;
                 let mut kept = String::new();
                 for line in std::io::BufReader::new(f).lines() {
                     let line = line.map_err(werr)?;
-                    let row_step = serde_json::from_str::<serde_json::Value>(&line)
-                        .ok()
-                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+                    let row = serde_json::from_str::<serde_json::Value>(&line).ok();
+                    let row_step = row.as_ref().and_then(|v| v.get("step")?.as_u64());
                     if row_step.is_some_and(|s| s <= step) {
+                        if let Some(loss) = row.as_ref().and_then(|v| v.get("loss")?.as_f64()) {
+                            last_loss = Some(loss);
+                        }
                         kept.push_str(&line);
                         kept.push('\n');
                     }
@@ -375,6 +380,7 @@ impl MetricsLog {
         Ok(Self {
             path: path.to_owned(),
             file: std::io::BufWriter::new(file),
+            last_loss,
         })
     }
 
@@ -471,6 +477,13 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     match (opts.resume, checkpoints.latest()?) {
         (true, Some(path)) => {
             let ck = Checkpoint::load(&path)?;
+            if ck.config.model != config.model || ck.config.data != config.data {
+                tracing::warn!(
+                    checkpoint = %path.display(),
+                    "the model or data config differs from the one this checkpoint was trained with; \
+                     the continued run will not match an uninterrupted one"
+                );
+            }
             let (m, p) = restore(model, &mut optimizer, &ck, &path, &device)?;
             (model, params) = (m, p);
             start_step = ck.step;
@@ -510,7 +523,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         bar
     });
 
-    let mut final_loss = f64::NAN;
+    // A resumed run that was already complete reports the logged last loss.
+    let mut final_loss = log.last_loss.unwrap_or(f64::NAN);
     let mut steady = (Duration::ZERO, 0u64);
     let mut last_scores: Option<metrics::SegmentationScores> = None;
     for step in start_step..steps {

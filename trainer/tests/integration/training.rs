@@ -157,3 +157,17 @@ fn an_existing_run_is_not_overwritten_and_mismatches_are_named() {
         "{e}"
     );
 }
+
+/// Resuming a run that already finished changes nothing and still reports
+/// its last loss and validation scores.
+#[test]
+fn resuming_a_finished_run_reports_its_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(&["train.steps=3"]);
+    let first = train(&config, &opts(dir.path(), false)).unwrap();
+    let again = train(&config, &opts(dir.path(), true)).unwrap();
+    assert_eq!(again.resumed_from, Some(3));
+    assert_eq!(again.final_loss, first.final_loss);
+    assert_eq!(again.val_miou, first.val_miou);
+    assert_eq!(train_rows(dir.path()).len(), 3, "no step is logged twice");
+}
