@@ -325,8 +325,11 @@ pub struct StepDecay {
 pub struct TrainConfig {
     /// Optimiser steps to run.
     pub steps: u64,
-    /// Samples per step (per replica).
+    /// Samples per micro-batch (per replica).
     pub batch_size: usize,
+    /// Micro-batches whose mean gradient makes one optimiser step (gradient
+    /// accumulation: one all-reduce per step in data-parallel training).
+    pub accumulate_steps: u64,
     /// Peak learning rate.
     pub lr: f64,
     /// Steps of linear warm-up from 0 to `lr`.
@@ -356,6 +359,7 @@ impl Default for TrainConfig {
         Self {
             steps: 1000,
             batch_size: 16,
+            accumulate_steps: 1,
             lr: 3e-3,
             warmup_steps: 50,
             decay: DecayConfig::default(),
@@ -554,6 +558,12 @@ impl TrainerConfig {
             return Err(ConfigError::invalid(
                 "train.batch_size",
                 "must be at least 1",
+            ));
+        }
+        if t.accumulate_steps == 0 {
+            return Err(ConfigError::invalid(
+                "train.accumulate_steps",
+                "must be at least 1 (1 means no accumulation)",
             ));
         }
         check_positive("train.lr", t.lr)?;

@@ -30,6 +30,58 @@ enum LogFormat {
     Json,
 }
 
+/// Where this process sits in a data-parallel group.
+#[derive(clap::Args)]
+struct GroupArgs {
+    /// This process's rank (RANK).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Number of processes (WORLD_SIZE).
+    #[arg(long)]
+    world_size: Option<usize>,
+    /// Host of rank 0's rendezvous store (MASTER_ADDR).
+    #[arg(long)]
+    master_addr: Option<String>,
+    /// Port of rank 0's rendezvous store (MASTER_PORT).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Seconds to wait for every rank to join.
+    #[arg(long, default_value_t = 300)]
+    join_timeout: u64,
+    /// Seconds a collective may stall before a peer is declared dead.
+    #[arg(long, default_value_t = 300)]
+    collective_timeout: u64,
+}
+
+impl GroupArgs {
+    fn resolve(
+        &self,
+    ) -> anyhow::Result<(
+        trainyard_trainer::collective::DistEnv,
+        trainyard_trainer::collective::ring::RingTimeouts,
+    )> {
+        use trainyard_trainer::collective::{DistEnv, env, ring::RingTimeouts};
+        let flag = |name: &str| -> Option<String> {
+            match name {
+                env::RANK => self.rank.map(|v| v.to_string()),
+                env::WORLD_SIZE => self.world_size.map(|v| v.to_string()),
+                env::MASTER_ADDR => self.master_addr.clone(),
+                env::MASTER_PORT => self.master_port.map(|v| v.to_string()),
+                _ => None,
+            }
+        };
+        let dist = DistEnv::from_lookup(|name| flag(name).or_else(|| std::env::var(name).ok()))?;
+        if self.join_timeout == 0 || self.collective_timeout == 0 {
+            anyhow::bail!("--join-timeout and --collective-timeout must be at least 1 second");
+        }
+        let timeouts = RingTimeouts {
+            join: std::time::Duration::from_secs(self.join_timeout),
+            collective: std::time::Duration::from_secs(self.collective_timeout),
+        };
+        Ok((dist, timeouts))
+    }
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Dtype {
     F32,
@@ -57,6 +109,11 @@ enum Command {
         /// Compute threads (overrides train.threads; default one per core).
         #[arg(long)]
         threads: Option<usize>,
+        /// Data-parallel group membership; each overrides its environment
+        /// variable (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+        /// TRAINYARD_RUN_ATTEMPT). Without any, the process trains alone.
+        #[command(flatten)]
+        group: GroupArgs,
     },
     /// Write class masks and colour overlays (and instance masks, when the
     /// model has a boundary head) for every image in a directory.
@@ -211,7 +268,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             overrides,
             metrics_addr,
             threads,
+            group,
         } => {
+            let (dist, timeouts) = group.resolve()?;
             let config = TrainerConfig::load(&config, &overrides)?;
             if threads == Some(0) {
                 anyhow::bail!("--threads must be at least 1");
@@ -243,6 +302,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 metrics,
                 progress_bar: std::io::stderr().is_terminal(),
                 stop: Some(stop),
+                dist: Some(dist),
+                timeouts,
             };
             let summary = train::train(&config, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);

@@ -185,6 +185,11 @@ impl DistEnv {
         })
     }
 
+    /// A single process (rank 0 of 1).
+    pub fn single() -> Self {
+        Self::from_lookup(|_| None).expect("the defaults are valid")
+    }
+
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, EnvError> {
         Self::from_lookup(|k| std::env::var(k).ok())

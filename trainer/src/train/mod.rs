@@ -8,6 +8,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+mod sync;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointDir, CheckpointError};
+use crate::collective::ring::RingTimeouts;
+use crate::collective::{self, Collective, CollectiveError, DistEnv, ReduceOp};
 use crate::config::TrainerConfig;
 use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
 use crate::infer::{self, EvalReport, Predictor};
@@ -84,6 +87,9 @@ pub enum TrainError {
         /// The checkpoint holding it.
         checkpoint: PathBuf,
     },
+    /// Talking to the other ranks failed.
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
     /// The loss stopped being a number.
     #[error("loss is {loss} at step {step}; lower train.lr or set train.grad_clip_norm")]
     Diverged {
@@ -108,6 +114,10 @@ pub struct RunOptions {
     /// Raised from outside (a signal handler) to stop after the current step
     /// with a checkpoint, so that an evicted pod loses no work.
     pub stop: Option<Arc<AtomicBool>>,
+    /// This process's place in a data-parallel group; absent means alone.
+    pub dist: Option<DistEnv>,
+    /// Join and collective timeouts of the group.
+    pub timeouts: RingTimeouts,
 }
 
 /// What a finished run reports (`summary.json`).
@@ -134,6 +144,12 @@ pub struct Summary {
     pub parameters: usize,
     /// The step this process resumed from, if it did.
     pub resumed_from: Option<u64>,
+    /// Ranks that trained together.
+    pub world_size: usize,
+    /// Bytes this rank all-reduced (gradients, control values, BN statistics).
+    pub bytes_communicated: u64,
+    /// Seconds this rank spent in all-reduce.
+    pub allreduce_seconds: f64,
 }
 
 /// One `metrics.jsonl` row.
@@ -223,6 +239,8 @@ struct Prefetch {
 }
 
 impl Prefetch {
+    /// Produces the micro-batches `steps` (optimiser step × accumulation +
+    /// micro-batch) of `rank` in a group of `world`.
     fn spawn(setup: &Setup, rank: usize, world: usize, steps: std::ops::Range<u64>) -> Self {
         let (tx, rx) = sync_channel(2);
         let dataset = setup.dataset.clone();
@@ -244,8 +262,10 @@ impl Prefetch {
                     let mut batch = Batch::collate(&samples, channels, [h, w]);
                     let noisy = match &noise {
                         Some(n) => {
+                            // One stream per global micro-batch, so a sample's
+                            // noise does not depend on how the group is split.
                             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                            rng.set_stream(step);
+                            rng.set_stream(step * world as u64 + rank as u64);
                             batch.add_noise(n, &mut rng)
                         }
                         None => 0,
@@ -458,14 +478,27 @@ pub fn model_tensors(model: &SegNet) -> Vec<(String, NamedTensor)> {
 }
 
 /// Trains a SegNet as `config` says, writing outputs to `opts.out_dir`.
+///
+/// With `opts.dist` describing more than one rank, this process joins the
+/// group and trains data-parallel: rank 0's starting state (fresh or resumed)
+/// is broadcast, each rank trains on its own slice of every global batch, and
+/// the averaged gradient drives identical optimiser steps everywhere. Batch
+/// norm normalises with each rank's own batch (as PyTorch's DDP does without
+/// SyncBatchNorm); the running statistics are averaged across ranks after
+/// every step, so all ranks hold the same model. Only rank 0 writes outputs.
 pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, TrainError> {
     let started = Instant::now();
     let setup = Setup::new(config)?;
+    let dist = opts.dist.clone().unwrap_or_else(DistEnv::single);
+    let (rank, world) = (dist.rank, dist.world_size);
+    let root = rank == 0;
     let out = &opts.out_dir;
-    std::fs::create_dir_all(out).map_err(|source| TrainError::Write {
-        path: out.clone(),
-        source,
-    })?;
+    if root {
+        std::fs::create_dir_all(out).map_err(|source| TrainError::Write {
+            path: out.clone(),
+            source,
+        })?;
+    }
     let device = Device::flex().autodiff();
     let mut model = SegNet::new(&config.model, config.train.seed, &device);
     let mut optimizer = Optimizer::new(&config.train.optimizer, Layout::of(&model).trainable_len());
@@ -474,44 +507,76 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
 
     let mut start_step = 0;
     let mut resumed_from = None;
-    match (opts.resume, checkpoints.latest()?) {
-        (true, Some(path)) => {
-            let ck = Checkpoint::load(&path)?;
-            if ck.config.model != config.model || ck.config.data != config.data {
-                tracing::warn!(
-                    checkpoint = %path.display(),
-                    "the model or data config differs from the one this checkpoint was trained with; \
-                     the continued run will not match an uninterrupted one"
-                );
+    if root {
+        match (opts.resume, checkpoints.latest()?) {
+            (true, Some(path)) => {
+                let ck = Checkpoint::load(&path)?;
+                if ck.config.model != config.model || ck.config.data != config.data {
+                    tracing::warn!(
+                        checkpoint = %path.display(),
+                        "the model or data config differs from the one this checkpoint was trained with; \
+                         the continued run will not match an uninterrupted one"
+                    );
+                }
+                let (m, p) = restore(model, &mut optimizer, &ck, &path, &device)?;
+                (model, params) = (m, p);
+                start_step = ck.step;
+                resumed_from = Some(ck.step);
+                tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
             }
-            let (m, p) = restore(model, &mut optimizer, &ck, &path, &device)?;
-            (model, params) = (m, p);
-            start_step = ck.step;
-            resumed_from = Some(ck.step);
-            tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
+            (true, None) => {
+                tracing::info!(dir = %out.display(), "no checkpoint to resume from; starting fresh")
+            }
+            (false, Some(_)) => {
+                return Err(TrainError::Exists {
+                    path: checkpoints
+                        .path_for(0)
+                        .parent()
+                        .expect("has a parent")
+                        .to_owned(),
+                });
+            }
+            (false, None) => {}
         }
-        (true, None) => {
-            tracing::info!(dir = %out.display(), "no checkpoint to resume from; starting fresh")
-        }
-        (false, Some(_)) => {
-            return Err(TrainError::Exists {
-                path: checkpoints
-                    .path_for(0)
-                    .parent()
-                    .expect("has a parent")
-                    .to_owned(),
-            });
-        }
-        (false, None) => {}
     }
-    let config_json = serde_json::to_vec_pretty(config).expect("configs serialise");
-    tensorfile::write_bytes_atomic(&out.join("config.json"), &config_json)?;
-    let mut log = MetricsLog::open(&out.join("metrics.jsonl"), resumed_from)?;
+    let mut group = if world > 1 {
+        tracing::info!(rank, world, store = %dist.store_addr(), "joining the data-parallel group");
+        Some(collective::join_group(&dist, opts.timeouts)?)
+    } else {
+        None
+    };
+    if let Some(g) = group.as_mut() {
+        let (step, m) = sync::adopt_root_state(
+            &mut g.ring,
+            start_step,
+            model,
+            &mut params,
+            &mut optimizer,
+            &device,
+        )?;
+        (start_step, model) = (step, m);
+        resumed_from = (start_step > 0).then_some(start_step);
+    }
+    let mut log = if root {
+        let config_json = serde_json::to_vec_pretty(config).expect("configs serialise");
+        tensorfile::write_bytes_atomic(&out.join("config.json"), &config_json)?;
+        Some(MetricsLog::open(&out.join("metrics.jsonl"), resumed_from)?)
+    } else {
+        None
+    };
 
     let steps = config.train.steps;
     let batch_size = config.train.batch_size;
-    let prefetch = Prefetch::spawn(&setup, 0, 1, start_step..steps);
-    let bar = (opts.progress_bar && start_step < steps).then(|| {
+    let accumulate = config.train.accumulate_steps;
+    // Samples per optimiser step over the whole group.
+    let global_batch = (batch_size as u64) * accumulate * world as u64;
+    let prefetch = Prefetch::spawn(
+        &setup,
+        rank,
+        world,
+        start_step * accumulate..steps * accumulate,
+    );
+    let bar = (root && opts.progress_bar && start_step < steps).then(|| {
         let bar = indicatif::ProgressBar::new(steps);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -524,14 +589,43 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     });
 
     // A resumed run that was already complete reports the logged last loss.
-    let mut final_loss = log.last_loss.unwrap_or(f64::NAN);
+    let mut final_loss = log.as_ref().and_then(|l| l.last_loss).unwrap_or(f64::NAN);
     let mut steady = (Duration::ZERO, 0u64);
+    let mut comm = (Duration::ZERO, 0u64);
     let mut last_scores: Option<metrics::SegmentationScores> = None;
     for step in start_step..steps {
         let t0 = Instant::now();
-        let (batch, noisy) = prefetch.next();
         let lr = schedule::learning_rate(&config.train, step);
-        let (loss, mut grads) = loss_and_gradients(&model, &batch, config, &device);
+        // Gradient accumulation: the mean gradient of `accumulate` micro-batches.
+        let (mut loss, mut grads, mut noisy) = (0.0f32, vec![0.0f32; params.len()], 0);
+        for _ in 0..accumulate {
+            let (batch, n) = prefetch.next();
+            let (l, g) = loss_and_gradients(&model, &batch, config, &device);
+            for (a, b) in grads.iter_mut().zip(&g) {
+                *a += b;
+            }
+            loss += l;
+            noisy += n;
+        }
+        if accumulate > 1 {
+            let inv = 1.0 / accumulate as f32;
+            grads.iter_mut().for_each(|g| *g *= inv);
+            loss *= inv;
+        }
+        let mut stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        if let Some(g) = group.as_mut() {
+            let t = Instant::now();
+            g.ring.all_reduce(&mut grads, ReduceOp::Average)?;
+            // Loss, a stop request from any rank, and the BN running statistics.
+            let mut control = [loss, f32::from(u8::from(stopping))];
+            g.ring.all_reduce(&mut control, ReduceOp::Sum)?;
+            (loss, stopping) = (control[0] / world as f32, control[1] > 0.0);
+            let mut buffers = params::buffer_values(&model);
+            g.ring.all_reduce(&mut buffers, ReduceOp::Average)?;
+            model = params::with_buffer_values(model, &buffers, &device);
+            comm.0 += t.elapsed();
+            comm.1 += ((grads.len() + control.len() + buffers.len()) * 4) as u64;
+        }
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
                 step: step + 1,
@@ -548,32 +642,34 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let done = step + 1;
         if step >= start_step + config.train.throughput_warmup_steps {
             steady.0 += dt;
-            steady.1 += batch_size as u64;
+            steady.1 += global_batch;
         }
-        let sps = batch_size as f64 / dt.as_secs_f64();
+        let sps = global_batch as f64 / dt.as_secs_f64();
         final_loss = loss as f64;
-        log.write(&Row::Train {
-            step: done,
-            loss: final_loss,
-            lr,
-            grad_norm,
-            samples_per_sec: sps,
-            noisy_samples: noisy,
-        })?;
+        if let Some(log) = log.as_mut() {
+            log.write(&Row::Train {
+                step: done,
+                loss: final_loss,
+                lr,
+                grad_norm,
+                samples_per_sec: sps,
+                noisy_samples: noisy,
+            })?;
+        }
         if let Some(m) = &opts.metrics {
             m.step.set(done as i64);
             m.steps_total.inc();
             m.loss.set(final_loss);
             m.learning_rate.set(lr);
             m.samples_per_second.set(sps);
-            m.samples_total.inc_by(batch_size as u64);
+            m.samples_total.inc_by(batch_size as u64 * accumulate);
         }
         match &bar {
             Some(bar) => {
                 bar.set_position(done);
                 bar.set_message(format!("loss {final_loss:.4}  {sps:.1} img/s"));
             }
-            None if done % config.train.log_every == 0 || done == steps => {
+            None if root && (done % config.train.log_every == 0 || done == steps) => {
                 tracing::info!(
                     step = done,
                     loss = final_loss,
@@ -587,7 +683,10 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
 
         let last = done == steps;
         let validate = last || (config.train.val_every > 0 && done % config.train.val_every == 0);
-        if validate && !setup.split.val.is_empty() {
+        if let Some(log) = log
+            .as_mut()
+            .filter(|_| validate && !setup.split.val.is_empty())
+        {
             let report = evaluate(
                 &model,
                 config,
@@ -619,29 +718,31 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             }
             last_scores = Some(scores);
         }
-        let stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         if last || stopping || (config.checkpoint.every > 0 && done % config.checkpoint.every == 0)
         {
-            // Rows up to this step become durable with the checkpoint that covers them.
-            log.flush()?;
-            let (optimizer_step, state) = optimizer.state();
-            let ck = Checkpoint {
-                step: done,
-                data_position: done * batch_size as u64,
-                model: model_tensors(&model),
-                optimizer: optimizer.kind().to_owned(),
-                optimizer_step,
-                optimizer_state: state
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
-                    .collect(),
-                config: config.clone(),
-            };
-            let path = checkpoints.save(&ck, config.checkpoint.keep_last)?;
-            if let Some(m) = &opts.metrics {
-                m.checkpoints_total.inc();
+            let path = checkpoints.path_for(done);
+            if let Some(log) = log.as_mut() {
+                // Rows up to this step become durable with the checkpoint that covers them.
+                log.flush()?;
+                let (optimizer_step, state) = optimizer.state();
+                let ck = Checkpoint {
+                    step: done,
+                    data_position: done * global_batch,
+                    model: model_tensors(&model),
+                    optimizer: optimizer.kind().to_owned(),
+                    optimizer_step,
+                    optimizer_state: state
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                        .collect(),
+                    config: config.clone(),
+                };
+                checkpoints.save(&ck, config.checkpoint.keep_last)?;
+                if let Some(m) = &opts.metrics {
+                    m.checkpoints_total.inc();
+                }
+                tracing::debug!(path = %path.display(), "checkpoint written");
             }
-            tracing::debug!(path = %path.display(), "checkpoint written");
             if stopping && !last {
                 if let Some(bar) = &bar {
                     bar.abandon();
@@ -653,11 +754,13 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             }
         }
     }
-    log.flush()?;
+    if let Some(log) = log.as_mut() {
+        log.flush()?;
+    }
     if let Some(bar) = bar {
         bar.finish();
     }
-    if last_scores.is_none() && !setup.split.val.is_empty() {
+    if root && last_scores.is_none() && !setup.split.val.is_empty() {
         // A resumed run that was already complete still reports its quality.
         last_scores = Some(
             evaluate(
@@ -685,8 +788,13 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         peak_rss_bytes: peak_rss_bytes(),
         parameters: params.len(),
         resumed_from,
+        world_size: world,
+        bytes_communicated: comm.1,
+        allreduce_seconds: comm.0.as_secs_f64(),
     };
-    let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");
-    tensorfile::write_bytes_atomic(&out.join("summary.json"), &json)?;
+    if root {
+        let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");
+        tensorfile::write_bytes_atomic(&out.join("summary.json"), &json)?;
+    }
     Ok(summary)
 }

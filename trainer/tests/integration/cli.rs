@@ -327,3 +327,123 @@ fn sigterm_checkpoints_the_current_step_and_resume_finishes() {
         .collect();
     assert_eq!(steps, (1..=stopped + 5).collect::<Vec<_>>());
 }
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string()
+}
+
+fn with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"));
+    c.args(args).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// A wrong group environment is a clear error and a non-zero exit, never a hang.
+#[test]
+fn bad_group_environments_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(dir.path(), "job.yaml", "train: {steps: 1}\n");
+    let out = dir.path().join("run");
+    let args = [
+        "train",
+        "--config",
+        &config,
+        "--out",
+        out.to_str().unwrap(),
+        "--join-timeout",
+        "1",
+    ];
+    let port = free_port();
+    for (env, needle) in [
+        (vec![("WORLD_SIZE", "0")], "WORLD_SIZE"),
+        (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "RANK"),
+        (
+            vec![
+                ("WORLD_SIZE", "2"),
+                ("RANK", "1"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port),
+            ],
+            "could not reach the rendezvous store",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let o = with_env(&args, &env);
+        assert!(!o.status.success(), "{env:?} should fail");
+        assert!(stderr(&o).contains(needle), "{env:?}: {}", stderr(&o));
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    }
+}
+
+/// When a rank dies, the others fail within the collective timeout with an
+/// error naming a peer, and exit non-zero so the group can be restarted.
+#[test]
+fn killing_a_rank_fails_the_others_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "job.yaml",
+        "model: {widths: [8, 16]}\n\
+         data: {shapes: {samples: 64, image_size: 32}}\n\
+         train: {steps: 1000000, batch_size: 4, val_every: 0}\n\
+         checkpoint: {every: 0}\n",
+    );
+    let port = free_port();
+    let spawn = |rank: &str| {
+        let out = dir.path().join(format!("run{rank}"));
+        Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
+            .args([
+                "train",
+                "--config",
+                &config,
+                "--out",
+                out.to_str().unwrap(),
+                "--collective-timeout",
+                "3",
+            ])
+            .envs([
+                ("RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", &port),
+                ("RUST_LOG", "warn"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let rank0 = spawn("0");
+    let mut rank1 = spawn("1");
+    // Let the group form and train a little (rank 0 writes config.json once joined).
+    let started = std::time::Instant::now();
+    while !dir.path().join("run0/config.json").exists()
+        && started.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    rank1.kill().unwrap();
+    let _ = rank1.wait();
+    let killed = std::time::Instant::now();
+    let out = rank0.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rank 0 must fail: {err}");
+    assert!(
+        err.contains("rank 1"),
+        "the error names the dead peer: {err}"
+    );
+    assert!(
+        killed.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?}",
+        killed.elapsed()
+    );
+}
