@@ -340,6 +340,9 @@ pub struct TrainConfig {
     pub optimizer: OptimizerConfig,
     /// Clip gradients to this global L2 norm.
     pub grad_clip_norm: Option<f64>,
+    /// Local SGD: in data-parallel training, ranks step on their own and
+    /// average parameters every `every` steps instead of gradients every step.
+    pub local_sgd: Option<LocalSgdConfig>,
     /// Per-class loss weights (length = `model.classes`).
     pub class_weights: Option<Vec<f64>>,
     /// Validate every this many steps (and at the end); 0 validates only at the end.
@@ -365,12 +368,48 @@ impl Default for TrainConfig {
             decay: DecayConfig::default(),
             optimizer: OptimizerConfig::default(),
             grad_clip_norm: Some(5.0),
+            local_sgd: None,
             class_weights: None,
             val_every: 200,
             log_every: 10,
             seed: 42,
             threads: None,
             throughput_warmup_steps: 5,
+        }
+    }
+}
+
+/// Local SGD (delayed synchronisation of parameters).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalSgdConfig {
+    /// Steps between parameter synchronisations (H).
+    pub every: u64,
+    /// Apply the averaged change through an outer optimiser (DiLoCo); absent
+    /// means plain parameter averaging.
+    #[serde(default)]
+    pub outer: Option<OuterConfig>,
+}
+
+/// The outer optimiser of local SGD: SGD with (Nesterov) momentum on the
+/// pseudo-gradient `anchor − average` (DiLoCo's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OuterConfig {
+    /// Outer learning rate.
+    pub lr: f64,
+    /// Outer momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+impl Default for OuterConfig {
+    fn default() -> Self {
+        Self {
+            lr: 0.7,
+            momentum: 0.9,
+            nesterov: true,
         }
     }
 }
@@ -646,6 +685,32 @@ impl TrainerConfig {
                 ));
             }
         }
+        if let Some(l) = &t.local_sgd {
+            if l.every == 0 {
+                return Err(ConfigError::invalid(
+                    "train.local_sgd.every",
+                    "must be at least 1 (1 synchronises every step)",
+                ));
+            }
+            if let Some(o) = &l.outer {
+                check_positive("train.local_sgd.outer.lr", o.lr)?;
+                if !(0.0..1.0).contains(&o.momentum) {
+                    return Err(ConfigError::invalid(
+                        "train.local_sgd.outer.momentum",
+                        "must be in [0, 1)",
+                    ));
+                }
+            }
+            if self.checkpoint.every % l.every != 0 {
+                return Err(ConfigError::invalid(
+                    "checkpoint.every",
+                    format!(
+                        "must be a multiple of train.local_sgd.every ({}): checkpoints are taken when ranks agree",
+                        l.every
+                    ),
+                ));
+            }
+        }
         if t.log_every == 0 {
             return Err(ConfigError::invalid(
                 "train.log_every",
@@ -830,6 +895,13 @@ mod tests {
             ),
             ("train: {threads: 0}", "train.threads"),
             ("checkpoint: {keep_last: 0}", "checkpoint.keep_last"),
+            ("train: {accumulate_steps: 0}", "train.accumulate_steps"),
+            ("train: {local_sgd: {every: 0}}", "train.local_sgd.every"),
+            ("train: {local_sgd: {every: 3}}", "checkpoint.every"),
+            (
+                "train: {local_sgd: {every: 2, outer: {momentum: 1.0}}}",
+                "train.local_sgd.outer.momentum",
+            ),
         ] {
             assert_eq!(field_of(load(yaml, &[]).unwrap_err()), field, "{yaml}");
         }

@@ -34,7 +34,10 @@ use crate::model::SegNet;
 use crate::model::params::{self, Layout};
 use crate::tensorfile::{self, NamedTensor, TensorFileError};
 use loss::{PixelTargets, binary_cross_entropy_with_logits, cross_entropy};
-use optim::Optimizer;
+use optim::{Optimizer, OuterOptimizer};
+
+/// Checkpoint slot of the outer optimiser's momentum (local SGD).
+const OUTER_MOMENTUM: &str = "outer.momentum_buffer";
 
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -504,6 +507,10 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut optimizer = Optimizer::new(&config.train.optimizer, Layout::of(&model).trainable_len());
     let mut params = params::trainable_values(&model);
     let checkpoints = CheckpointDir::new(out.join("checkpoints"));
+    let local_sgd = config.train.local_sgd.as_ref();
+    let mut outer = local_sgd
+        .and_then(|l| l.outer.as_ref())
+        .map(OuterOptimizer::new);
 
     let mut start_step = 0;
     let mut resumed_from = None;
@@ -520,6 +527,14 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                 }
                 let (m, p) = restore(model, &mut optimizer, &ck, &path, &device)?;
                 (model, params) = (m, p);
+                if let Some(outer) = outer.as_mut() {
+                    outer.momentum = ck
+                        .optimizer_state
+                        .iter()
+                        .find(|(n, _)| n == OUTER_MOMENTUM)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                }
                 start_step = ck.step;
                 resumed_from = Some(ck.step);
                 tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
@@ -556,7 +571,15 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         )?;
         (start_step, model) = (step, m);
         resumed_from = (start_step > 0).then_some(start_step);
+        if let Some(outer) = outer.as_mut() {
+            let mut len = [outer.momentum.len() as u64];
+            sync::broadcast_u64s(&mut g.ring, &mut len)?;
+            outer.momentum.resize(len[0] as usize, 0.0);
+            g.ring.broadcast(&mut outer.momentum, 0)?;
+        }
     }
+    // Local SGD's last agreed parameters.
+    let mut anchor = params.clone();
     let mut log = if root {
         let config_json = serde_json::to_vec_pretty(config).expect("configs serialise");
         tensorfile::write_bytes_atomic(&out.join("config.json"), &config_json)?;
@@ -615,7 +638,9 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let mut stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         if let Some(g) = group.as_mut() {
             let t = Instant::now();
-            g.ring.all_reduce(&mut grads, ReduceOp::Average)?;
+            if local_sgd.is_none() {
+                g.ring.all_reduce(&mut grads, ReduceOp::Average)?;
+            }
             // Loss, a stop request from any rank, and the BN running statistics.
             let mut control = [loss, f32::from(u8::from(stopping))];
             g.ring.all_reduce(&mut control, ReduceOp::Sum)?;
@@ -624,7 +649,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             g.ring.all_reduce(&mut buffers, ReduceOp::Average)?;
             model = params::with_buffer_values(model, &buffers, &device);
             comm.0 += t.elapsed();
-            comm.1 += ((grads.len() + control.len() + buffers.len()) * 4) as u64;
+            let gradients = if local_sgd.is_none() { grads.len() } else { 0 };
+            comm.1 += ((gradients + control.len() + buffers.len()) * 4) as u64;
         }
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
@@ -637,9 +663,28 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             None => optim::grad_norm(&grads),
         };
         optimizer.step(&mut params, &grads, lr);
+        let done = step + 1;
+        if let Some(l) = local_sgd
+            && (done % l.every == 0 || done == steps || stopping)
+        {
+            // Average what the ranks made of the anchor, then move the anchor
+            // (through the outer optimiser, if any) and restart from it.
+            let t = Instant::now();
+            if let Some(g) = group.as_mut() {
+                g.ring.all_reduce(&mut params, ReduceOp::Average)?;
+                comm.1 += (params.len() * 4) as u64;
+            }
+            match outer.as_mut() {
+                Some(outer) => {
+                    outer.step(&mut anchor, &params);
+                    params.copy_from_slice(&anchor);
+                }
+                None => anchor.copy_from_slice(&params),
+            }
+            comm.0 += t.elapsed();
+        }
         model = params::with_trainable_values(model, &params, &device);
         let dt = t0.elapsed();
-        let done = step + 1;
         if step >= start_step + config.train.throughput_warmup_steps {
             steady.0 += dt;
             steady.1 += global_batch;
@@ -725,16 +770,20 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                 // Rows up to this step become durable with the checkpoint that covers them.
                 log.flush()?;
                 let (optimizer_step, state) = optimizer.state();
+                let mut optimizer_state: Vec<(String, Vec<f32>)> = state
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                    .collect();
+                if let Some(outer) = &outer {
+                    optimizer_state.push((OUTER_MOMENTUM.to_owned(), outer.momentum.clone()));
+                }
                 let ck = Checkpoint {
                     step: done,
                     data_position: done * global_batch,
                     model: model_tensors(&model),
                     optimizer: optimizer.kind().to_owned(),
                     optimizer_step,
-                    optimizer_state: state
-                        .into_iter()
-                        .map(|(k, v)| (k.to_owned(), v.to_vec()))
-                        .collect(),
+                    optimizer_state,
                     config: config.clone(),
                 };
                 checkpoints.save(&ck, config.checkpoint.keep_last)?;

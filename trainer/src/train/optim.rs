@@ -5,7 +5,7 @@
 //! safetensors, data-parallel training all-reduces the same layout, and the
 //! federated server can reuse the rules on model deltas.
 
-use crate::config::{AdamWConfig, OptimizerConfig, SgdConfig};
+use crate::config::{AdamWConfig, OptimizerConfig, OuterConfig, SgdConfig};
 
 /// An optimiser and its state.
 #[derive(Debug, Clone, PartialEq)]
@@ -177,6 +177,48 @@ impl Optimizer {
     }
 }
 
+/// The outer optimiser of local SGD (DiLoCo) and of federated server updates:
+/// SGD with (Nesterov) momentum applied to the pseudo-gradient
+/// `anchor − average`, where `anchor` is the last agreed model and `average`
+/// the mean of what the workers made of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OuterOptimizer {
+    /// Hyper-parameters.
+    pub config: OuterConfig,
+    /// Momentum buffer (empty until the first step).
+    pub momentum: Vec<f32>,
+}
+
+impl OuterOptimizer {
+    /// A fresh outer optimiser.
+    pub fn new(config: &OuterConfig) -> Self {
+        Self {
+            config: config.clone(),
+            momentum: Vec::new(),
+        }
+    }
+
+    /// Moves `anchor` one outer step towards `average`.
+    pub fn step(&mut self, anchor: &mut [f32], average: &[f32]) {
+        assert_eq!(anchor.len(), average.len(), "one average per parameter");
+        let (lr, mu) = (self.config.lr as f32, self.config.momentum as f32);
+        let first = self.momentum.is_empty();
+        if first {
+            self.momentum.resize(anchor.len(), 0.0);
+        }
+        for ((a, &v), b) in anchor.iter_mut().zip(average).zip(self.momentum.iter_mut()) {
+            let g = *a - v;
+            *b = if first { g } else { mu * *b + g };
+            let d = if self.config.nesterov {
+                g + mu * *b
+            } else {
+                *b
+            };
+            *a -= lr * d;
+        }
+    }
+}
+
 /// Scales `grads` so that their global L2 norm is at most `max_norm`
 /// (PyTorch's `clip_grad_norm_`). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
@@ -271,6 +313,27 @@ mod tests {
             bufs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         });
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn outer_step_with_unit_lr_and_no_momentum_lands_on_the_average() {
+        let mut o = OuterOptimizer::new(&OuterConfig {
+            lr: 1.0,
+            momentum: 0.0,
+            nesterov: false,
+        });
+        let mut anchor = [1.0f32, -2.0];
+        o.step(&mut anchor, &[0.5, 1.0]);
+        assert_eq!(anchor, [0.5, 1.0]);
+    }
+
+    #[test]
+    fn outer_nesterov_overshoots_along_the_pseudo_gradient() {
+        let mut o = OuterOptimizer::new(&OuterConfig::default());
+        let mut anchor = [1.0f32];
+        o.step(&mut anchor, &[0.9]);
+        // g = 0.1, buf = 0.1, d = 0.1 + 0.9·0.1 = 0.19, anchor = 1 − 0.7·0.19
+        assert!((anchor[0] - (1.0 - 0.7 * 0.19)).abs() < 1e-6);
     }
 
     #[test]

@@ -269,3 +269,45 @@ fn data_parallel_equals_accumulating_the_same_micro_batches() {
         }
     }
 }
+
+/// Local SGD that averages parameters after every step is synchronous SGD:
+/// with plain SGD, mean(p − lr·g_r) = p − lr·mean(g_r) up to rounding.
+#[test]
+fn local_sgd_every_step_equals_synchronous_training() {
+    let base = [
+        "train.steps=3",
+        "checkpoint.every=0",
+        "train.optimizer={kind: sgd, momentum: 0}",
+        "train.grad_clip_norm=null",
+    ];
+    let synchronous = train_group(&tiny_config(&base), 2);
+    let mut local = base.to_vec();
+    local.push("train.local_sgd={every: 1}");
+    let local = train_group(&tiny_config(&local), 2);
+    for ((name, x), (_, y)) in final_model(synchronous.path(), 3)
+        .iter()
+        .zip(&final_model(local.path(), 3))
+    {
+        let worst = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-6, "{name} differs by {worst:e}");
+    }
+}
+
+/// DiLoCo-style local SGD (outer Nesterov momentum) trains across ranks, and
+/// its outer momentum is checkpointed: resuming replays the run exactly.
+#[test]
+fn diloco_trains_and_resumes_exactly() {
+    let extra = [
+        "train.local_sgd={every: 2, outer: {lr: 0.7, momentum: 0.9}}",
+        "checkpoint.every=2",
+    ];
+    let group = train_group(&tiny_config(&extra), 2);
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(group.path().join("summary.json")).unwrap()).unwrap();
+    assert!(summary["final_loss"].as_f64().unwrap().is_finite());
+    assert_resume_is_exact(&extra, 2);
+}
