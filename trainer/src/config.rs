@@ -701,7 +701,7 @@ impl TrainerConfig {
                     ));
                 }
             }
-            if self.checkpoint.every % l.every != 0 {
+            if !self.checkpoint.every.is_multiple_of(l.every) {
                 return Err(ConfigError::invalid(
                     "checkpoint.every",
                     format!(
