@@ -340,6 +340,8 @@ pub struct TrainConfig {
     pub optimizer: OptimizerConfig,
     /// Clip gradients to this global L2 norm.
     pub grad_clip_norm: Option<f64>,
+    /// Wire format of the gradient all-reduce in data-parallel training.
+    pub compression: Compression,
     /// Local SGD: in data-parallel training, ranks step on their own and
     /// average parameters every `every` steps instead of gradients every step.
     pub local_sgd: Option<LocalSgdConfig>,
@@ -368,6 +370,7 @@ impl Default for TrainConfig {
             decay: DecayConfig::default(),
             optimizer: OptimizerConfig::default(),
             grad_clip_norm: Some(5.0),
+            compression: Compression::None,
             local_sgd: None,
             class_weights: None,
             val_every: 200,
@@ -377,6 +380,20 @@ impl Default for TrainConfig {
             throughput_warmup_steps: 5,
         }
     }
+}
+
+/// Gradient compression on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Full f32 gradients.
+    #[default]
+    None,
+    /// IEEE half precision (gradients are divided by the world size first,
+    /// so the sums stay in range).
+    Fp16,
+    /// bfloat16.
+    Bf16,
 }
 
 /// Local SGD (delayed synchronisation of parameters).

@@ -85,6 +85,8 @@ impl GroupArgs {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Dtype {
     F32,
+    F16,
+    Bf16,
 }
 
 #[derive(Subcommand)]
@@ -183,7 +185,7 @@ enum Command {
         /// Untimed warm-up iterations.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        /// Payload type (f32; compressed payloads are not implemented yet).
+        /// Wire format: f32, or a 16-bit float (compression).
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
         /// Seconds to wait for all ranks to join.
@@ -357,7 +359,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             bytes,
             iters,
             warmup,
-            dtype: Dtype::F32,
+            dtype,
             join_timeout,
             collective_timeout,
         } => {
@@ -371,7 +373,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 collective: std::time::Duration::from_secs(collective_timeout),
             };
             let mut group = collective::join_group(&env, timeouts)?;
-            let result = collective::bench_all_reduce(&mut group.ring, bytes, iters, warmup)?;
+            let payload = match dtype {
+                Dtype::F32 => collective::Payload::F32,
+                Dtype::F16 => collective::Payload::F16,
+                Dtype::Bf16 => collective::Payload::Bf16,
+            };
+            let result =
+                collective::bench_all_reduce(&mut group.ring, bytes, iters, warmup, payload)?;
             if env.rank == 0 {
                 println!("{}", serde_json::to_string(&result)?);
             }

@@ -19,6 +19,48 @@ pub enum ReduceOp {
     Average,
 }
 
+/// The wire format of an all-reduce: full precision, or a 16-bit float that
+/// halves the bytes sent (gradient compression).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Payload {
+    /// 32-bit floats, exact.
+    #[default]
+    F32,
+    /// IEEE half precision (10-bit mantissa, range ±65504).
+    F16,
+    /// bfloat16 (7-bit mantissa, f32's range).
+    Bf16,
+}
+
+impl Payload {
+    /// Bytes per value on the wire.
+    pub fn bytes(self) -> usize {
+        match self {
+            Payload::F32 => 4,
+            Payload::F16 | Payload::Bf16 => 2,
+        }
+    }
+
+    /// Rounds `v` to the wire format, as bits.
+    pub fn encode(self, v: f32) -> u16 {
+        match self {
+            Payload::F16 => half::f16::from_f32(v).to_bits(),
+            Payload::Bf16 => half::bf16::from_f32(v).to_bits(),
+            Payload::F32 => unreachable!("f32 payloads are sent as they are"),
+        }
+    }
+
+    /// Widens wire bits back to f32.
+    pub fn decode(self, bits: u16) -> f32 {
+        match self {
+            Payload::F16 => half::f16::from_bits(bits).to_f32(),
+            Payload::Bf16 => half::bf16::from_bits(bits).to_f32(),
+            Payload::F32 => unreachable!("f32 payloads are sent as they are"),
+        }
+    }
+}
+
 /// Why a collective operation failed. Every variant that involves a peer
 /// names it, so a group can tell which process died.
 #[derive(Debug, thiserror::Error)]
@@ -258,20 +300,24 @@ pub struct AllReduceBench {
     pub busbw_gbps: f64,
 }
 
-/// Times `iters` all-reduces of `bytes` of f32 after `warmup` untimed ones;
-/// each call starts after a barrier so ranks are aligned.
+/// Times `iters` all-reduces of `bytes` of f32 values (sent as `payload`)
+/// after `warmup` untimed ones; each call starts after a barrier so ranks are
+/// aligned. `bytes` counts the f32 buffer, so half-precision payloads report
+/// the bandwidth seen by the caller's f32 data.
 pub fn bench_all_reduce(
-    c: &mut dyn Collective,
+    ring: &mut ring::TcpRing,
     bytes: usize,
     iters: usize,
     warmup: usize,
+    payload: Payload,
 ) -> Result<AllReduceBench, CollectiveError> {
+    let c = ring;
     let mut buf: Vec<f32> = (0..bytes / 4).map(|i| (i % 97) as f32).collect();
     let mut times = Vec::with_capacity(iters);
     for i in 0..warmup + iters {
         c.barrier()?;
         let t0 = std::time::Instant::now();
-        c.all_reduce(&mut buf, ReduceOp::Average)?;
+        c.all_reduce_with(&mut buf, ReduceOp::Average, payload)?;
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -293,7 +339,11 @@ pub fn bench_all_reduce(
     Ok(AllReduceBench {
         world_size: c.world_size(),
         bytes: buf.len() * 4,
-        dtype: "f32",
+        dtype: match payload {
+            Payload::F32 => "f32",
+            Payload::F16 => "f16",
+            Payload::Bf16 => "bf16",
+        },
         iters,
         median_seconds: median,
         algbw_gbps: algbw,

@@ -16,7 +16,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::store::StoreClient;
-use super::{Collective, CollectiveError, ReduceOp};
+use super::{Collective, CollectiveError, Payload, ReduceOp};
 
 /// Floats read and added at a time while a chunk streams in.
 const SEGMENT_FLOATS: usize = 64 * 1024;
@@ -192,13 +192,15 @@ impl TcpRing {
         (self.rank + self.world - 1) % self.world
     }
 
-    /// Sends `out` to the successor while receiving `into.len()` floats from
-    /// the predecessor, either added onto `into` or copied over it.
+    /// Sends `out` to the successor while receiving `into.len()` values from
+    /// the predecessor, either added onto `into` or copied over it, with
+    /// `payload` as the wire format.
     fn exchange(
         &mut self,
         out: &[f32],
         into: &mut [f32],
         add: bool,
+        payload: Payload,
     ) -> Result<(), CollectiveError> {
         let (next_rank, prev_rank, timeout) = (self.next_rank(), self.prev_rank(), self.timeout);
         let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
@@ -206,29 +208,96 @@ impl TcpRing {
         };
         std::thread::scope(|scope| -> Result<(), CollectiveError> {
             let writer = scope.spawn(move || {
-                // f32 in memory is the wire format (little-endian hosts only;
-                // checked at compile time below).
-                next.write_all(bytemuck::cast_slice(out))
-                    .map_err(io_err(next_rank, "send to", timeout))
-            });
-            let received = if add {
-                let mut segment = vec![0f32; SEGMENT_FLOATS.min(into.len())];
-                into.chunks_mut(SEGMENT_FLOATS).try_for_each(|target| {
-                    let seg = &mut segment[..target.len()];
-                    prev.read_exact(bytemuck::cast_slice_mut(seg))
-                        .map_err(io_err(prev_rank, "receive from", timeout))?;
-                    for (t, v) in target.iter_mut().zip(seg.iter()) {
-                        *t += v;
+                let sent = match payload {
+                    // f32 in memory is the wire format (little-endian hosts
+                    // only; checked at compile time below).
+                    Payload::F32 => next.write_all(bytemuck::cast_slice(out)),
+                    half => {
+                        let encoded: Vec<u16> = out.iter().map(|&v| half.encode(v)).collect();
+                        next.write_all(bytemuck::cast_slice(&encoded))
                     }
-                    Ok(())
-                })
-            } else {
-                prev.read_exact(bytemuck::cast_slice_mut(into))
-                    .map_err(io_err(prev_rank, "receive from", timeout))
+                };
+                sent.map_err(io_err(next_rank, "send to", timeout))
+            });
+            let received = match (payload, add) {
+                (Payload::F32, false) => prev
+                    .read_exact(bytemuck::cast_slice_mut(into))
+                    .map_err(io_err(prev_rank, "receive from", timeout)),
+                (Payload::F32, true) => {
+                    let mut segment = vec![0f32; SEGMENT_FLOATS.min(into.len())];
+                    into.chunks_mut(SEGMENT_FLOATS).try_for_each(|target| {
+                        let seg = &mut segment[..target.len()];
+                        prev.read_exact(bytemuck::cast_slice_mut(seg))
+                            .map_err(io_err(prev_rank, "receive from", timeout))?;
+                        for (t, v) in target.iter_mut().zip(seg.iter()) {
+                            *t += v;
+                        }
+                        Ok(())
+                    })
+                }
+                (half, add) => {
+                    let mut segment = vec![0u16; SEGMENT_FLOATS.min(into.len())];
+                    into.chunks_mut(SEGMENT_FLOATS).try_for_each(|target| {
+                        let seg = &mut segment[..target.len()];
+                        prev.read_exact(bytemuck::cast_slice_mut(seg))
+                            .map_err(io_err(prev_rank, "receive from", timeout))?;
+                        for (t, &v) in target.iter_mut().zip(seg.iter()) {
+                            let v = half.decode(v);
+                            *t = if add { *t + v } else { v };
+                        }
+                        Ok(())
+                    })
+                }
             };
             let sent = writer.join().expect("writer thread does not panic");
             received.and(sent)
         })
+    }
+
+    /// All-reduce with `payload` on the wire. Half-precision payloads halve
+    /// the bytes sent; partial sums travel rounded, and each finished chunk is
+    /// rounded once at its owner, so every rank still ends with the same bits.
+    /// For an average the values are divided by the world size first, so that
+    /// f16 sums do not overflow.
+    pub fn all_reduce_with(
+        &mut self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        payload: Payload,
+    ) -> Result<(), CollectiveError> {
+        let n = self.world;
+        if n == 1 {
+            return Ok(());
+        }
+        let inv = 1.0 / n as f32;
+        let prescale = payload != Payload::F32 && op == ReduceOp::Average;
+        if prescale {
+            buf.iter_mut().for_each(|v| *v *= inv);
+        }
+        let len = buf.len();
+        let r = self.rank;
+        for s in 0..n - 1 {
+            let send = chunk(len, n, (r + n - s) % n);
+            let recv = chunk(len, n, (r + 2 * n - s - 1) % n);
+            let (out, into) = split_pair(buf, send, recv);
+            self.exchange(out, into, true, payload)?;
+        }
+        if payload != Payload::F32 {
+            // The owner keeps what everyone else will receive.
+            for v in &mut buf[chunk(len, n, (r + 1) % n)] {
+                *v = payload.decode(payload.encode(*v));
+            }
+        }
+        for s in 0..n - 1 {
+            let send = chunk(len, n, (r + 1 + n - s) % n);
+            let recv = chunk(len, n, (r + n - s) % n);
+            let (out, into) = split_pair(buf, send, recv);
+            self.exchange(out, into, false, payload)?;
+        }
+        if op == ReduceOp::Average && !prescale {
+            buf.iter_mut().for_each(|v| *v *= inv);
+        }
+        Ok(())
     }
 }
 
@@ -268,30 +337,7 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
-        let n = self.world;
-        if n > 1 {
-            let len = buf.len();
-            let r = self.rank;
-            for s in 0..n - 1 {
-                let send = chunk(len, n, (r + n - s) % n);
-                let recv = chunk(len, n, (r + 2 * n - s - 1) % n);
-                let (out, into) = split_pair(buf, send, recv);
-                self.exchange(out, into, true)?;
-            }
-            for s in 0..n - 1 {
-                let send = chunk(len, n, (r + 1 + n - s) % n);
-                let recv = chunk(len, n, (r + n - s) % n);
-                let (out, into) = split_pair(buf, send, recv);
-                self.exchange(out, into, false)?;
-            }
-        }
-        if op == ReduceOp::Average && n > 1 {
-            let inv = 1.0 / n as f32;
-            for v in buf.iter_mut() {
-                *v *= inv;
-            }
-        }
-        Ok(())
+        self.all_reduce_with(buf, op, Payload::F32)
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {

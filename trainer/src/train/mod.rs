@@ -25,8 +25,8 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointDir, CheckpointError};
 use crate::collective::ring::RingTimeouts;
-use crate::collective::{self, Collective, CollectiveError, DistEnv, ReduceOp};
-use crate::config::TrainerConfig;
+use crate::collective::{self, Collective, CollectiveError, DistEnv, Payload, ReduceOp};
+use crate::config::{Compression, TrainerConfig};
 use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
 use crate::infer::{self, EvalReport, Predictor};
 use crate::metrics::TrainerMetrics;
@@ -508,6 +508,11 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut params = params::trainable_values(&model);
     let checkpoints = CheckpointDir::new(out.join("checkpoints"));
     let local_sgd = config.train.local_sgd.as_ref();
+    let payload = match config.train.compression {
+        Compression::None => Payload::F32,
+        Compression::Fp16 => Payload::F16,
+        Compression::Bf16 => Payload::Bf16,
+    };
     let mut outer = local_sgd
         .and_then(|l| l.outer.as_ref())
         .map(OuterOptimizer::new);
@@ -639,7 +644,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         if let Some(g) = group.as_mut() {
             let t = Instant::now();
             if local_sgd.is_none() {
-                g.ring.all_reduce(&mut grads, ReduceOp::Average)?;
+                g.ring
+                    .all_reduce_with(&mut grads, ReduceOp::Average, payload)?;
             }
             // Loss, a stop request from any rank, and the BN running statistics.
             let mut control = [loss, f32::from(u8::from(stopping))];
@@ -649,8 +655,12 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             g.ring.all_reduce(&mut buffers, ReduceOp::Average)?;
             model = params::with_buffer_values(model, &buffers, &device);
             comm.0 += t.elapsed();
-            let gradients = if local_sgd.is_none() { grads.len() } else { 0 };
-            comm.1 += ((gradients + control.len() + buffers.len()) * 4) as u64;
+            let gradient_bytes = if local_sgd.is_none() {
+                grads.len() * payload.bytes()
+            } else {
+                0
+            };
+            comm.1 += (gradient_bytes + (control.len() + buffers.len()) * 4) as u64;
         }
         if !loss.is_finite() {
             return Err(TrainError::Diverged {

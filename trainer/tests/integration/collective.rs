@@ -132,3 +132,55 @@ fn a_dead_peer_fails_the_others_within_the_timeout() {
         assert!(e.to_string().contains("rank "), "{e}");
     }
 }
+
+/// Half-precision payloads: small integers and their halves and quarters are
+/// exact in f16 and bf16, so with 2 and 4 ranks the compressed all-reduce must
+/// still equal the serial sum and mean exactly; with 3 ranks (inexact thirds)
+/// every rank must still get the same bits, within bf16 rounding of the mean.
+#[test]
+fn compressed_all_reduce_is_exact_where_representable_and_identical_everywhere() {
+    use trainyard_trainer::collective::Payload;
+    for payload in [Payload::F16, Payload::Bf16] {
+        for world in [2usize, 4] {
+            let len = 1001;
+            let results = group(world, quick(), move |mut ring| {
+                let mut sum = input(ring.rank(), len);
+                ring.all_reduce_with(&mut sum, ReduceOp::Sum, payload)
+                    .unwrap();
+                let mut avg = input(ring.rank(), len);
+                ring.all_reduce_with(&mut avg, ReduceOp::Average, payload)
+                    .unwrap();
+                (sum, avg)
+            });
+            let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
+            let expect: Vec<f32> = (0..len)
+                .map(|i| inputs.iter().map(|x| x[i]).sum())
+                .collect();
+            for (sum, avg) in &results {
+                assert_eq!(sum, &expect, "{payload:?} sum, world {world}");
+                let mean: Vec<f32> = expect.iter().map(|v| v / world as f32).collect();
+                assert_eq!(avg, &mean, "{payload:?} mean, world {world}");
+            }
+        }
+        let results = group(3, quick(), move |mut ring| {
+            let r = ring.rank() as f32;
+            let mut buf: Vec<f32> = (0..5000).map(|i| (i as f32 * 0.013 + r).cos()).collect();
+            ring.all_reduce_with(&mut buf, ReduceOp::Average, payload)
+                .unwrap();
+            buf
+        });
+        assert_eq!(results[0], results[1]);
+        assert_eq!(results[1], results[2]);
+        for (i, v) in results[0].iter().enumerate() {
+            let exact: f32 = (0..3)
+                .map(|r| (i as f32 * 0.013 + r as f32).cos())
+                .sum::<f32>()
+                / 3.0;
+            // Three roundings of values below 1: well inside 1% here.
+            assert!(
+                (v - exact).abs() <= 0.01,
+                "{payload:?} [{i}]: {v} vs {exact}"
+            );
+        }
+    }
+}
