@@ -82,6 +82,12 @@ impl GroupArgs {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backend {
+    Ring,
+    Nccl,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Dtype {
     F32,
@@ -194,6 +200,10 @@ enum Command {
         /// Seconds a transfer may stall before a peer is declared dead.
         #[arg(long, default_value_t = 300)]
         collective_timeout: u64,
+        /// Collective: the CPU TCP ring, or NCCL on GPU LOCAL_RANK (needs a
+        /// build with `--features cuda`).
+        #[arg(long, value_enum, default_value_t = Backend::Ring)]
+        backend: Backend,
     },
     /// Write synthetic shapes samples as an image folder (images/, masks/).
     Shapes {
@@ -362,6 +372,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             dtype,
             join_timeout,
             collective_timeout,
+            backend,
         } => {
             use trainyard_trainer::collective::{self, DistEnv, ring::RingTimeouts};
             if iters == 0 {
@@ -372,14 +383,34 @@ fn run(command: Command) -> anyhow::Result<()> {
                 join: std::time::Duration::from_secs(join_timeout),
                 collective: std::time::Duration::from_secs(collective_timeout),
             };
+            if backend == Backend::Nccl && !cfg!(feature = "cuda") {
+                anyhow::bail!("--backend nccl needs a trainer built with `--features cuda`");
+            }
             let mut group = collective::join_group(&env, timeouts)?;
             let payload = match dtype {
                 Dtype::F32 => collective::Payload::F32,
                 Dtype::F16 => collective::Payload::F16,
                 Dtype::Bf16 => collective::Payload::Bf16,
             };
-            let result =
-                collective::bench_all_reduce(&mut group.ring, bytes, iters, warmup, payload)?;
+            #[cfg(feature = "cuda")]
+            let mut nccl = match backend {
+                Backend::Nccl => Some(collective::nccl::NcclCollective::connect(
+                    &mut group.store,
+                    env.rank,
+                    env.world_size,
+                    env.local_rank,
+                    timeouts.join,
+                )?),
+                Backend::Ring => None,
+            };
+            #[cfg(feature = "cuda")]
+            let c: &mut dyn collective::Collective = match nccl.as_mut() {
+                Some(n) => n,
+                None => &mut group.ring,
+            };
+            #[cfg(not(feature = "cuda"))]
+            let c: &mut dyn collective::Collective = &mut group.ring;
+            let result = collective::bench_all_reduce(c, bytes, iters, warmup, payload)?;
             if env.rank == 0 {
                 println!("{}", serde_json::to_string(&result)?);
             }

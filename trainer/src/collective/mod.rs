@@ -5,6 +5,8 @@
 //! other, and [`DistEnv`] for the torchrun-compatible environment that says who
 //! is who.
 
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod ring;
 pub mod store;
 
@@ -92,6 +94,12 @@ pub enum CollectiveError {
         /// The timeout.
         timeout: Duration,
     },
+    /// The collective cannot do what was asked.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    /// The GPU or NCCL failed (feature `cuda`).
+    #[error("GPU collective: {0}")]
+    Gpu(String),
     /// A peer sent something unexpected.
     #[error("protocol error with rank {peer}: {message}")]
     Protocol {
@@ -104,7 +112,7 @@ pub enum CollectiveError {
 
 /// The collective operations data-parallel training needs. Every rank must
 /// call the same operations in the same order with buffers of equal length.
-pub trait Collective: Send {
+pub trait Collective {
     /// This process's rank.
     fn rank(&self) -> usize;
 
@@ -113,6 +121,22 @@ pub trait Collective: Send {
 
     /// Combines `buf` across ranks in place; every rank ends with the same bits.
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError>;
+
+    /// [`Collective::all_reduce`] with `payload` on the wire. Implementations
+    /// that cannot compress refuse 16-bit payloads.
+    fn all_reduce_with(
+        &mut self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        payload: Payload,
+    ) -> Result<(), CollectiveError> {
+        match payload {
+            Payload::F32 => self.all_reduce(buf, op),
+            other => Err(CollectiveError::Unsupported(format!(
+                "{other:?} payloads on this collective"
+            ))),
+        }
+    }
 
     /// Copies `root`'s `buf` to every rank.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
@@ -305,13 +329,12 @@ pub struct AllReduceBench {
 /// aligned. `bytes` counts the f32 buffer, so half-precision payloads report
 /// the bandwidth seen by the caller's f32 data.
 pub fn bench_all_reduce(
-    ring: &mut ring::TcpRing,
+    c: &mut dyn Collective,
     bytes: usize,
     iters: usize,
     warmup: usize,
     payload: Payload,
 ) -> Result<AllReduceBench, CollectiveError> {
-    let c = ring;
     let mut buf: Vec<f32> = (0..bytes / 4).map(|i| (i % 97) as f32).collect();
     let mut times = Vec::with_capacity(iters);
     for i in 0..warmup + iters {

@@ -259,7 +259,7 @@ impl TcpRing {
     /// rounded once at its owner, so every rank still ends with the same bits.
     /// For an average the values are divided by the world size first, so that
     /// f16 sums do not overflow.
-    pub fn all_reduce_with(
+    fn ring_all_reduce(
         &mut self,
         buf: &mut [f32],
         op: ReduceOp,
@@ -337,7 +337,16 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
-        self.all_reduce_with(buf, op, Payload::F32)
+        self.ring_all_reduce(buf, op, Payload::F32)
+    }
+
+    fn all_reduce_with(
+        &mut self,
+        buf: &mut [f32],
+        op: ReduceOp,
+        payload: Payload,
+    ) -> Result<(), CollectiveError> {
+        self.ring_all_reduce(buf, op, payload)
     }
 
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {

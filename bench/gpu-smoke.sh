@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU smoke test, for a machine with an NVIDIA GPU (never needed by CI):
+# builds the trainer with NCCL (`--features cuda`) and runs NCCL all-reduces
+# through `trainyard-trainer bench-allreduce --backend nccl`, one rank per GPU,
+# printing nccl-tests' algbw/busbw beside the CPU ring's on the same machine.
+#
+# Training steps on the GPU backend are not implemented yet (the trainer
+# trains on CPU); this script covers the collective only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi not found"
+
+# NCCL from PyPI ships libnccl.so.2 only; cudarc looks for libnccl.so.
+if ! ldconfig -p | grep -q 'libnccl.so '; then
+  nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib"))' 2>/dev/null || true)
+  if [ -n "$nccl" ] && [ -e "$nccl/libnccl.so.2" ]; then
+    mkdir -p /tmp/trainyard-nccl && ln -sf "$nccl/libnccl.so.2" /tmp/trainyard-nccl/libnccl.so
+    export LD_LIBRARY_PATH="/tmp/trainyard-nccl:$nccl:${LD_LIBRARY_PATH:-}"
+  fi
+fi
+
+cargo build --release --quiet -p trainyard-trainer --features cuda
+bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)
+gpus=$(( gpus > 0 ? gpus : 1 ))
+port=29800
+for size in $((1 << 20)) $((64 << 20)) $((256 << 20)); do
+  for backend in nccl ring; do
+    port=$((port + 1))
+    pids=()
+    for rank in $(seq 1 $((gpus - 1))); do
+      WORLD_SIZE=$gpus RANK=$rank LOCAL_RANK=$rank MASTER_PORT=$port \
+        "$bin" bench-allreduce --backend "$backend" --bytes "$size" >/dev/null &
+      pids+=($!)
+    done
+    echo -n "$backend: "
+    WORLD_SIZE=$gpus RANK=0 LOCAL_RANK=0 MASTER_PORT=$port \
+      "$bin" bench-allreduce --backend "$backend" --bytes "$size"
+    for pid in "${pids[@]}"; do wait "$pid"; done
+  done
+done
