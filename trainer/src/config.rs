@@ -342,6 +342,9 @@ pub struct TrainConfig {
     pub grad_clip_norm: Option<f64>,
     /// Wire format of the gradient all-reduce in data-parallel training.
     pub compression: Compression,
+    /// Gradients are all-reduced in flat buckets of at most this many MiB,
+    /// in a fixed order (layout order), as PyTorch DDP does.
+    pub bucket_mb: f64,
     /// Local SGD: in data-parallel training, ranks step on their own and
     /// average parameters every `every` steps instead of gradients every step.
     pub local_sgd: Option<LocalSgdConfig>,
@@ -371,6 +374,7 @@ impl Default for TrainConfig {
             optimizer: OptimizerConfig::default(),
             grad_clip_norm: Some(5.0),
             compression: Compression::None,
+            bucket_mb: 25.0,
             local_sgd: None,
             class_weights: None,
             val_every: 200,
@@ -702,6 +706,12 @@ impl TrainerConfig {
                 ));
             }
         }
+        if !(t.bucket_mb.is_finite() && t.bucket_mb >= 0.001) {
+            return Err(ConfigError::invalid(
+                "train.bucket_mb",
+                "must be at least 0.001 (MiB per all-reduce bucket; 25 is PyTorch's default)",
+            ));
+        }
         if let Some(l) = &t.local_sgd {
             if l.every == 0 {
                 return Err(ConfigError::invalid(
@@ -913,6 +923,7 @@ mod tests {
             ("train: {threads: 0}", "train.threads"),
             ("checkpoint: {keep_last: 0}", "checkpoint.keep_last"),
             ("train: {accumulate_steps: 0}", "train.accumulate_steps"),
+            ("train: {bucket_mb: 0}", "train.bucket_mb"),
             ("train: {local_sgd: {every: 0}}", "train.local_sgd.every"),
             ("train: {local_sgd: {every: 3}}", "checkpoint.every"),
             (

@@ -508,6 +508,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut params = params::trainable_values(&model);
     let checkpoints = CheckpointDir::new(out.join("checkpoints"));
     let local_sgd = config.train.local_sgd.as_ref();
+    let bucket_len = ((config.train.bucket_mb * (1 << 20) as f64) as usize / 4).max(1);
     let payload = match config.train.compression {
         Compression::None => Payload::F32,
         Compression::Fp16 => Payload::F16,
@@ -644,8 +645,9 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         if let Some(g) = group.as_mut() {
             let t = Instant::now();
             if local_sgd.is_none() {
-                g.ring
-                    .all_reduce_with(&mut grads, ReduceOp::Average, payload)?;
+                for bucket in grads.chunks_mut(bucket_len) {
+                    g.ring.all_reduce_with(bucket, ReduceOp::Average, payload)?;
+                }
             }
             // Loss, a stop request from any rank, and the BN running statistics.
             let mut control = [loss, f32::from(u8::from(stopping))];

@@ -340,3 +340,19 @@ fn compressed_gradients_halve_the_traffic_and_train() {
     );
     assert!((la - lb).abs() < 0.05 * la.abs(), "{la} vs {lb}");
 }
+
+/// Small buckets change how many all-reduces run, not the result: with two
+/// ranks each element is still one exact a + b.
+#[test]
+fn gradient_buckets_do_not_change_the_result() {
+    let whole = train_group(&tiny_config(&["train.steps=2", "checkpoint.every=0"]), 2);
+    let buckets = train_group(
+        &tiny_config(&[
+            "train.steps=2",
+            "checkpoint.every=0",
+            "train.bucket_mb=0.004",
+        ]),
+        2,
+    );
+    assert_eq!(final_model(whole.path(), 2), final_model(buckets.path(), 2));
+}
