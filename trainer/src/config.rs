@@ -342,6 +342,8 @@ pub struct TrainConfig {
     pub grad_clip_norm: Option<f64>,
     /// Wire format of the gradient all-reduce in data-parallel training.
     pub compression: Compression,
+    /// Top-k sparsification with error feedback for the gradient exchange.
+    pub topk: Option<TopKConfig>,
     /// Gradients are all-reduced in flat buckets of at most this many MiB,
     /// in a fixed order (layout order), as PyTorch DDP does.
     pub bucket_mb: f64,
@@ -375,6 +377,7 @@ impl Default for TrainConfig {
             grad_clip_norm: Some(5.0),
             compression: Compression::None,
             bucket_mb: 25.0,
+            topk: None,
             local_sgd: None,
             class_weights: None,
             val_every: 200,
@@ -398,6 +401,14 @@ pub enum Compression {
     Fp16,
     /// bfloat16.
     Bf16,
+}
+
+/// Top-k gradient sparsification.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopKConfig {
+    /// Fraction of gradient entries each rank sends per step.
+    pub ratio: f64,
 }
 
 /// Local SGD (delayed synchronisation of parameters).
@@ -712,6 +723,20 @@ impl TrainerConfig {
                 "must be at least 0.001 (MiB per all-reduce bucket; 25 is PyTorch's default)",
             ));
         }
+        if let Some(k) = &t.topk {
+            if !(k.ratio > 0.0 && k.ratio <= 1.0) {
+                return Err(ConfigError::invalid(
+                    "train.topk.ratio",
+                    "must be in (0, 1], e.g. 0.01",
+                ));
+            }
+            if t.compression != Compression::None || t.local_sgd.is_some() {
+                return Err(ConfigError::invalid(
+                    "train.topk",
+                    "cannot be combined with train.compression or train.local_sgd; choose one way to reduce traffic",
+                ));
+            }
+        }
         if let Some(l) = &t.local_sgd {
             if l.every == 0 {
                 return Err(ConfigError::invalid(
@@ -924,6 +949,11 @@ mod tests {
             ("checkpoint: {keep_last: 0}", "checkpoint.keep_last"),
             ("train: {accumulate_steps: 0}", "train.accumulate_steps"),
             ("train: {bucket_mb: 0}", "train.bucket_mb"),
+            ("train: {topk: {ratio: 0}}", "train.topk.ratio"),
+            (
+                "train: {topk: {ratio: 0.1}, compression: bf16}",
+                "train.topk",
+            ),
             ("train: {local_sgd: {every: 0}}", "train.local_sgd.every"),
             ("train: {local_sgd: {every: 3}}", "checkpoint.every"),
             (

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod collective;
 pub mod config;
 pub mod data;
+pub mod ddp;
 pub mod infer;
 pub mod instances;
 pub mod kernels;

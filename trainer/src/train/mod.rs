@@ -28,6 +28,7 @@ use crate::collective::ring::RingTimeouts;
 use crate::collective::{self, Collective, CollectiveError, DistEnv, Payload, ReduceOp};
 use crate::config::{Compression, TrainerConfig};
 use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
+use crate::ddp::topk::TopK;
 use crate::infer::{self, EvalReport, Predictor};
 use crate::metrics::TrainerMetrics;
 use crate::model::SegNet;
@@ -509,6 +510,13 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let checkpoints = CheckpointDir::new(out.join("checkpoints"));
     let local_sgd = config.train.local_sgd.as_ref();
     let bucket_len = ((config.train.bucket_mb * (1 << 20) as f64) as usize / 4).max(1);
+    // Top-k's residual is per rank and not checkpointed: a resumed run starts
+    // with nothing owed.
+    let mut topk = config
+        .train
+        .topk
+        .as_ref()
+        .map(|t| TopK::new(t.ratio, params.len()));
     let payload = match config.train.compression {
         Compression::None => Payload::F32,
         Compression::Fp16 => Payload::F16,
@@ -644,10 +652,14 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let mut stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         if let Some(g) = group.as_mut() {
             let t = Instant::now();
-            if local_sgd.is_none() {
+            let mut gradient_bytes = 0;
+            if let Some(topk) = topk.as_mut() {
+                gradient_bytes = topk.all_reduce_mean(&mut g.ring, &mut grads)? as usize;
+            } else if local_sgd.is_none() {
                 for bucket in grads.chunks_mut(bucket_len) {
                     g.ring.all_reduce_with(bucket, ReduceOp::Average, payload)?;
                 }
+                gradient_bytes = grads.len() * payload.bytes();
             }
             // Loss, a stop request from any rank, and the BN running statistics.
             let mut control = [loss, f32::from(u8::from(stopping))];
@@ -657,11 +669,6 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             g.ring.all_reduce(&mut buffers, ReduceOp::Average)?;
             model = params::with_buffer_values(model, &buffers, &device);
             comm.0 += t.elapsed();
-            let gradient_bytes = if local_sgd.is_none() {
-                grads.len() * payload.bytes()
-            } else {
-                0
-            };
             comm.1 += (gradient_bytes + (control.len() + buffers.len()) * 4) as u64;
         }
         if !loss.is_finite() {

@@ -356,3 +356,27 @@ fn gradient_buckets_do_not_change_the_result() {
     );
     assert_eq!(final_model(whole.path(), 2), final_model(buckets.path(), 2));
 }
+
+/// Top-k with every entry kept is the plain average (same sums, same order
+/// for two ranks); a small ratio cuts the traffic and still trains.
+#[test]
+fn topk_keeping_everything_equals_plain_averaging_and_small_ratios_train() {
+    let base = ["train.steps=2", "checkpoint.every=0"];
+    let plain = train_group(&tiny_config(&base), 2);
+    let mut all = base.to_vec();
+    all.push("train.topk={ratio: 1.0}");
+    let all = train_group(&tiny_config(&all), 2);
+    assert_eq!(final_model(plain.path(), 2), final_model(all.path(), 2));
+
+    let mut sparse = base.to_vec();
+    sparse.push("train.topk={ratio: 0.05}");
+    let sparse = train_group(&tiny_config(&sparse), 2);
+    let read = |d: &std::path::Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("summary.json")).unwrap()).unwrap()
+    };
+    let (p, s) = (read(plain.path()), read(sparse.path()));
+    assert!(
+        s["bytes_communicated"].as_u64().unwrap() < p["bytes_communicated"].as_u64().unwrap() / 3
+    );
+    assert!(s["final_loss"].as_f64().unwrap().is_finite());
+}
