@@ -44,6 +44,37 @@ impl Payload {
         }
     }
 
+    /// Rounds `src` to the wire format into `dst` (F16C instructions when the
+    /// CPU has them, through the half crate).
+    pub fn encode_slice(self, src: &[f32], dst: &mut [u16]) {
+        use half::slice::HalfBitsSliceExt;
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Payload::F16 => dst
+                .reinterpret_cast_mut::<half::f16>()
+                .convert_from_f32_slice(src),
+            _ => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &v)| *d = self.encode(v)),
+        }
+    }
+
+    /// Widens wire bits `src` into `dst`.
+    pub fn decode_slice(self, src: &[u16], dst: &mut [f32]) {
+        use half::slice::HalfBitsSliceExt;
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Payload::F16 => src
+                .reinterpret_cast::<half::f16>()
+                .convert_to_f32_slice(dst),
+            _ => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &b)| *d = self.decode(b)),
+        }
+    }
+
     /// Rounds `v` to the wire format, as bits.
     #[inline]
     pub fn encode(self, v: f32) -> u16 {

@@ -213,7 +213,8 @@ impl TcpRing {
                     // only; checked at compile time below).
                     Payload::F32 => next.write_all(bytemuck::cast_slice(out)),
                     half => {
-                        let encoded: Vec<u16> = out.iter().map(|&v| half.encode(v)).collect();
+                        let mut encoded = vec![0u16; out.len()];
+                        half.encode_slice(out, &mut encoded);
                         next.write_all(bytemuck::cast_slice(&encoded))
                     }
                 };
@@ -237,13 +238,20 @@ impl TcpRing {
                 }
                 (half, add) => {
                     let mut segment = vec![0u16; SEGMENT_FLOATS.min(into.len())];
+                    let mut widened = vec![0f32; segment.len()];
                     into.chunks_mut(SEGMENT_FLOATS).try_for_each(|target| {
                         let seg = &mut segment[..target.len()];
                         prev.read_exact(bytemuck::cast_slice_mut(seg))
                             .map_err(io_err(prev_rank, "receive from", timeout))?;
-                        for (t, &v) in target.iter_mut().zip(seg.iter()) {
-                            let v = half.decode(v);
-                            *t = if add { *t + v } else { v };
+                        if add {
+                            let wide = &mut widened[..target.len()];
+                            half.decode_slice(seg, wide);
+                            target
+                                .iter_mut()
+                                .zip(wide.iter())
+                                .for_each(|(t, v)| *t += v);
+                        } else {
+                            half.decode_slice(seg, target);
                         }
                         Ok(())
                     })
@@ -284,9 +292,10 @@ impl TcpRing {
         }
         if payload != Payload::F32 {
             // The owner keeps what everyone else will receive.
-            for v in &mut buf[chunk(len, n, (r + 1) % n)] {
-                *v = payload.decode(payload.encode(*v));
-            }
+            let owned = &mut buf[chunk(len, n, (r + 1) % n)];
+            let mut bits = vec![0u16; owned.len()];
+            payload.encode_slice(owned, &mut bits);
+            payload.decode_slice(&bits, owned);
         }
         for s in 0..n - 1 {
             let send = chunk(len, n, (r + 1 + n - s) % n);
