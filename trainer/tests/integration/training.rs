@@ -185,12 +185,35 @@ fn train_group(
     config: &trainyard_trainer::config::TrainerConfig,
     world: usize,
 ) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let others: Vec<tempfile::TempDir> = (1..world).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut dirs = vec![root.path().to_owned()];
+    dirs.extend(others.iter().map(|d| d.path().to_owned()));
+    train_group_in(config, &dirs, false);
+    // Only rank 0 writes outputs.
+    for d in &others {
+        assert!(
+            std::fs::read_dir(d.path()).unwrap().next().is_none(),
+            "rank > 0 wrote files"
+        );
+    }
+    root
+}
+
+/// Trains one rank per directory in `dirs` (rank 0 first) as threads.
+fn train_group_in(
+    config: &trainyard_trainer::config::TrainerConfig,
+    dirs: &[std::path::PathBuf],
+    resume: bool,
+) {
     use trainyard_trainer::collective::DistEnv;
+    let world = dirs.len();
     let port = free_port().to_string();
-    let dirs: Vec<tempfile::TempDir> = (0..world).map(|_| tempfile::tempdir().unwrap()).collect();
-    let handles: Vec<_> = (0..world)
-        .map(|rank| {
-            let (config, port, out) = (config.clone(), port.clone(), dirs[rank].path().to_owned());
+    let handles: Vec<_> = dirs
+        .iter()
+        .enumerate()
+        .map(|(rank, out)| {
+            let (config, port, out) = (config.clone(), port.clone(), out.clone());
             std::thread::spawn(move || {
                 let vars = [
                     ("RANK", rank.to_string()),
@@ -203,6 +226,7 @@ fn train_group(
                 .unwrap();
                 let opts = RunOptions {
                     out_dir: out,
+                    resume,
                     dist: Some(dist),
                     ..Default::default()
                 };
@@ -216,14 +240,6 @@ fn train_group(
             .iter()
             .all(|s| s.world_size == world && s.bytes_communicated > 0)
     );
-    // Only rank 0 writes outputs.
-    for d in &dirs[1..] {
-        assert!(
-            std::fs::read_dir(d.path()).unwrap().next().is_none(),
-            "rank > 0 wrote files"
-        );
-    }
-    dirs.into_iter().next().unwrap()
 }
 
 fn final_model(dir: &std::path::Path, step: u64) -> Vec<(String, Vec<f32>)> {
@@ -379,4 +395,22 @@ fn topk_keeping_everything_equals_plain_averaging_and_small_ratios_train() {
         s["bytes_communicated"].as_u64().unwrap() < p["bytes_communicated"].as_u64().unwrap() / 3
     );
     assert!(s["final_loss"].as_f64().unwrap().is_finite());
+}
+
+/// A data-parallel run resumed from rank 0's checkpoint (the other ranks have
+/// none: they adopt rank 0's state) continues exactly like the uninterrupted
+/// run.
+#[test]
+fn data_parallel_resume_is_exact() {
+    let config = tiny_config(&["train.steps=4", "checkpoint.every=2"]);
+    let full = train_group(&config, 2);
+    let crashed = crashed_copy(full.path(), 2);
+    let other = tempfile::tempdir().unwrap();
+    train_group_in(
+        &config,
+        &[crashed.path().to_owned(), other.path().to_owned()],
+        true,
+    );
+    assert_eq!(train_rows(crashed.path()), train_rows(full.path()));
+    assert_eq!(final_model(crashed.path(), 4), final_model(full.path(), 4));
 }
