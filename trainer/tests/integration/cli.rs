@@ -15,6 +15,19 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A small job that would run far longer than any test: for tests that stop
+/// or kill a trainer mid-run.
+fn endless_job(dir: &Path) -> String {
+    write(
+        dir,
+        "job.yaml",
+        "model: {widths: [8, 16]}\n\
+         data: {shapes: {samples: 64, image_size: 32}}\n\
+         train: {steps: 1000000, batch_size: 4, val_every: 0, decay: {kind: constant}}\n\
+         checkpoint: {every: 0}\n",
+    )
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -255,14 +268,7 @@ fn example_configs_run() {
 #[test]
 fn sigterm_checkpoints_the_current_step_and_resume_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "job.yaml",
-        "model: {widths: [8, 16]}\n\
-         data: {shapes: {samples: 64, image_size: 32}}\n\
-         train: {steps: 1000000, batch_size: 4, val_every: 0, decay: {kind: constant}}\n\
-         checkpoint: {every: 0}\n",
-    );
+    let config = endless_job(dir.path());
     let run = dir.path().join("run");
     let child = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
         .args(["train", "--config", &config, "--out", run.to_str().unwrap()])
@@ -388,14 +394,7 @@ fn bad_group_environments_are_named() {
 #[test]
 fn killing_a_rank_fails_the_others_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write(
-        dir.path(),
-        "job.yaml",
-        "model: {widths: [8, 16]}\n\
-         data: {shapes: {samples: 64, image_size: 32}}\n\
-         train: {steps: 1000000, batch_size: 4, val_every: 0}\n\
-         checkpoint: {every: 0}\n",
-    );
+    let config = endless_job(dir.path());
     let port = free_port();
     let spawn = |rank: &str| {
         let out = dir.path().join(format!("run{rank}"));
