@@ -260,6 +260,93 @@ pub struct EvalReport {
     pub panoptic: Option<PanopticScores>,
 }
 
+/// Raw validation statistics of some samples, mergeable across ranks.
+#[derive(Debug, Clone)]
+pub struct EvalCounts {
+    /// Samples scored.
+    pub samples: usize,
+    /// Semantic confusion matrix.
+    pub confusion: Confusion,
+    /// Instance statistics, when scored.
+    pub panoptic: Option<PanopticQuality>,
+}
+
+impl EvalCounts {
+    /// The scores these statistics give.
+    pub fn report(&self) -> EvalReport {
+        EvalReport {
+            samples: self.samples,
+            scores: self.confusion.scores(),
+            panoptic: self.panoptic.as_ref().map(|p| p.scores()),
+        }
+    }
+
+    /// Everything as integers, for exchange between ranks (same length on
+    /// every rank of a run).
+    pub fn to_words(&self) -> Vec<u64> {
+        let mut words = vec![self.samples as u64];
+        words.extend_from_slice(self.confusion.counts());
+        if let Some(p) = &self.panoptic {
+            words.extend(p.to_words());
+        }
+        words
+    }
+
+    /// Adds statistics produced by [`EvalCounts::to_words`].
+    pub fn add_words(&mut self, words: &[u64]) {
+        let k = self.confusion.counts().len();
+        self.samples += words[0] as usize;
+        self.confusion.add_counts(&words[1..1 + k]);
+        if let Some(p) = self.panoptic.as_mut() {
+            p.add_words(&words[1 + k..]);
+        }
+    }
+}
+
+/// Whether instance quality can be scored: the model predicts boundaries and
+/// the dataset has instance masks (decided from one sample, identically on
+/// every rank).
+pub fn scores_instances(
+    predictor: &Predictor,
+    dataset: &dyn Dataset,
+    any_index: Option<usize>,
+) -> bool {
+    predictor.config.model.boundary_head
+        && any_index.is_some_and(|i| dataset.get(i).instances.is_some())
+}
+
+/// Accumulates the statistics of `predictor` on `indices` of `dataset`.
+pub fn accumulate(
+    predictor: &Predictor,
+    dataset: &dyn Dataset,
+    indices: &[usize],
+    batch_size: usize,
+    with_instances: bool,
+) -> EvalCounts {
+    let classes = predictor.config.model.classes;
+    let mut counts = EvalCounts {
+        samples: indices.len(),
+        confusion: Confusion::new(classes),
+        panoptic: with_instances.then(|| PanopticQuality::new(classes)),
+    };
+    let [h, w] = dataset.size();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let samples: Vec<_> = chunk.iter().map(|&i| dataset.get(i)).collect();
+        let batch = Batch::collate(&samples, dataset.channels(), [h, w]);
+        for (pred, sample) in predictor.predict(&batch).into_iter().zip(&samples) {
+            counts.confusion.add(&sample.mask, &pred.classes);
+            if let (Some(pq), Some(pi), Some(ti)) = (
+                counts.panoptic.as_mut(),
+                pred.instances.as_ref(),
+                sample.instances.as_ref(),
+            ) {
+                pq.add(&pred.classes, pi, &sample.mask, ti);
+            }
+        }
+    }
+    counts
+}
+
 /// Scores `predictor` on `indices` of `dataset`.
 pub fn evaluate(
     predictor: &Predictor,
@@ -267,35 +354,8 @@ pub fn evaluate(
     indices: &[usize],
     batch_size: usize,
 ) -> EvalReport {
-    let classes = predictor.config.model.classes;
-    let mut confusion = Confusion::new(classes);
-    let mut panoptic = predictor
-        .config
-        .model
-        .boundary_head
-        .then(|| PanopticQuality::new(classes));
-    let [h, w] = dataset.size();
-    for chunk in indices.chunks(batch_size.max(1)) {
-        let samples: Vec<_> = chunk.iter().map(|&i| dataset.get(i)).collect();
-        let batch = Batch::collate(&samples, dataset.channels(), [h, w]);
-        for (pred, sample) in predictor.predict(&batch).into_iter().zip(&samples) {
-            confusion.add(&sample.mask, &pred.classes);
-            if let (Some(pq), Some(pi), Some(ti)) = (
-                panoptic.as_mut(),
-                pred.instances.as_ref(),
-                sample.instances.as_ref(),
-            ) {
-                pq.add(&pred.classes, pi, &sample.mask, ti);
-            } else {
-                panoptic = None;
-            }
-        }
-    }
-    EvalReport {
-        samples: indices.len(),
-        scores: confusion.scores(),
-        panoptic: panoptic.map(|p| p.scores()),
-    }
+    let with_instances = scores_instances(predictor, dataset, indices.first().copied());
+    accumulate(predictor, dataset, indices, batch_size, with_instances).report()
 }
 
 /// `eval`: scores a checkpoint on an image folder (every sample), or on the

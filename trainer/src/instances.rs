@@ -149,6 +149,27 @@ impl PanopticQuality {
         }
     }
 
+    /// The statistics as integers (IoU sums as f64 bits), for exchange
+    /// between ranks: per class `iou_bits, tp, fp, fn`.
+    pub fn to_words(&self) -> Vec<u64> {
+        self.per_class
+            .iter()
+            .flat_map(|&(iou, tp, fp, fn_)| [iou.to_bits(), tp, fp, fn_])
+            .collect()
+    }
+
+    /// Adds statistics produced by [`PanopticQuality::to_words`].
+    pub fn add_words(&mut self, words: &[u64]) {
+        for (c, w) in self.per_class.iter_mut().zip(words.chunks_exact(4)) {
+            *c = (
+                c.0 + f64::from_bits(w[0]),
+                c.1 + w[1],
+                c.2 + w[2],
+                c.3 + w[3],
+            );
+        }
+    }
+
     /// PQ, SQ and RQ averaged over the object classes seen.
     pub fn scores(&self) -> PanopticScores {
         let mut sums = (0.0, 0.0, 0.0, 0usize);

@@ -41,9 +41,14 @@ impl Confusion {
         }
     }
 
-    /// Adds another matrix (e.g. from another rank).
-    pub fn merge(&mut self, other: &Confusion) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+    /// The counts, row-major (truth × prediction).
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
+    }
+
+    /// Adds counts (e.g. another rank's, from [`Confusion::counts`]).
+    pub fn add_counts(&mut self, counts: &[u64]) {
+        for (a, b) in self.counts.iter_mut().zip(counts) {
             *a += b;
         }
     }

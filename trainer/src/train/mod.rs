@@ -356,6 +356,62 @@ pub fn evaluate(
     infer::evaluate(&predictor, dataset, indices, config.train.batch_size)
 }
 
+/// Validation across the group: each rank scores every `world`-th validation
+/// sample from its rank on, and the counts are summed exactly (as integers)
+/// so rank 0 reports the whole split. Every rank takes part, so no rank waits
+/// on a peer that is busy validating alone.
+fn validate_group(
+    model: &SegNet,
+    config: &TrainerConfig,
+    setup: &Setup,
+    group: Option<&mut dyn Collective>,
+    device: &Device,
+) -> Result<EvalReport, CollectiveError> {
+    let predictor = Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
+    let dataset = setup.dataset.as_ref();
+    let with_instances =
+        infer::scores_instances(&predictor, dataset, setup.split.val.first().copied());
+    let Some(c) = group else {
+        return Ok(infer::accumulate(
+            &predictor,
+            dataset,
+            &setup.split.val,
+            config.train.batch_size,
+            with_instances,
+        )
+        .report());
+    };
+    let (rank, world) = (c.rank(), c.world_size());
+    let shard: Vec<usize> = setup
+        .split
+        .val
+        .iter()
+        .skip(rank)
+        .step_by(world)
+        .copied()
+        .collect();
+    let mut counts = infer::accumulate(
+        &predictor,
+        dataset,
+        &shard,
+        config.train.batch_size,
+        with_instances,
+    );
+    let mine = counts.to_words();
+    for root in 0..world {
+        let mut words = if root == rank {
+            mine.clone()
+        } else {
+            vec![0; mine.len()]
+        };
+        sync::broadcast_from(c, &mut words, root)?;
+        if root != rank {
+            counts.add_words(&words);
+        }
+    }
+    Ok(counts.report())
+}
+
 /// Appends rows to `metrics.jsonl`.
 struct MetricsLog {
     path: PathBuf,
@@ -747,17 +803,18 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
 
         let last = done == steps;
         let validate = last || (config.train.val_every > 0 && done % config.train.val_every == 0);
-        if let Some(log) = log
-            .as_mut()
-            .filter(|_| validate && !setup.split.val.is_empty())
-        {
-            let report = evaluate(
-                &model,
-                config,
-                setup.dataset.as_ref(),
-                &setup.split.val,
-                &device,
-            );
+        let report = (validate && !setup.split.val.is_empty())
+            .then(|| {
+                validate_group(
+                    &model,
+                    config,
+                    &setup,
+                    group.as_mut().map(|g| &mut g.ring as &mut dyn Collective),
+                    &device,
+                )
+            })
+            .transpose()?;
+        if let (Some(log), Some(report)) = (log.as_mut(), report) {
             log.write(&Row::Val {
                 step: done,
                 report: &report,

@@ -11,11 +11,20 @@ use crate::model::params;
 /// Broadcasts integers from rank 0, each as the bit patterns of two f32 words
 /// (exact: no arithmetic touches them).
 pub fn broadcast_u64s(c: &mut dyn Collective, values: &mut [u64]) -> Result<(), CollectiveError> {
+    broadcast_from(c, values, 0)
+}
+
+/// Broadcasts integers from `root` (see [`broadcast_u64s`]).
+pub fn broadcast_from(
+    c: &mut dyn Collective,
+    values: &mut [u64],
+    root: usize,
+) -> Result<(), CollectiveError> {
     let mut words: Vec<f32> = values
         .iter()
         .flat_map(|v| [f32::from_bits(*v as u32), f32::from_bits((*v >> 32) as u32)])
         .collect();
-    c.broadcast(&mut words, 0)?;
+    c.broadcast(&mut words, root)?;
     for (v, pair) in values.iter_mut().zip(words.chunks_exact(2)) {
         *v = pair[0].to_bits() as u64 | (pair[1].to_bits() as u64) << 32;
     }

@@ -414,3 +414,44 @@ fn data_parallel_resume_is_exact() {
     assert_eq!(train_rows(crashed.path()), train_rows(full.path()));
     assert_eq!(final_model(crashed.path(), 4), final_model(full.path(), 4));
 }
+
+/// Ranks validate disjoint shards and sum their counts exactly: the reported
+/// scores equal scoring the whole split with the final model in one process.
+#[test]
+fn sharded_validation_equals_scoring_the_whole_split() {
+    let config = tiny_config(&[
+        "train.steps=3",
+        "checkpoint.every=0",
+        "model.boundary_head=true",
+    ]);
+    let run = train_group(&config, 3);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(run.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] == "val")
+        .collect();
+    let last = rows.last().expect("a validation row at the last step");
+    let predictor = trainyard_trainer::infer::Predictor::load(
+        &CheckpointDir::new(run.path().join("checkpoints")).path_for(3),
+    )
+    .unwrap();
+    let setup = Setup::new(&config).unwrap();
+    let whole =
+        trainyard_trainer::infer::evaluate(&predictor, setup.dataset.as_ref(), &setup.split.val, 4);
+    assert_eq!(
+        last["samples"].as_u64().unwrap() as usize,
+        setup.split.val.len()
+    );
+    assert_eq!(last["miou"].as_f64().unwrap(), whole.scores.miou);
+    assert_eq!(
+        last["pixel_accuracy"].as_f64().unwrap(),
+        whole.scores.pixel_accuracy
+    );
+    // IoU sums are f64 and add up in another order across shards.
+    let (ours, theirs) = (
+        last["panoptic"]["pq"].as_f64().unwrap(),
+        whole.panoptic.unwrap().pq,
+    );
+    assert!((ours - theirs).abs() < 1e-12, "{ours} vs {theirs}");
+}
