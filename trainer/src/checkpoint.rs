@@ -170,6 +170,11 @@ impl CheckpointDir {
         Self { dir: dir.into() }
     }
 
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Path of the checkpoint for `step`.
     pub fn path_for(&self, step: u64) -> PathBuf {
         self.dir.join(format!("step-{step:08}.safetensors"))

@@ -64,12 +64,7 @@ impl<'a> MatMut<'a> {
     /// A contiguous row-major view of exactly `rows × cols` elements.
     pub fn row_major(data: &'a mut [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "destination size");
-        Self {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-        }
+        Self::strided(data, rows, cols, cols)
     }
 
     /// `rows × cols` elements whose rows start `row_stride` apart (a block of
@@ -77,7 +72,7 @@ impl<'a> MatMut<'a> {
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
         assert!(cols <= row_stride, "rows must not overlap");
         assert!(
-            rows == 0 || cols == 0 || (rows - 1) * row_stride + cols <= data.len(),
+            rows == 0 || cols == 0 || last_index(rows, cols, row_stride as isize, 1) < data.len(),
             "matrix view exceeds its slice"
         );
         Self {

@@ -344,18 +344,6 @@ pub fn loss_and_gradients(
     (value, params::gradient_values(model, &grads))
 }
 
-/// Scores `model` on the samples `indices` of `dataset`, as `eval` would.
-pub fn evaluate(
-    model: &SegNet,
-    config: &TrainerConfig,
-    dataset: &dyn Dataset,
-    indices: &[usize],
-    device: &Device,
-) -> EvalReport {
-    let predictor = Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
-    infer::evaluate(&predictor, dataset, indices, config.train.batch_size)
-}
-
 /// Validation across the group: each rank scores every `world`-th validation
 /// sample from its rank on, and the counts are summed exactly (as integers)
 /// so rank 0 reports the whole split. Every rank takes part, so no rank waits
@@ -614,11 +602,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             }
             (false, Some(_)) => {
                 return Err(TrainError::Exists {
-                    path: checkpoints
-                        .path_for(0)
-                        .parent()
-                        .expect("has a parent")
-                        .to_owned(),
+                    path: checkpoints.dir().to_owned(),
                 });
             }
             (false, None) => {}
@@ -887,16 +871,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     }
     if root && last_scores.is_none() && !setup.split.val.is_empty() {
         // A resumed run that was already complete still reports its quality.
-        last_scores = Some(
-            evaluate(
-                &model,
-                config,
-                setup.dataset.as_ref(),
-                &setup.split.val,
-                &device,
-            )
-            .scores,
-        );
+        last_scores = Some(validate_group(&model, config, &setup, None, &device)?.scores);
     }
     let summary = Summary {
         steps,
