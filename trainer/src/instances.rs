@@ -6,6 +6,8 @@ use std::collections::{HashMap, VecDeque};
 
 use serde::Serialize;
 
+use crate::data::neighbours4;
+
 /// Splits a class map into instances. Pixels of class 0 (background) or
 /// `ignore` belong to no instance. Non-boundary pixels of one class that touch
 /// (4-connectivity) form an instance; boundary pixels then join the nearest
@@ -17,17 +19,7 @@ pub fn from_semantics(classes: &[u8], boundary: &[bool], width: usize, ignore: u
     let mut ids = vec![0u16; n];
     let mut next = 0u16;
     let mut queue = VecDeque::new();
-    let neighbours = |p: usize| {
-        let (x, y) = (p % width, p / width);
-        [
-            (x > 0).then(|| p - 1),
-            (x + 1 < width).then(|| p + 1),
-            (y > 0).then(|| p - width),
-            (y + 1 < height).then(|| p + width),
-        ]
-        .into_iter()
-        .flatten()
-    };
+    let neighbours = |p: usize| neighbours4(p, width, height);
     let object = |p: usize| classes[p] != 0 && classes[p] != ignore;
     // Labels every pixel reachable from `start` through pixels of its class
     // that `admit` accepts with the next instance id.

@@ -203,27 +203,29 @@ impl Batch {
     }
 }
 
+/// The 4-neighbours of pixel `p` in a `width × height` image.
+pub fn neighbours4(p: usize, width: usize, height: usize) -> impl Iterator<Item = usize> {
+    let (x, y) = (p % width, p / width);
+    [
+        (x > 0).then(|| p - 1),
+        (x + 1 < width).then(|| p + 1),
+        (y > 0).then(|| p - width),
+        (y + 1 < height).then(|| p + width),
+    ]
+    .into_iter()
+    .flatten()
+}
+
 /// Boundary map of an instance mask: a foreground pixel is a boundary pixel
 /// when a 4-neighbour belongs to another instance (or to the background).
 pub fn instance_boundaries(instances: &[u16], width: usize) -> Vec<u8> {
     let height = instances.len() / width;
-    let mut out = vec![0u8; instances.len()];
-    for y in 0..height {
-        for x in 0..width {
-            let p = y * width + x;
+    (0..instances.len())
+        .map(|p| {
             let id = instances[p];
-            if id == 0 {
-                continue;
-            }
-            let differs = |q: usize| instances[q] != id;
-            let edge = (x > 0 && differs(p - 1))
-                || (x + 1 < width && differs(p + 1))
-                || (y > 0 && differs(p - width))
-                || (y + 1 < height && differs(p + width));
-            out[p] = edge as u8;
-        }
-    }
-    out
+            u8::from(id != 0 && neighbours4(p, width, height).any(|q| instances[q] != id))
+        })
+        .collect()
 }
 
 #[cfg(test)]
