@@ -465,6 +465,18 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// Samples of `n` held out for validation: `round(n * val_fraction)`, at
+/// least one when the fraction is positive and `n > 1`, never all of them.
+/// (Shared with the operator, which turns epochs into steps.)
+pub fn validation_count(n: usize, val_fraction: f64) -> usize {
+    let n_val = (n as f64 * val_fraction).round() as usize;
+    if val_fraction > 0.0 && n > 1 {
+        n_val.clamp(1, n - 1)
+    } else {
+        n_val.min(n)
+    }
+}
+
 impl TrainerConfig {
     /// Reads `path` (YAML or JSON), applies `key=value` overrides, and validates.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
@@ -472,10 +484,16 @@ impl TrainerConfig {
             path: path.to_owned(),
             source,
         })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// Parses a document (YAML or JSON) that came from `origin` (a file, or a
+    /// name such as the `TRAINYARD_CONFIG` variable), applies overrides, and validates.
+    pub fn parse(text: &str, origin: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         // YAML is a superset of JSON, so one parser serves both.
         let value: serde_yaml::Value =
-            serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_owned(),
+            serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+                path: origin.to_owned(),
                 message: e.to_string(),
             })?;
         Self::from_value(value, overrides)

@@ -15,17 +15,39 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod allocator;
-pub mod bench;
-pub mod checkpoint;
-pub mod collective;
+//!
+//! # Features
+//! `engine` (default) is everything that trains. Without it the crate is only
+//! [`config`], [`env`] and [`exit`]: what the operator needs to hand a replica its job,
+//! without compiling the ML stack.
+
 pub mod config;
+pub mod env;
+pub mod exit;
+
+#[cfg(feature = "engine")]
+pub mod allocator;
+#[cfg(feature = "engine")]
+pub mod bench;
+#[cfg(feature = "engine")]
+pub mod checkpoint;
+#[cfg(feature = "engine")]
+pub mod collective;
+#[cfg(feature = "engine")]
 pub mod data;
+#[cfg(feature = "engine")]
 pub mod ddp;
+#[cfg(feature = "engine")]
 pub mod infer;
+#[cfg(feature = "engine")]
 pub mod instances;
+#[cfg(feature = "engine")]
 pub mod kernels;
+#[cfg(feature = "engine")]
 pub mod metrics;
+#[cfg(feature = "engine")]
 pub mod model;
+#[cfg(feature = "engine")]
 pub mod tensorfile;
+#[cfg(feature = "engine")]
 pub mod train;

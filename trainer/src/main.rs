@@ -99,9 +99,11 @@ enum Dtype {
 enum Command {
     /// Train a model.
     Train {
-        /// Config file (YAML or JSON) with sections model, data, train, checkpoint.
+        /// Config file (YAML or JSON) with sections model, data, train,
+        /// checkpoint. Without it, the config is read inline from the
+        /// TRAINYARD_CONFIG variable (how the operator starts replicas).
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Run directory: config.json, metrics.jsonl, checkpoints/, summary.json.
         #[arg(long)]
         out: PathBuf,
@@ -261,13 +263,23 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            match e.downcast_ref::<train::TrainError>() {
-                // The shell's convention for "terminated by SIGTERM", so that
-                // supervisors see an interrupted, resumable run.
-                Some(train::TrainError::Stopped { .. }) => std::process::ExitCode::from(143),
-                _ => std::process::ExitCode::FAILURE,
-            }
+            std::process::ExitCode::from(exit_code(&e))
         }
+    }
+}
+
+/// Maps an error to the exit code a supervisor acts on (see `trainyard_trainer::exit`).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use trainyard_trainer::collective::CollectiveError;
+    use trainyard_trainer::exit;
+    let collective = match e.downcast_ref::<train::TrainError>() {
+        Some(train::TrainError::Stopped { .. }) => return exit::STOPPED,
+        Some(train::TrainError::Collective(c)) => Some(c),
+        _ => e.downcast_ref::<CollectiveError>(),
+    };
+    match collective {
+        Some(c) if c.is_transient() => exit::RETRYABLE,
+        _ => exit::FAILURE,
     }
 }
 
@@ -283,7 +295,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             group,
         } => {
             let (dist, timeouts) = group.resolve()?;
-            let config = TrainerConfig::load(&config, &overrides)?;
+            let config = match config {
+                Some(path) => TrainerConfig::load(&path, &overrides)?,
+                None => {
+                    let var = trainyard_trainer::env::CONFIG;
+                    let text = std::env::var(var).map_err(|_| {
+                        anyhow::anyhow!(
+                            "no config: pass --config FILE or set {var} to the config as JSON"
+                        )
+                    })?;
+                    TrainerConfig::parse(&text, var.as_ref(), &overrides)?
+                }
+            };
             if threads == Some(0) {
                 anyhow::bail!("--threads must be at least 1");
             }

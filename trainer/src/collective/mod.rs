@@ -158,6 +158,19 @@ pub enum CollectiveError {
     },
 }
 
+impl CollectiveError {
+    /// Whether restarting the group can cure this: a peer that died, stalled
+    /// or spoke garbage, or a rendezvous that could not be reached. Refusals
+    /// (a stale attempt, a duplicate rank) and unsupported requests are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Peer { .. } | Self::Timeout { .. } | Self::Protocol { .. } => true,
+            Self::Store(e) => !matches!(e, store::StoreError::Refused { .. }),
+            Self::Setup(_) | Self::Unsupported(_) | Self::Gpu(_) => false,
+        }
+    }
+}
+
 /// The collective operations data-parallel training needs. Every rank must
 /// call the same operations in the same order with buffers of equal length.
 pub trait Collective {
@@ -204,22 +217,9 @@ pub trait Collective {
     }
 }
 
-/// Environment variable names, the single source of truth (torchrun's names
-/// plus the operator's run-attempt counter).
-pub mod env {
-    /// This process's rank.
-    pub const RANK: &str = "RANK";
-    /// Number of ranks.
-    pub const WORLD_SIZE: &str = "WORLD_SIZE";
-    /// Rank within the node.
-    pub const LOCAL_RANK: &str = "LOCAL_RANK";
-    /// Host of rank 0's rendezvous store.
-    pub const MASTER_ADDR: &str = "MASTER_ADDR";
-    /// Port of rank 0's rendezvous store.
-    pub const MASTER_PORT: &str = "MASTER_PORT";
-    /// Gang-restart counter set by the operator.
-    pub const RUN_ATTEMPT: &str = "TRAINYARD_RUN_ATTEMPT";
-}
+/// Environment variable names (the crate-wide [`crate::env`]), re-exported
+/// where the group is formed.
+pub use crate::env;
 
 /// Who this process is in the group, from the environment.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -74,10 +74,7 @@ impl Split {
     pub fn new(n: usize, val_fraction: f64, seed: u64) -> Self {
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        let mut n_val = (n as f64 * val_fraction).round() as usize;
-        if val_fraction > 0.0 && n > 1 {
-            n_val = n_val.clamp(1, n - 1);
-        }
+        let n_val = crate::config::validation_count(n, val_fraction);
         let mut val = order[..n_val].to_vec();
         val.sort_unstable();
         Self {

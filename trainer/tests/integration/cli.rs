@@ -368,9 +368,10 @@ fn bad_group_environments_are_named() {
         "1",
     ];
     let port = free_port();
-    for (env, needle) in [
-        (vec![("WORLD_SIZE", "0")], "WORLD_SIZE"),
-        (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "RANK"),
+    // A wrong env is permanent (exit 1); an absent rank 0 may yet appear (75).
+    for (env, needle, code) in [
+        (vec![("WORLD_SIZE", "0")], "WORLD_SIZE", 1),
+        (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "RANK", 1),
         (
             vec![
                 ("WORLD_SIZE", "2"),
@@ -379,18 +380,19 @@ fn bad_group_environments_are_named() {
                 ("MASTER_PORT", &port),
             ],
             "could not reach the rendezvous store",
+            75,
         ),
     ] {
         let started = std::time::Instant::now();
         let o = with_env(&args, &env);
-        assert!(!o.status.success(), "{env:?} should fail");
+        assert_eq!(o.status.code(), Some(code), "{env:?}: {}", stderr(&o));
         assert!(stderr(&o).contains(needle), "{env:?}: {}", stderr(&o));
         assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 }
 
 /// When a rank dies, the others fail within the collective timeout with an
-/// error naming a peer, and exit non-zero so the group can be restarted.
+/// error naming a peer, and exit with the retryable code so the group is restarted.
 #[test]
 fn killing_a_rank_fails_the_others_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
@@ -435,7 +437,11 @@ fn killing_a_rank_fails_the_others_within_the_timeout() {
     let killed = std::time::Instant::now();
     let out = rank0.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "rank 0 must fail: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(trainyard_trainer::exit::RETRYABLE)),
+        "rank 0 must fail with the retryable code: {err}"
+    );
     assert!(
         err.contains("rank 1"),
         "the error names the dead peer: {err}"

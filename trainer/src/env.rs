@@ -1,0 +1,37 @@
+//! Environment variable names a replica is started with: the single source of
+//! truth for the trainer (which reads them) and the operator's planner (which
+//! sets them). torchrun's names for the process group, `TRAINYARD_*` for ours.
+
+/// This process's rank.
+pub const RANK: &str = "RANK";
+/// Number of ranks.
+pub const WORLD_SIZE: &str = "WORLD_SIZE";
+/// Rank within the node.
+pub const LOCAL_RANK: &str = "LOCAL_RANK";
+/// Host of rank 0's rendezvous store.
+pub const MASTER_ADDR: &str = "MASTER_ADDR";
+/// Port of rank 0's rendezvous store.
+pub const MASTER_PORT: &str = "MASTER_PORT";
+/// Gang-restart counter set by the operator; a process from an older attempt
+/// is refused by the rendezvous.
+pub const RUN_ATTEMPT: &str = "TRAINYARD_RUN_ATTEMPT";
+/// `namespace/name` of the TrainingJob the replica belongs to.
+pub const JOB: &str = "TRAINYARD_JOB";
+/// The replica's role in the job (`worker`, `aggregator`, `client`).
+pub const REPLICA_ROLE: &str = "TRAINYARD_REPLICA_ROLE";
+/// The trainer configuration itself, inline as JSON, when `train` is given no
+/// `--config` file (how the operator hands a replica its config).
+pub const CONFIG: &str = "TRAINYARD_CONFIG";
+
+/// Every name above: the planner refuses user env overrides of these.
+pub const RESERVED: &[&str] = &[
+    RANK,
+    WORLD_SIZE,
+    LOCAL_RANK,
+    MASTER_ADDR,
+    MASTER_PORT,
+    RUN_ATTEMPT,
+    JOB,
+    REPLICA_ROLE,
+    CONFIG,
+];
