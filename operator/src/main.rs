@@ -1,20 +1,152 @@
-//! `trainyard`: the Trainyard operator and command-line interface.
-//!
-//! The TrainingJob API, the planner, `trainyard local` and the Kubernetes
-//! controller are not built yet; until then this binary only describes itself.
+//! `trainyard`: the Trainyard command-line interface.
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use trainyard::api::{Phase, crd, validate};
+use trainyard::local::{self, LocalOptions};
 
 /// Trainyard: Kubernetes-native training orchestration.
 ///
-/// The operator and `trainyard local` are not implemented yet. To train today,
-/// use the trainer directly: `trainyard-trainer train --config FILE --out DIR`.
+/// Write a TrainingJob manifest, check it with `trainyard validate`, run it on
+/// this machine with `trainyard local`.
 #[derive(Parser)]
 #[command(version, about, long_about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    Cli::parse();
-    eprintln!("trainyard: no subcommands yet; see `trainyard --help`");
-    std::process::exit(2);
+#[derive(Subcommand)]
+enum Command {
+    /// Run a TrainingJob manifest on this machine: every replica becomes a
+    /// `trainyard-trainer` process on 127.0.0.1, planned exactly as the
+    /// operator plans pods. Exits 0 only when the job succeeded.
+    Local {
+        /// The manifest (one TrainingJob).
+        file: PathBuf,
+        /// Output directory: status.json, replicas.json, logs/, replicas/<name>/.
+        /// Rerunning with the same directory resumes the job.
+        #[arg(long, default_value = "runs/local")]
+        out: PathBuf,
+        /// The trainer binary (default: next to this program, then PATH).
+        #[arg(long)]
+        trainer: Option<PathBuf>,
+        /// Seconds a replica gets to checkpoint and exit after SIGTERM before it is killed.
+        #[arg(long, default_value_t = 30)]
+        grace_seconds: u64,
+        /// Log lines instead of a progress bar, even on a terminal.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Check manifests against the TrainingJob schema, its CEL rules and the
+    /// semantic rules; prints every problem with its field path.
+    Validate {
+        /// Manifest files (YAML; several documents per file are fine).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the TrainingJob CustomResourceDefinition (YAML), generated from the code.
+    Crd,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Crd => {
+            print!("{}", crd::yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { files } => {
+            let mut bad = 0;
+            for file in &files {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("failed to read {}", file.display()))?;
+                match validate::parse_manifests(&text) {
+                    Ok(jobs) => println!("{}: ok ({} TrainingJob)", file.display(), jobs.len()),
+                    Err(problems) => {
+                        bad += 1;
+                        for p in problems {
+                            println!("{}: {p}", file.display());
+                        }
+                    }
+                }
+            }
+            Ok(if bad == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Local {
+            file,
+            out,
+            trainer,
+            grace_seconds,
+            no_progress,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("failed to read {}", file.display()))?;
+            let mut jobs = match validate::parse_manifests(&text) {
+                Ok(jobs) => jobs,
+                Err(problems) => {
+                    for p in &problems {
+                        eprintln!("{}: {p}", file.display());
+                    }
+                    anyhow::bail!("{} is not a valid TrainingJob", file.display());
+                }
+            };
+            if jobs.len() != 1 {
+                anyhow::bail!(
+                    "{} holds {} TrainingJobs; `trainyard local` runs one",
+                    file.display(),
+                    jobs.len()
+                );
+            }
+            let job = jobs.remove(0);
+            for note in local::check_local(&job)? {
+                eprintln!("note: {note}");
+            }
+            let opts = LocalOptions {
+                out,
+                trainer: local::find_trainer(trainer)?,
+                progress_bar: !no_progress,
+                grace: Duration::from_secs(grace_seconds),
+                poll: Duration::from_millis(200),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            let outcome = runtime.block_on(local::run(job, &opts))?;
+            let status = &outcome.status;
+            eprintln!(
+                "{}: {} ({}) {}; restarts {}; status in {}",
+                file.display(),
+                status.phase,
+                status.reason,
+                status.message,
+                status.restarts,
+                opts.out.join("status.json").display()
+            );
+            Ok(match (outcome.interrupted, status.phase) {
+                (true, _) => ExitCode::from(130),
+                (false, Phase::Succeeded) => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            })
+        }
+    }
 }

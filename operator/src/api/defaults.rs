@@ -1,0 +1,203 @@
+//! Defaults of the spec. Where the trainer has the same knob, its default is
+//! the one source of truth, so a manifest and a trainer config file that omit
+//! a field train the same way.
+
+use trainyard_trainer::config as tc;
+
+use super::spec::*;
+
+pub(crate) fn lora_rank() -> u32 {
+    8
+}
+
+pub(crate) fn lora_alpha() -> f64 {
+    16.0
+}
+
+pub(crate) fn one() -> u32 {
+    1
+}
+
+/// Steps when neither `training.steps` nor `training.epochs` is given.
+pub(crate) fn steps() -> u64 {
+    tc::TrainConfig::default().steps
+}
+
+fn count(x: usize) -> u32 {
+    u32::try_from(x).expect("trainer defaults are small")
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        let m = tc::ModelConfig::default();
+        Self {
+            architecture: Architecture::SegNet,
+            widths: m.widths.into_iter().map(count).collect(),
+            convs_per_stage: count(m.convs_per_stage),
+            decoder: match m.decoder {
+                tc::DecoderKind::Unpool => Decoder::Unpool,
+                tc::DecoderKind::Nearest => Decoder::Nearest,
+            },
+            classes: count(m.classes),
+            in_channels: count(m.in_channels),
+            boundary_head: m.boundary_head,
+            boundary_loss_weight: m.boundary_loss_weight,
+        }
+    }
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        let d = tc::DataConfig::default();
+        Self {
+            shapes: Some(ShapesData::default()),
+            folder: None,
+            validation_fraction: d.val_fraction,
+            seed: d.seed,
+            noise: None,
+        }
+    }
+}
+
+impl Default for ShapesData {
+    fn default() -> Self {
+        let s = tc::ShapesConfig::default();
+        Self {
+            samples: s.samples as u64,
+            image_size: count(s.image_size),
+            max_shapes: count(s.max_shapes),
+            seed: s.seed,
+        }
+    }
+}
+
+impl Default for NoiseSpec {
+    fn default() -> Self {
+        let n = tc::NoiseConfig::default();
+        Self {
+            sigma: n.sigma,
+            probability: n.probability,
+        }
+    }
+}
+
+impl Default for TrainingSpec {
+    fn default() -> Self {
+        let t = tc::TrainConfig::default();
+        Self {
+            steps: None,
+            epochs: None,
+            batch_size: count(t.batch_size),
+            optimizer: OptimizerSpec::default(),
+            schedule: ScheduleSpec::default(),
+            seed: t.seed,
+            grad_clip_norm: t.grad_clip_norm.unwrap_or(0.0),
+            class_weights: None,
+            validate_every: t.val_every,
+            log_every: t.log_every,
+            threads: None,
+        }
+    }
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        Self {
+            kind: OptimizerKind::AdamW,
+            lr: tc::TrainConfig::default().lr,
+            weight_decay: None,
+            momentum: None,
+            nesterov: None,
+            beta1: None,
+            beta2: None,
+            eps: None,
+        }
+    }
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            warmup_steps: tc::TrainConfig::default().warmup_steps,
+            decay: Decay::Cosine,
+            final_factor: tc::CosineDecay::default().final_factor,
+            step_every: None,
+            gamma: None,
+        }
+    }
+}
+
+impl Default for DistributedSpec {
+    fn default() -> Self {
+        let t = tc::TrainConfig::default();
+        Self {
+            workers: 1,
+            gpus_per_worker: 0,
+            backend: CollectiveBackend::Auto,
+            accumulate_steps: t.accumulate_steps,
+            local_sgd: None,
+            compression: CompressionSpec::default(),
+            bucket_mib: t.bucket_mb,
+            port: 29500,
+            join_timeout_seconds: 300,
+            collective_timeout_seconds: 300,
+        }
+    }
+}
+
+impl Default for OuterOptimizerSpec {
+    fn default() -> Self {
+        let o = tc::OuterConfig::default();
+        Self {
+            lr: o.lr,
+            momentum: o.momentum,
+            nesterov: o.nesterov,
+        }
+    }
+}
+
+impl Default for CompressionSpec {
+    fn default() -> Self {
+        Self {
+            kind: CompressionKind::None,
+            ratio: None,
+        }
+    }
+}
+
+impl Default for FederatedSpec {
+    fn default() -> Self {
+        Self {
+            clients: 2,
+            min_clients: 2,
+            rounds: 10,
+            port: 29600,
+        }
+    }
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        let c = tc::CheckpointConfig::default();
+        Self {
+            interval_steps: c.every,
+            keep: count(c.keep_last),
+            location: "/var/lib/trainyard/run".into(),
+        }
+    }
+}
+
+impl Default for RunPolicy {
+    fn default() -> Self {
+        Self {
+            backoff_limit: 3,
+            active_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            clean_pod_policy: CleanPodPolicy::Running,
+            suspend: false,
+            startup_timeout_seconds: 600,
+            stall_timeout_seconds: None,
+            failure_rules: Vec::new(),
+        }
+    }
+}

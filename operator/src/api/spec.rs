@@ -1,0 +1,602 @@
+//! `TrainingJob.spec`: what the user asks for.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration, Volume, VolumeMount,
+};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::defaults as d;
+use super::status::TrainingJobStatus;
+
+/// A training run on the cluster: data-parallel training, federated learning,
+/// or parameter-efficient fine-tuning of SegNet segmentation models.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "trainyard.dev",
+    version = "v1alpha1",
+    kind = "TrainingJob",
+    plural = "trainingjobs",
+    shortname = "tj",
+    category = "trainyard",
+    namespaced,
+    status = "TrainingJobStatus",
+    derive = "PartialEq",
+    cel,
+    doc = "A training run: data-parallel training, federated learning, or parameter-efficient fine-tuning of a SegNet segmentation model.",
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"}"#,
+    printcolumn = r#"{"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    validation = Rule::new("self.mode != 'Distributed' || (has(self.distributed) && !has(self.federated) && !has(self.peft))").message("mode Distributed needs the `distributed` section and no `federated` or `peft` section"),
+    validation = Rule::new("self.mode != 'Federated' || (has(self.federated) && !has(self.distributed) && !has(self.peft))").message("mode Federated needs the `federated` section and no `distributed` or `peft` section"),
+    validation = Rule::new("self.mode != 'Peft' || (has(self.peft) && !has(self.distributed) && !has(self.federated))").message("mode Peft needs the `peft` section and no `distributed` or `federated` section"),
+    validation = Rule::new("!has(self.data) || has(self.data.shapes) != has(self.data.folder)").message("set exactly one of data.shapes and data.folder").field_path(".data"),
+    validation = Rule::new("!has(self.training) || !(has(self.training.steps) && has(self.training.epochs))").message("set at most one of training.steps and training.epochs").field_path(".training"),
+    validation = Rule::new("!has(self.training) || !has(self.training.optimizer) || self.training.optimizer.type == 'Sgd' || (!has(self.training.optimizer.momentum) && !has(self.training.optimizer.nesterov))").message("momentum and nesterov apply to optimizer type Sgd only").field_path(".training.optimizer"),
+    validation = Rule::new("!has(self.training) || !has(self.training.optimizer) || self.training.optimizer.type == 'AdamW' || (!has(self.training.optimizer.beta1) && !has(self.training.optimizer.beta2) && !has(self.training.optimizer.eps))").message("beta1, beta2 and eps apply to optimizer type AdamW only").field_path(".training.optimizer"),
+    validation = Rule::new("!has(self.training) || !has(self.training.schedule) || self.training.schedule.decay != 'Step' || (has(self.training.schedule.stepEvery) && has(self.training.schedule.gamma))").message("decay Step needs stepEvery and gamma").field_path(".training.schedule"),
+    validation = Rule::new("!has(self.distributed) || self.distributed.backend != 'Nccl' || self.distributed.gpusPerWorker > 0").message("backend Nccl needs gpusPerWorker >= 1").field_path(".distributed.backend"),
+    validation = Rule::new("!has(self.distributed) || !has(self.distributed.localSgd) || self.distributed.accumulateSteps == 1").message("localSgd and accumulateSteps > 1 cannot be combined").field_path(".distributed.localSgd"),
+    validation = Rule::new("!has(self.distributed) || !has(self.distributed.compression) || (self.distributed.compression.type == 'TopK') == has(self.distributed.compression.ratio)").message("ratio is required with compression type TopK and allowed only there").field_path(".distributed.compression"),
+    validation = Rule::new("!has(self.federated) || self.federated.minClients <= self.federated.clients").message("minClients must not exceed clients").field_path(".federated.minClients"),
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrainingJobSpec {
+    /// What kind of training this is. Exactly the matching section
+    /// (`distributed`, `federated` or `peft`) must be set.
+    pub mode: Mode,
+    /// Container image with the `trainyard-trainer` binary.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// The network to train.
+    #[serde(default)]
+    pub model: ModelSpec,
+    /// Where samples come from, how they are split, and input noise.
+    #[serde(default)]
+    pub data: DataSpec,
+    /// Length of training, batch size, optimiser, learning-rate schedule.
+    #[serde(default)]
+    pub training: TrainingSpec,
+    /// Data-parallel training across workers (mode Distributed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributed: Option<DistributedSpec>,
+    /// An aggregator and clients that keep their data (mode Federated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<FederatedSpec>,
+    /// Train a small adapter on a frozen base checkpoint (mode Peft).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft: Option<PeftSpec>,
+    /// Checkpoint cadence, retention and location.
+    #[serde(default)]
+    pub checkpoints: CheckpointSpec,
+    /// CPU and memory of each replica's trainer container. GPUs come from
+    /// `distributed.gpusPerWorker`, not from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Additions to every replica's pod: labels, scheduling, volumes, env.
+    #[serde(default)]
+    pub template: PodTemplateOverrides,
+    /// Restarts, deadlines, clean-up and suspension.
+    #[serde(default)]
+    pub run_policy: RunPolicy,
+}
+
+/// The kind of training.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Data-parallel training: every worker trains on its shard and gradients
+    /// (or parameters) are averaged.
+    Distributed,
+    /// Federated learning: clients train on their own data, an aggregator
+    /// combines their updates.
+    Federated,
+    /// Parameter-efficient fine-tuning (LoRA) of a base checkpoint.
+    Peft,
+}
+
+/// The SegNet family of encoder-decoder segmentation networks.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ModelSpec {
+    /// Network family.
+    pub architecture: Architecture,
+    /// Channels of each encoder stage; the decoder mirrors them.
+    #[schemars(length(min = 1, max = 8), inner(range(min = 1, max = 4096)))]
+    pub widths: Vec<u32>,
+    /// 3x3 conv, batch-norm, ReLU blocks per stage.
+    #[schemars(range(min = 1, max = 8))]
+    pub convs_per_stage: u32,
+    /// How the decoder upsamples.
+    pub decoder: Decoder,
+    /// Semantic classes, background included.
+    #[schemars(range(min = 2, max = 255))]
+    pub classes: u32,
+    /// Input image channels (3 for RGB).
+    #[schemars(range(min = 1, max = 64))]
+    pub in_channels: u32,
+    /// Also train a per-pixel instance-boundary head (enables panoptic quality).
+    pub boundary_head: bool,
+    /// Weight of the boundary loss relative to the segmentation loss.
+    #[schemars(range(min = 0.0))]
+    pub boundary_loss_weight: f64,
+}
+
+/// Network family.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Architecture {
+    /// SegNet: encoder max-pooling saves argmax indices, the decoder unpools with them.
+    #[default]
+    SegNet,
+}
+
+/// How the decoder upsamples.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Decoder {
+    /// Max-unpooling with the encoder's argmax indices (SegNet).
+    #[default]
+    Unpool,
+    /// Nearest-neighbour 2x upsampling.
+    Nearest,
+}
+
+/// Where samples come from.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DataSpec {
+    /// Synthetic shapes generated deterministically by every replica (no
+    /// download, no volume). Set exactly one of `shapes` and `folder`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shapes: Option<ShapesData>,
+    /// Images and masks in a directory of the container (mount it through
+    /// `template.volumes` and `template.volumeMounts`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub folder: Option<FolderData>,
+    /// Fraction of samples held out for validation.
+    #[schemars(range(min = 0.0, max = 0.9))]
+    pub validation_fraction: f64,
+    /// Seed of the train/validation split and the per-epoch shuffle.
+    pub seed: u64,
+    /// Gaussian noise added to training inputs (training with noise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noise: Option<NoiseSpec>,
+}
+
+/// The synthetic shapes dataset: circles, rectangles and triangles on noise.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ShapesData {
+    /// Samples, training and validation together.
+    #[schemars(range(min = 2, max = 10000000))]
+    pub samples: u64,
+    /// Image height and width in pixels (a multiple of 2 per encoder stage).
+    #[schemars(range(min = 8, max = 4096))]
+    pub image_size: u32,
+    /// Most shapes per image.
+    #[schemars(range(min = 1, max = 64))]
+    pub max_shapes: u32,
+    /// Generator seed: the same seed gives the same samples on every replica.
+    pub seed: u64,
+}
+
+/// A dataset directory: `images/*.png|jpg` and `masks/*.png` with equal file stems.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FolderData {
+    /// Absolute path inside the container.
+    #[schemars(length(min = 1))]
+    pub path: String,
+}
+
+/// Additive Gaussian input noise.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct NoiseSpec {
+    /// Standard deviation in units of normalised intensity (0..1).
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub sigma: f64,
+    /// Probability that a training sample gets noise.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub probability: f64,
+}
+
+/// Length of training and optimisation.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TrainingSpec {
+    /// Optimiser steps. Set at most one of `steps` and `epochs`; with neither,
+    /// 1000 steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub steps: Option<u64>,
+    /// Passes over the training split, turned into steps from the dataset
+    /// size, the global batch and the accumulation (needs `data.shapes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub epochs: Option<u64>,
+    /// Samples per micro-batch on each replica.
+    #[schemars(range(min = 1, max = 65536))]
+    pub batch_size: u32,
+    /// The optimiser.
+    pub optimizer: OptimizerSpec,
+    /// Learning-rate warm-up and decay.
+    pub schedule: ScheduleSpec,
+    /// Seed of parameter initialisation and noise.
+    pub seed: u64,
+    /// Clip gradients to this global L2 norm; 0 disables clipping.
+    #[schemars(range(min = 0.0))]
+    pub grad_clip_norm: f64,
+    /// Per-class loss weights, one per `model.classes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_weights: Option<Vec<f64>>,
+    /// Validate every this many steps (and at the end); 0 only at the end.
+    pub validate_every: u64,
+    /// Log a training row every this many steps.
+    #[schemars(range(min = 1))]
+    pub log_every: u64,
+    /// Compute threads per replica; absent means one per available core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub threads: Option<u32>,
+}
+
+/// Optimiser and its hyper-parameters (PyTorch semantics).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OptimizerSpec {
+    /// Algorithm.
+    #[serde(rename = "type")]
+    pub kind: OptimizerKind,
+    /// Peak learning rate.
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub lr: f64,
+    /// Weight decay (decoupled for AdamW, an L2 term for Sgd). Default 1e-4
+    /// for AdamW, 0 for Sgd.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub weight_decay: Option<f64>,
+    /// Sgd momentum factor (default 0.9).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub momentum: Option<f64>,
+    /// Sgd with Nesterov momentum (default false).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nesterov: Option<bool>,
+    /// AdamW first-moment decay (default 0.9).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta1: Option<f64>,
+    /// AdamW second-moment decay (default 0.999).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta2: Option<f64>,
+    /// AdamW denominator epsilon (default 1e-8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub eps: Option<f64>,
+}
+
+/// Optimiser algorithm.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OptimizerKind {
+    /// Adam with decoupled weight decay.
+    #[default]
+    AdamW,
+    /// Stochastic gradient descent with optional (Nesterov) momentum.
+    Sgd,
+}
+
+/// Learning-rate schedule: linear warm-up, then decay.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ScheduleSpec {
+    /// Steps of linear warm-up from 0 to the peak learning rate.
+    pub warmup_steps: u64,
+    /// Decay after warm-up.
+    pub decay: Decay,
+    /// Cosine: learning rate at the last step as a fraction of the peak.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub final_factor: f64,
+    /// Step: steps between decays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub step_every: Option<u64>,
+    /// Step: multiplicative factor per decay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub gamma: Option<f64>,
+}
+
+/// Decay after warm-up.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Decay {
+    /// Cosine to `finalFactor` × peak at the last step.
+    #[default]
+    Cosine,
+    /// Multiply by `gamma` every `stepEvery` steps.
+    Step,
+    /// Keep the peak.
+    Constant,
+}
+
+/// Data-parallel training across workers.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DistributedSpec {
+    /// Worker replicas (one process each); worker 0 is rank 0.
+    #[schemars(range(min = 1, max = 4096))]
+    pub workers: u32,
+    /// GPUs per worker (`nvidia.com/gpu`); 0 trains on CPU.
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus_per_worker: u32,
+    /// All-reduce implementation: Auto picks Nccl with GPUs and Tcp without.
+    pub backend: CollectiveBackend,
+    /// Micro-batches per optimiser step, with one all-reduce per step
+    /// (delayed synchronisation by gradient accumulation).
+    #[schemars(range(min = 1, max = 4096))]
+    pub accumulate_steps: u64,
+    /// Local SGD: workers step on their own and synchronise parameters every
+    /// `every` steps.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_sgd: Option<LocalSgdSpec>,
+    /// Gradient compression on the wire.
+    pub compression: CompressionSpec,
+    /// Gradients are all-reduced in flat buckets of at most this many MiB.
+    #[schemars(range(min = 0.001, max = 4096.0))]
+    pub bucket_mib: f64,
+    /// Port of rank 0's rendezvous store (MASTER_PORT).
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: u16,
+    /// Seconds every worker waits for the whole group to join.
+    #[schemars(range(min = 1, max = 86400))]
+    pub join_timeout_seconds: u64,
+    /// Seconds a collective may stall before a peer is declared dead and the
+    /// worker exits with a retryable code.
+    #[schemars(range(min = 1, max = 86400))]
+    pub collective_timeout_seconds: u64,
+}
+
+/// All-reduce implementation.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CollectiveBackend {
+    /// Nccl when `gpusPerWorker` > 0, otherwise Tcp.
+    #[default]
+    Auto,
+    /// NVIDIA NCCL on GPUs.
+    Nccl,
+    /// Ring all-reduce over TCP on CPU.
+    Tcp,
+}
+
+/// Local SGD (delayed parameter synchronisation).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalSgdSpec {
+    /// Steps between parameter synchronisations (H).
+    #[schemars(range(min = 1, max = 1000000))]
+    pub every: u64,
+    /// Apply the averaged change through an outer optimiser (DiLoCo); absent
+    /// means plain parameter averaging.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer: Option<OuterOptimizerSpec>,
+}
+
+/// Outer optimiser of local SGD: SGD with (Nesterov) momentum on the averaged change.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct OuterOptimizerSpec {
+    /// Outer learning rate.
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub lr: f64,
+    /// Outer momentum.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+}
+
+/// Gradient compression.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CompressionSpec {
+    /// Wire format of gradients.
+    #[serde(rename = "type")]
+    pub kind: CompressionKind,
+    /// TopK: fraction of gradient entries each worker sends per step (the
+    /// rest is kept as error feedback).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub ratio: Option<f64>,
+}
+
+/// Wire format of gradients.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CompressionKind {
+    /// Full f32.
+    #[default]
+    None,
+    /// IEEE half precision.
+    Fp16,
+    /// bfloat16.
+    Bf16,
+    /// Top-k sparsification with error feedback.
+    TopK,
+}
+
+/// Federated learning: what the planner needs to lay out replicas.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct FederatedSpec {
+    /// Client replicas, each with its own data partition.
+    #[schemars(range(min = 1, max = 10000))]
+    pub clients: u32,
+    /// Fewest client updates that complete a round.
+    #[schemars(range(min = 1, max = 10000))]
+    pub min_clients: u32,
+    /// Aggregation rounds.
+    #[schemars(range(min = 1, max = 1000000))]
+    pub rounds: u64,
+    /// Port the aggregator listens on.
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: u16,
+}
+
+/// Parameter-efficient fine-tuning: adapter basics.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeftSpec {
+    /// safetensors checkpoint with the base model's weights, inside the container.
+    #[schemars(length(min = 1))]
+    pub base_checkpoint: String,
+    /// LoRA rank r.
+    #[serde(default = "d::lora_rank")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: u32,
+    /// LoRA alpha (scale α/r).
+    #[serde(default = "d::lora_alpha")]
+    #[schemars(range(min = 0.0))]
+    pub alpha: f64,
+    /// Module names (exact or suffix) that get adapters.
+    #[serde(default)]
+    pub target_modules: Vec<String>,
+    /// Worker replicas (data-parallel fine-tuning).
+    #[serde(default = "d::one")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub workers: u32,
+}
+
+/// Checkpoint cadence, retention and location.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CheckpointSpec {
+    /// Checkpoint every this many steps (and at the end); 0 only at the end.
+    pub interval_steps: u64,
+    /// Most recent checkpoints to keep.
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep: u32,
+    /// Directory inside the container for run outputs; each replica writes
+    /// below `<location>/<replica>`, and a gang restart resumes from what
+    /// worker 0 wrote there. Mount a persistent volume at this path, or a
+    /// restart starts over. `trainyard local` uses its `--out` directory instead.
+    #[schemars(length(min = 1))]
+    pub location: String,
+}
+
+/// Additions to every replica's pod.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PodTemplateOverrides {
+    /// Extra pod labels (Trainyard's own labels win on conflict).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra pod annotations.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Node labels the pods must match.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations, e.g. for GPU node taints.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod affinity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Pod volumes (datasets, checkpoint storage).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Mounts of `volumes` into the trainer container.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Extra environment variables of the trainer container. Names Trainyard
+    /// sets itself (RANK, WORLD_SIZE, MASTER_ADDR, TRAINYARD_*, ...) are refused.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Secrets for pulling the image.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Service account of the pods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    /// Priority class of the pods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Scheduler of the pods (e.g. volcano); gang gating is then left to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler_name: Option<String>,
+}
+
+/// Restarts, deadlines, clean-up and suspension.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RunPolicy {
+    /// Gang restarts allowed after retryable failures before the job fails.
+    /// The count never resets (not on suspend, not when pods are deleted).
+    #[schemars(range(min = 0, max = 1000))]
+    pub backoff_limit: u32,
+    /// Seconds the job may run (since it started or was last resumed) before
+    /// it fails with DeadlineExceeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<u64>,
+    /// Seconds after the job finished before it is deleted; absent keeps it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<u64>,
+    /// Which replicas are deleted when the job finishes.
+    pub clean_pod_policy: CleanPodPolicy,
+    /// Stop every replica and keep the job (resume by setting false; the
+    /// deadline restarts on resume).
+    pub suspend: bool,
+    /// Seconds a gang may take from creation until every replica runs; then
+    /// it is torn down and retried (counts against backoffLimit).
+    #[schemars(range(min = 1))]
+    pub startup_timeout_seconds: u64,
+    /// Seconds without training progress while Running before the gang is
+    /// restarted (counts against backoffLimit); absent disables it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub stall_timeout_seconds: Option<u64>,
+    /// How replica exit codes are classified, first match wins. Unmatched
+    /// codes follow the default: 75 (the trainer's "peer failed") and 128-255
+    /// (killed by a signal) are retryable, every other code fails the job.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failure_rules: Vec<FailureRule>,
+}
+
+/// Which replicas are deleted when the job finishes.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CleanPodPolicy {
+    /// Delete every replica.
+    All,
+    /// Delete replicas still running or pending; keep finished ones for their logs.
+    #[default]
+    Running,
+    /// Delete nothing.
+    None,
+}
+
+/// Classifies replica exit codes.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailureRule {
+    /// Exit codes this rule matches.
+    #[schemars(length(min = 1), inner(range(min = 1, max = 255)))]
+    pub exit_codes: Vec<i32>,
+    /// What a matching failure does.
+    pub action: FailureAction,
+}
+
+/// What a failure does to the job.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureAction {
+    /// Restart the whole gang from the last checkpoint (counts against backoffLimit).
+    RestartGang,
+    /// Fail the job at once.
+    FailJob,
+}

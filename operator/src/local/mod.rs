@@ -1,0 +1,548 @@
+//! `trainyard local`: one manifest, run on this machine.
+//!
+//! The same planner as on a cluster; replicas become child processes of
+//! `trainyard-trainer` on 127.0.0.1 with the env a pod would get. The loop is
+//! observe → [`plan`] → act, every `poll` interval:
+//! - observe: which children exited and how, and the leader's progress;
+//! - act: spawn, stop (SIGTERM, then SIGKILL after a grace period), report.
+//!
+//! Outputs under `--out`: `status.json` (what `.status` would hold on a
+//! cluster), `replicas.json` (pid and state of every child), `logs/<replica>.log`,
+//! and each replica's run directory. A rerun with the same `--out` continues
+//! the job (its attempt and restart count included) instead of starting over.
+
+pub mod progress;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use k8s_openapi::jiff::Timestamp;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::Serialize;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::api::{Phase, TrainingJob, TrainingJobStatus};
+use crate::plan::{self, Action, EventType, Observation, ObservedReplica, Placement, ReplicaState};
+use progress::MetricsTail;
+
+/// The trainer's binary name.
+pub const TRAINER_BIN: &str = "trainyard-trainer";
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Output directory.
+    pub out: PathBuf,
+    /// The `trainyard-trainer` binary.
+    pub trainer: PathBuf,
+    /// Draw a progress bar (on a terminal) instead of log lines.
+    pub progress_bar: bool,
+    /// Time between SIGTERM and SIGKILL when stopping a replica.
+    pub grace: Duration,
+    /// Time between planning rounds.
+    pub poll: Duration,
+}
+
+/// How a local run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Final status.
+    pub status: TrainingJobStatus,
+    /// Stopped by SIGINT/SIGTERM before the job finished.
+    pub interrupted: bool,
+}
+
+/// Finds `trainyard-trainer`: the given path, else next to this executable,
+/// else on PATH.
+pub fn find_trainer(explicit: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(path) = explicit {
+        if path.is_file() {
+            return Ok(path);
+        }
+        bail!("--trainer {}: no such file", path.display());
+    }
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(TRAINER_BIN)));
+    if let Some(path) = beside.as_ref().filter(|p| p.is_file()) {
+        return Ok(path.clone());
+    }
+    if let Some(path) = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(TRAINER_BIN))
+        .find(|p| p.is_file())
+    {
+        return Ok(path);
+    }
+    bail!(
+        "could not find {TRAINER_BIN} next to this program or on PATH; build it with \
+         `cargo build --release -p trainyard-trainer` or pass --trainer PATH"
+    )
+}
+
+/// What can run locally beyond what `trainyard validate` checks.
+pub fn check_local(job: &TrainingJob) -> anyhow::Result<Vec<String>> {
+    let t = &job.spec.template;
+    if let Some(i) = t.env.iter().position(|e| e.value_from.is_some()) {
+        bail!(
+            "spec.template.env[{i}].valueFrom: references Kubernetes objects, which `trainyard local` cannot resolve; use a literal value"
+        );
+    }
+    let mut notes = Vec::new();
+    if !t.volumes.is_empty() || !t.volume_mounts.is_empty() {
+        notes.push(
+            "spec.template.volumes/volumeMounts do not apply locally: paths in the spec are read on this machine".to_string(),
+        );
+    }
+    notes.push(format!(
+        "spec.checkpoints.location ({}) does not apply locally: run directories go under --out",
+        job.spec.checkpoints.location
+    ));
+    if job.spec.run_policy.ttl_seconds_after_finished.is_some() {
+        notes.push("spec.runPolicy.ttlSecondsAfterFinished does not apply locally: the run ends when the job does".into());
+    }
+    Ok(notes)
+}
+
+struct Child {
+    attempt: u32,
+    process: tokio::process::Child,
+    pid: u32,
+    exited: Option<ReplicaState>,
+    stopping: Option<Instant>,
+}
+
+#[derive(Serialize)]
+struct ReplicaRecord<'a> {
+    name: &'a str,
+    attempt: u32,
+    pid: u32,
+    state: String,
+}
+
+/// Runs `job` to a terminal phase (or until interrupted).
+pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Outcome> {
+    let out = absolute(&opts.out)?;
+    std::fs::create_dir_all(out.join("logs"))
+        .with_context(|| format!("failed to create {}", out.display()))?;
+    let name = job.metadata.name.clone().unwrap_or_default();
+    job.metadata
+        .namespace
+        .get_or_insert_with(|| "default".into());
+    job.metadata.generation.get_or_insert(1);
+    let status_path = out.join("status.json");
+    if let Some(previous) = load_status(&status_path, &name)? {
+        if previous.phase.is_terminal() {
+            bail!(
+                "{} says job {name} already {}: {}; choose another --out to run it again",
+                status_path.display(),
+                previous.phase,
+                previous.message
+            );
+        }
+        job.status = Some(previous);
+    }
+    let threads = thread_hint(&job);
+    let master_port = free_port()?;
+    let placement = Placement::Local {
+        master_port,
+        out_root: out.join("replicas").display().to_string(),
+    };
+    let leader_dir = plan::replicas::desired(&job, 0, &placement)
+        .map(|gang| PathBuf::from(&gang[0].out_dir))
+        .unwrap_or_default();
+    let mut tail = MetricsTail::new(leader_dir);
+    let mut children: BTreeMap<String, Child> = BTreeMap::new();
+    let mut interrupt = signal(SignalKind::interrupt()).context("failed to watch SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("failed to watch SIGTERM")?;
+    let ui = Ui::new(opts.progress_bar);
+    let mut last_written = None;
+    let mut last_records = String::new();
+    loop {
+        observe(&mut children);
+        let observation = Observation {
+            replicas: children
+                .iter()
+                .map(|(name, c)| ObservedReplica {
+                    name: name.clone(),
+                    attempt: c.attempt,
+                    state: c.exited.clone().unwrap_or(ReplicaState::Running),
+                })
+                .collect(),
+            progress: tail.poll(),
+        };
+        let decision = plan::plan(&job, &observation, Timestamp::now(), &placement);
+        for action in decision.actions {
+            match action {
+                Action::Create(replica) => {
+                    let child = spawn(&opts.trainer, &replica, &out, threads)?;
+                    children.insert(replica.name.clone(), child);
+                }
+                Action::Delete { name } => stop(&mut children, &name),
+                Action::Event {
+                    kind,
+                    reason,
+                    message,
+                } => ui.event(kind, &reason, &message),
+                // Nothing outlives a local run, so there is nothing to delete.
+                Action::DeleteJob => {}
+            }
+        }
+        escalate(&mut children, opts.grace);
+        let status = decision.status;
+        ui.progress(&status);
+        if last_written.as_ref() != Some(&status) {
+            write_json(&status_path, &status)?;
+            last_written = Some(status.clone());
+        }
+        let records = serde_json::to_string_pretty(&records(&children))?;
+        if records != last_records {
+            write_atomic(&out.join("replicas.json"), records.as_bytes())?;
+            last_records = records;
+        }
+        let finished = status.phase.is_terminal();
+        job.status = Some(status);
+        if finished
+            && children
+                .values()
+                .all(|c| c.exited.is_some() || c.stopping.is_some())
+        {
+            shutdown(&mut children, opts.grace).await;
+            ui.finish();
+            let status = job.status.take().unwrap_or_default();
+            return Ok(Outcome {
+                status,
+                interrupted: false,
+            });
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(opts.poll) => {}
+            _ = interrupt.recv() => return interrupted(job, &mut children, opts, &status_path, &ui).await,
+            _ = terminate.recv() => return interrupted(job, &mut children, opts, &status_path, &ui).await,
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM: stop every replica gracefully (the trainer checkpoints
+/// on SIGTERM) and leave the job suspended, so a rerun resumes it without
+/// spending a restart.
+async fn interrupted(
+    mut job: TrainingJob,
+    children: &mut BTreeMap<String, Child>,
+    opts: &LocalOptions,
+    status_path: &Path,
+    ui: &Ui,
+) -> anyhow::Result<Outcome> {
+    ui.event(
+        EventType::Warning,
+        "Interrupted",
+        "stopping every replica (they checkpoint first)",
+    );
+    let names: Vec<String> = children.keys().cloned().collect();
+    for name in names {
+        stop(children, &name);
+    }
+    shutdown(children, opts.grace).await;
+    let mut status = job.status.take().unwrap_or_default();
+    if !status.phase.is_terminal() {
+        status.phase = Phase::Suspended;
+        status.reason = "Interrupted".into();
+        status.message =
+            "interrupted on this machine; run `trainyard local` again with the same --out to resume"
+                .into();
+    }
+    write_json(status_path, &status)?;
+    ui.finish();
+    Ok(Outcome {
+        status,
+        interrupted: true,
+    })
+}
+
+fn observe(children: &mut BTreeMap<String, Child>) {
+    for c in children.values_mut() {
+        if c.exited.is_none()
+            && let Ok(Some(status)) = c.process.try_wait()
+        {
+            c.exited = Some(if status.success() {
+                ReplicaState::Succeeded
+            } else {
+                match (status.code(), status.signal()) {
+                    (Some(code), _) => ReplicaState::Failed {
+                        exit_code: Some(code),
+                        reason: Some("Error".into()),
+                    },
+                    // As the kubelet reports it: 128 + signal.
+                    (None, Some(sig)) => ReplicaState::Failed {
+                        exit_code: Some(128 + sig),
+                        reason: Some(signal_name(sig)),
+                    },
+                    (None, None) => ReplicaState::Failed {
+                        exit_code: None,
+                        reason: None,
+                    },
+                }
+            });
+        }
+    }
+    // A replica we asked to stop is gone once it exits, as a deleted pod is.
+    children.retain(|_, c| !(c.stopping.is_some() && c.exited.is_some()));
+}
+
+fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
+}
+
+fn spawn(
+    trainer: &Path,
+    replica: &plan::Replica,
+    out: &Path,
+    threads: Option<usize>,
+) -> anyhow::Result<Child> {
+    let log_path = out.join("logs").join(format!("{}.log", replica.name));
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("failed to open {}", log_path.display()))?;
+    writeln!(
+        log,
+        "==> attempt {}: {} {}",
+        replica.attempt,
+        trainer.display(),
+        replica.args.join(" ")
+    )?;
+    let mut cmd = tokio::process::Command::new(trainer);
+    cmd.args(&replica.args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Own process group: a Ctrl-C reaches only us, and we stop the
+        // replicas in order (graceful first).
+        .process_group(0)
+        .kill_on_drop(true);
+    for var in &replica.env {
+        cmd.env(&var.name, var.value.as_deref().unwrap_or(""));
+    }
+    if let Some(n) = threads {
+        cmd.env("RAYON_NUM_THREADS", n.to_string());
+    }
+    let process = cmd
+        .spawn()
+        .with_context(|| format!("failed to start {} for {}", trainer.display(), replica.name))?;
+    let pid = process.id().unwrap_or(0);
+    Ok(Child {
+        attempt: replica.attempt,
+        process,
+        pid,
+        exited: None,
+        stopping: None,
+    })
+}
+
+fn stop(children: &mut BTreeMap<String, Child>, name: &str) {
+    let Some(c) = children.get_mut(name) else {
+        return;
+    };
+    if c.exited.is_some() {
+        children.remove(name);
+        return;
+    }
+    if c.stopping.is_none() {
+        c.stopping = Some(Instant::now());
+        if let Ok(pid) = i32::try_from(c.pid) {
+            // Already gone is fine: the next observation sees the exit.
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+}
+
+fn escalate(children: &mut BTreeMap<String, Child>, grace: Duration) {
+    for c in children.values_mut() {
+        if c.exited.is_none() && c.stopping.is_some_and(|t| t.elapsed() >= grace) {
+            let _ = c.process.start_kill();
+        }
+    }
+}
+
+/// Waits for stopping replicas (killing them after `grace`) and kills any
+/// that still run: nothing outlives `trainyard local`.
+async fn shutdown(children: &mut BTreeMap<String, Child>, grace: Duration) {
+    let names: Vec<String> = children
+        .iter()
+        .filter(|(_, c)| c.exited.is_none() && c.stopping.is_none())
+        .map(|(n, _)| n.clone())
+        .collect();
+    for name in names {
+        stop(children, &name);
+    }
+    let deadline = Instant::now() + grace;
+    for c in children.values_mut() {
+        if c.exited.is_some() {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, c.process.wait()).await.is_err() {
+            let _ = c.process.start_kill();
+            let _ = c.process.wait().await;
+        }
+    }
+    children.clear();
+}
+
+fn records(children: &BTreeMap<String, Child>) -> Vec<ReplicaRecord<'_>> {
+    children
+        .iter()
+        .map(|(name, c)| ReplicaRecord {
+            name,
+            attempt: c.attempt,
+            pid: c.pid,
+            state: match (&c.exited, c.stopping) {
+                (Some(ReplicaState::Succeeded), _) => "Succeeded".into(),
+                (Some(ReplicaState::Failed { exit_code, .. }), _) => {
+                    format!(
+                        "Failed({})",
+                        exit_code.map_or("?".into(), |c| c.to_string())
+                    )
+                }
+                (_, Some(_)) => "Stopping".into(),
+                _ => "Running".into(),
+            },
+        })
+        .collect()
+}
+
+/// Threads per replica when the spec leaves it open: the cores shared by the
+/// replicas, so two workers on two cores do not fight over them.
+fn thread_hint(job: &TrainingJob) -> Option<usize> {
+    if job.spec.training.threads.is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let replicas = plan::config::world_size(&job.spec) as usize;
+    Some((cores / replicas.max(1)).max(1))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("failed to find a free port on 127.0.0.1")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    if path.is_absolute() {
+        Ok(path.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(path))
+    }
+}
+
+fn load_status(path: &Path, name: &str) -> anyhow::Result<Option<TrainingJobStatus>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("failed to read {}", path.display())),
+    };
+    let status: TrainingJobStatus = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a status this version wrote; move it away to start job {name} over",
+            path.display()
+        )
+    })?;
+    Ok(Some(status))
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
+    let mut text = serde_json::to_string_pretty(value)?;
+    text.push('\n');
+    write_atomic(path, text.as_bytes())
+}
+
+/// Write-then-rename, so a crash never leaves a half-written file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("failed to write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Progress bar on a terminal, log lines elsewhere.
+struct Ui {
+    bar: Option<ProgressBar>,
+    last_line: std::cell::Cell<Option<(Instant, u64)>>,
+}
+
+impl Ui {
+    fn new(progress_bar: bool) -> Self {
+        let bar = (progress_bar && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
+                )
+                .expect("a valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self {
+            bar,
+            last_line: std::cell::Cell::new(None),
+        }
+    }
+
+    fn event(&self, kind: EventType, reason: &str, message: &str) {
+        let level = match kind {
+            EventType::Normal => "info",
+            EventType::Warning => "warn",
+        };
+        let line = format!("{level} {reason}: {message}");
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn progress(&self, status: &TrainingJobStatus) {
+        let Some(p) = &status.progress else { return };
+        let mut detail = format!("{} ", status.phase);
+        if let Some(loss) = p.loss {
+            detail.push_str(&format!("loss {loss:.4} "));
+        }
+        if let Some(sps) = p.samples_per_second {
+            detail.push_str(&format!("{sps:.1} samples/s "));
+        }
+        if let Some(m) = p.metric {
+            detail.push_str(&format!("val mIoU {m:.3} "));
+        }
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(p.total_steps);
+                bar.set_position(p.step);
+                bar.set_message(detail);
+            }
+            None => {
+                let due = self.last_line.get().is_none_or(|(at, step)| {
+                    step != p.step && at.elapsed() >= Duration::from_secs(5)
+                });
+                if due {
+                    eprintln!("progress step {}/{} {detail}", p.step, p.total_steps);
+                    self.last_line.set(Some((Instant::now(), p.step)));
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

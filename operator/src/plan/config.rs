@@ -1,0 +1,292 @@
+//! The trainer configuration a replica receives, derived from the spec.
+//!
+//! The spec is the public, versioned API (camelCase, Kubernetes conventions);
+//! [`TrainerConfig`] is the trainer's own file format. This is the one place
+//! that maps one onto the other.
+
+use trainyard_trainer::config::{self as tc, TrainerConfig};
+
+use crate::api::{self, TrainingJobSpec};
+
+/// Why a spec cannot become a trainer config.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigProblem {
+    /// Spec field path, e.g. `spec.training.epochs`.
+    pub path: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Data-parallel replicas that train (and share each optimiser step).
+pub fn world_size(spec: &TrainingJobSpec) -> u32 {
+    match spec.mode {
+        api::Mode::Distributed => spec.distributed.as_ref().map_or(1, |d| d.workers),
+        api::Mode::Peft => spec.peft.as_ref().map_or(1, |p| p.workers),
+        // Each client trains alone; the aggregator does not train.
+        api::Mode::Federated => 1,
+    }
+}
+
+/// Optimiser steps the job runs: `training.steps`, or `training.epochs`
+/// turned into steps from the dataset size and the global batch.
+pub fn total_steps(spec: &TrainingJobSpec) -> Result<u64, ConfigProblem> {
+    let t = &spec.training;
+    match (t.steps, t.epochs) {
+        (Some(steps), _) => Ok(steps),
+        (None, None) => Ok(api::defaults_steps()),
+        (None, Some(epochs)) => {
+            let Some(shapes) = &spec.data.shapes else {
+                return Err(ConfigProblem {
+                    path: "spec.training.epochs".into(),
+                    message: "needs a dataset whose size is known when the job is planned \
+                              (data.shapes); give training.steps for data.folder"
+                        .into(),
+                });
+            };
+            let n = usize::try_from(shapes.samples).unwrap_or(usize::MAX);
+            let train = n - tc::validation_count(n, spec.data.validation_fraction);
+            let accumulate = spec.distributed.as_ref().map_or(1, |d| d.accumulate_steps);
+            let per_step =
+                u64::from(spec.training.batch_size) * u64::from(world_size(spec)) * accumulate;
+            Ok((epochs * train as u64).div_ceil(per_step).max(1))
+        }
+    }
+}
+
+/// The config every training replica of this job gets.
+pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigProblem> {
+    let m = &spec.model;
+    let model = tc::ModelConfig {
+        widths: m.widths.iter().map(|&w| w as usize).collect(),
+        convs_per_stage: m.convs_per_stage as usize,
+        decoder: match m.decoder {
+            api::Decoder::Unpool => tc::DecoderKind::Unpool,
+            api::Decoder::Nearest => tc::DecoderKind::Nearest,
+        },
+        classes: m.classes as usize,
+        in_channels: m.in_channels as usize,
+        boundary_head: m.boundary_head,
+        boundary_loss_weight: m.boundary_loss_weight,
+    };
+    let d = &spec.data;
+    let data = tc::DataConfig {
+        shapes: d.shapes.as_ref().map(|s| tc::ShapesConfig {
+            samples: usize::try_from(s.samples).unwrap_or(usize::MAX),
+            image_size: s.image_size as usize,
+            max_shapes: s.max_shapes as usize,
+            seed: s.seed,
+        }),
+        folder: d.folder.as_ref().map(|f| tc::FolderConfig {
+            path: f.path.clone().into(),
+        }),
+        val_fraction: d.validation_fraction,
+        seed: d.seed,
+        noise: d.noise.as_ref().map(|n| tc::NoiseConfig {
+            sigma: n.sigma,
+            probability: n.probability,
+        }),
+    };
+    let t = &spec.training;
+    let o = &t.optimizer;
+    let optimizer = match o.kind {
+        api::OptimizerKind::AdamW => {
+            let base = tc::AdamWConfig::default();
+            tc::OptimizerConfig::AdamW(tc::AdamWConfig {
+                beta1: o.beta1.unwrap_or(base.beta1),
+                beta2: o.beta2.unwrap_or(base.beta2),
+                eps: o.eps.unwrap_or(base.eps),
+                weight_decay: o.weight_decay.unwrap_or(base.weight_decay),
+            })
+        }
+        api::OptimizerKind::Sgd => {
+            let base = tc::SgdConfig::default();
+            tc::OptimizerConfig::Sgd(tc::SgdConfig {
+                momentum: o.momentum.unwrap_or(base.momentum),
+                nesterov: o.nesterov.unwrap_or(base.nesterov),
+                weight_decay: o.weight_decay.unwrap_or(base.weight_decay),
+            })
+        }
+    };
+    let s = &t.schedule;
+    let decay = match s.decay {
+        api::Decay::Constant => tc::DecayConfig::Constant,
+        api::Decay::Cosine => tc::DecayConfig::Cosine(tc::CosineDecay {
+            final_factor: s.final_factor,
+        }),
+        api::Decay::Step => tc::DecayConfig::Step(tc::StepDecay {
+            every: s.step_every.unwrap_or(0),
+            gamma: s.gamma.unwrap_or(0.0),
+        }),
+    };
+    let dist = spec.distributed.clone().unwrap_or_default();
+    let (compression, topk) = match dist.compression.kind {
+        api::CompressionKind::None => (tc::Compression::None, None),
+        api::CompressionKind::Fp16 => (tc::Compression::Fp16, None),
+        api::CompressionKind::Bf16 => (tc::Compression::Bf16, None),
+        api::CompressionKind::TopK => (
+            tc::Compression::None,
+            Some(tc::TopKConfig {
+                ratio: dist.compression.ratio.unwrap_or(0.0),
+            }),
+        ),
+    };
+    let steps = total_steps(spec)?;
+    let defaults = tc::TrainConfig::default();
+    let train = tc::TrainConfig {
+        steps,
+        batch_size: t.batch_size as usize,
+        accumulate_steps: dist.accumulate_steps,
+        lr: o.lr,
+        warmup_steps: s.warmup_steps,
+        decay,
+        optimizer,
+        grad_clip_norm: (t.grad_clip_norm > 0.0).then_some(t.grad_clip_norm),
+        compression,
+        topk,
+        bucket_mb: dist.bucket_mib,
+        local_sgd: dist.local_sgd.as_ref().map(|l| tc::LocalSgdConfig {
+            every: l.every,
+            outer: l.outer.as_ref().map(|o| tc::OuterConfig {
+                lr: o.lr,
+                momentum: o.momentum,
+                nesterov: o.nesterov,
+            }),
+        }),
+        class_weights: t.class_weights.clone(),
+        val_every: t.validate_every,
+        log_every: t.log_every,
+        seed: t.seed,
+        threads: t.threads.map(|n| n as usize),
+        throughput_warmup_steps: defaults.throughput_warmup_steps.min(steps / 2),
+    };
+    let checkpoint = tc::CheckpointConfig {
+        every: spec.checkpoints.interval_steps,
+        keep_last: spec.checkpoints.keep as usize,
+    };
+    let config = TrainerConfig {
+        model,
+        data,
+        train,
+        checkpoint,
+    };
+    // The trainer's own checks are the last word on what it can run; name
+    // the spec field behind the trainer's.
+    config.validate().map_err(|e| match e {
+        tc::ConfigError::Invalid { field, message }
+        | tc::ConfigError::Schema { field, message } => ConfigProblem {
+            path: spec_path(&field),
+            message,
+        },
+        other => ConfigProblem {
+            path: "spec".into(),
+            message: other.to_string(),
+        },
+    })?;
+    Ok(config)
+}
+
+/// The spec field behind a trainer config field (longest known prefix wins).
+fn spec_path(trainer_field: &str) -> String {
+    const MAP: &[(&str, &str)] = &[
+        ("model.convs_per_stage", "spec.model.convsPerStage"),
+        ("model.in_channels", "spec.model.inChannels"),
+        (
+            "model.boundary_loss_weight",
+            "spec.model.boundaryLossWeight",
+        ),
+        ("model", "spec.model"),
+        ("data.shapes.image_size", "spec.data.shapes.imageSize"),
+        ("data.shapes.max_shapes", "spec.data.shapes.maxShapes"),
+        ("data.val_fraction", "spec.data.validationFraction"),
+        ("data", "spec.data"),
+        ("train.steps", "spec.training.steps"),
+        ("train.batch_size", "spec.training.batchSize"),
+        ("train.accumulate_steps", "spec.distributed.accumulateSteps"),
+        ("train.lr", "spec.training.optimizer.lr"),
+        ("train.warmup_steps", "spec.training.schedule.warmupSteps"),
+        (
+            "train.decay.final_factor",
+            "spec.training.schedule.finalFactor",
+        ),
+        ("train.decay.every", "spec.training.schedule.stepEvery"),
+        ("train.decay.gamma", "spec.training.schedule.gamma"),
+        (
+            "train.optimizer.weight_decay",
+            "spec.training.optimizer.weightDecay",
+        ),
+        ("train.optimizer", "spec.training.optimizer"),
+        ("train.grad_clip_norm", "spec.training.gradClipNorm"),
+        ("train.class_weights", "spec.training.classWeights"),
+        ("train.bucket_mb", "spec.distributed.bucketMib"),
+        ("train.topk", "spec.distributed.compression.ratio"),
+        ("train.compression", "spec.distributed.compression"),
+        ("train.local_sgd", "spec.distributed.localSgd"),
+        ("train.val_every", "spec.training.validateEvery"),
+        ("train.log_every", "spec.training.logEvery"),
+        ("train.threads", "spec.training.threads"),
+        ("train", "spec.training"),
+        ("checkpoint.every", "spec.checkpoints.intervalSteps"),
+        ("checkpoint.keep_last", "spec.checkpoints.keep"),
+        ("checkpoint", "spec.checkpoints"),
+    ];
+    MAP.iter()
+        .find(|(prefix, _)| {
+            trainer_field == *prefix || trainer_field.starts_with(&format!("{prefix}."))
+        })
+        .map_or_else(|| "spec".into(), |(_, path)| (*path).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{DistributedSpec, Mode, TrainingJobSpec};
+
+    fn spec() -> TrainingJobSpec {
+        serde_yaml::from_str("mode: Distributed\nimage: trainer:dev\ndistributed: {workers: 2}\n")
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_equal_the_trainers_own_defaults() {
+        let config = trainer_config(&spec()).unwrap();
+        let base = TrainerConfig::default();
+        assert_eq!(config.model, base.model);
+        assert_eq!(config.data, base.data);
+        assert_eq!(config.checkpoint, base.checkpoint);
+        assert_eq!(config.train, base.train);
+    }
+
+    #[test]
+    fn epochs_become_steps_over_the_global_batch() {
+        let mut s = spec();
+        s.training.epochs = Some(3);
+        s.training.batch_size = 16;
+        s.data.shapes.as_mut().unwrap().samples = 1000;
+        s.data.validation_fraction = 0.1;
+        s.distributed = Some(DistributedSpec {
+            workers: 2,
+            accumulate_steps: 2,
+            ..Default::default()
+        });
+        // 900 training samples, 64 per step: ceil(2700 / 64) = 43.
+        assert_eq!(total_steps(&s).unwrap(), 43);
+        s.data.shapes = None;
+        s.data.folder = Some(crate::api::FolderData {
+            path: "/data".into(),
+        });
+        let e = total_steps(&s).unwrap_err();
+        assert_eq!(e.path, "spec.training.epochs");
+    }
+
+    #[test]
+    fn trainer_rejections_name_the_spec_field() {
+        let mut s = spec();
+        s.data.shapes.as_mut().unwrap().image_size = 36;
+        let e = trainer_config(&s).unwrap_err();
+        assert!(e.path.starts_with("spec."), "{e}");
+        assert_eq!(world_size(&s), 2);
+        s.mode = Mode::Federated;
+        assert_eq!(world_size(&s), 1);
+    }
+}

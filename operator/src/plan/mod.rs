@@ -1,0 +1,728 @@
+//! The planner: `(job, observed replicas, now) → (desired replicas, status, actions)`.
+//!
+//! Pure and deterministic: no clock, no I/O. The Kubernetes controller and
+//! `trainyard local` both observe, call [`plan`], and carry out the actions,
+//! so a job behaves the same on a cluster and on a laptop.
+//!
+//! # Transition table
+//!
+//! Checked top to bottom each time; the first row that applies wins. "Gang"
+//! is every replica of the current attempt; "fail", "restart" and "succeed"
+//! are the single functions every path goes through.
+//!
+//! | from | event | to | actions |
+//! |---|---|---|---|
+//! | Succeeded, Failed | any | (same) | delete replicas per `cleanPodPolicy`; after `ttlSecondsAfterFinished`, delete the job |
+//! | any other | spec cannot become a trainer config | Failed (InvalidSpec) | cleanup |
+//! | any other | `suspend: true` | Suspended | delete every replica |
+//! | Suspended | `suspend: false` | Pending, attempt + 1, deadline reset | create the gang |
+//! | Pending, Running, Restarting | `activeDeadlineSeconds` passed | Failed (DeadlineExceeded) | cleanup |
+//! | Pending, Running | leader replica succeeded | Succeeded | cleanup |
+//! | Pending, Running | a replica failed with a permanent exit code | Failed (ReplicaFailed) | cleanup |
+//! | Pending | a replica cannot pull its image or build its container | Failed (ImagePullFailed / CreateContainerConfigError) | cleanup |
+//! | Pending, Running | a replica failed with a retryable exit code | restart (ReplicaFailed) | |
+//! | Running | a gang member vanished or is no longer running | restart (ReplicaLost) | |
+//! | Running | no progress for `stallTimeoutSeconds` | restart (Stalled) | |
+//! | Pending | gang not running `startupTimeoutSeconds` after creation | restart (StartupTimeout) | |
+//! | Pending | every gang member running | Running (GangRunning) | |
+//! | Pending, Running | otherwise | (same) | create missing gang members, delete replicas of older attempts |
+//! | Restarting | replicas remain | Restarting | delete them |
+//! | Restarting | none remain, backoff over | Pending, attempt + 1 | create the gang |
+//!
+//! restart = `restarts < backoffLimit` ? Restarting (restarts + 1, backoff
+//! 1 s · 2^(restarts−1), at most 60 s; delete every replica) : Failed (BackoffLimitExceeded).
+//! Exit codes: `runPolicy.failureRules` first; otherwise 75 (the trainer's
+//! "a peer failed") and 128–255 (killed by a signal) are retryable, the rest permanent.
+
+pub mod config;
+pub mod replicas;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use trainyard_trainer::exit;
+
+use crate::api::{
+    CheckpointRef, CleanPodPolicy, FailureAction, Phase, Progress, ReplicaCounts, TrainingJob,
+    TrainingJobStatus,
+};
+pub use replicas::{Placement, Replica, Role};
+
+/// What a replica is doing, as observed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplicaState {
+    /// Created, not running yet. `reason` is the container's waiting reason
+    /// (`ErrImagePull`, `ContainerCreating`, ...), when there is one.
+    Pending {
+        /// Waiting reason.
+        reason: Option<String>,
+        /// Waiting message.
+        message: Option<String>,
+    },
+    /// Running (and ready, when it has a readiness signal).
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited non-zero, or was killed (`exit_code` 128 + signal), or vanished
+    /// from its node (`exit_code` None).
+    Failed {
+        /// Exit code, if one is known.
+        exit_code: Option<i32>,
+        /// Short cause (`Error`, `OOMKilled`, `Evicted`, ...).
+        reason: Option<String>,
+    },
+}
+
+/// One replica that exists.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservedReplica {
+    /// Its name.
+    pub name: String,
+    /// The attempt it was created for.
+    pub attempt: u32,
+    /// What it is doing.
+    pub state: ReplicaState,
+}
+
+/// Latest progress reported by the job's leader.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProgressReport {
+    /// Completed steps.
+    pub step: u64,
+    /// Latest training loss.
+    pub loss: Option<f64>,
+    /// Latest validation mIoU.
+    pub metric: Option<f64>,
+    /// Throughput of the whole job.
+    pub samples_per_second: Option<f64>,
+    /// Newest checkpoint.
+    pub last_checkpoint: Option<CheckpointRef>,
+}
+
+/// Everything the planner is told about the world.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observation {
+    /// Every replica of the job that exists, of any attempt.
+    pub replicas: Vec<ObservedReplica>,
+    /// Latest progress, if any was reported.
+    pub progress: Option<ProgressReport>,
+}
+
+/// Normal or warning, as Kubernetes Events have it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// A expected transition.
+    Normal,
+    /// A failure or a restart.
+    Warning,
+}
+
+/// Something to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start this replica.
+    Create(Replica),
+    /// Stop and remove a replica (graceful: SIGTERM, then a kill).
+    Delete {
+        /// Replica name.
+        name: String,
+    },
+    /// Record an event for people (Kubernetes Event, local log line).
+    Event {
+        /// Normal or warning.
+        kind: EventType,
+        /// CamelCase reason.
+        reason: String,
+        /// Human-readable message.
+        message: String,
+    },
+    /// The job's TTL after finishing has passed: delete the job itself.
+    DeleteJob,
+}
+
+/// The planner's decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The status to write.
+    pub status: TrainingJobStatus,
+    /// The replicas that should exist now (the current attempt's gang, or
+    /// none when the job is suspended, restarting or finished).
+    pub desired: Vec<Replica>,
+    /// What to do, in order.
+    pub actions: Vec<Action>,
+    /// Plan again after this long at the latest (a timer is due), even if
+    /// nothing changes.
+    pub requeue_after: Option<Duration>,
+}
+
+/// Decides what should happen next. Total: every input yields a plan.
+pub fn plan(
+    job: &TrainingJob,
+    observed: &Observation,
+    now: Timestamp,
+    placement: &Placement,
+) -> Plan {
+    let mut p = Planner {
+        job,
+        observed,
+        now,
+        status: job.status.clone().unwrap_or_default(),
+        actions: Vec::new(),
+        desired: Vec::new(),
+        timers: Vec::new(),
+    };
+    p.status.observed_generation = job.metadata.generation;
+    p.merge_progress();
+    p.step(placement);
+    p.status.replicas = p.counts();
+    if let Some(progress) = &mut p.status.progress {
+        progress.summary = summary(progress);
+    }
+    Plan {
+        requeue_after: p.timers.iter().min().copied(),
+        status: p.status,
+        desired: p.desired,
+        actions: p.actions,
+    }
+}
+
+struct Planner<'a> {
+    job: &'a TrainingJob,
+    observed: &'a Observation,
+    now: Timestamp,
+    status: TrainingJobStatus,
+    actions: Vec<Action>,
+    desired: Vec<Replica>,
+    timers: Vec<Duration>,
+}
+
+/// Longest wait between gang restarts.
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
+
+/// Waiting reasons that never resolve on their own.
+const STUCK_REASONS: &[(&str, &str)] = &[
+    ("ErrImagePull", "ImagePullFailed"),
+    ("ImagePullBackOff", "ImagePullFailed"),
+    ("InvalidImageName", "ImagePullFailed"),
+    ("CreateContainerConfigError", "CreateContainerConfigError"),
+];
+
+impl Planner<'_> {
+    fn step(&mut self, placement: &Placement) {
+        let phase = self.status.phase;
+        if phase.is_terminal() {
+            self.finished();
+            return;
+        }
+        let attempt = self.status.attempt;
+        let gang = match replicas::desired(self.job, attempt, placement) {
+            Ok(gang) => gang,
+            Err(e) => {
+                self.fail("InvalidSpec", &e.to_string());
+                return;
+            }
+        };
+        if self.job.spec.run_policy.suspend {
+            self.suspend();
+            return;
+        }
+        if phase == Phase::Suspended {
+            self.status.attempt += 1;
+            self.status.start_time = None;
+            self.status.attempt_start_time = None;
+            self.status.running_since = None;
+            self.transition(
+                Phase::Pending,
+                "Resumed",
+                "resumed; the deadline starts again",
+            );
+            // The resumed gang is the next attempt's; plan it afresh.
+            self.step(placement);
+            return;
+        }
+        if self.deadline_passed() {
+            return;
+        }
+        match phase {
+            Phase::Restarting => self.restarting(placement),
+            Phase::Pending | Phase::Running => self.active(gang),
+            Phase::Suspended | Phase::Succeeded | Phase::Failed => unreachable!("handled above"),
+        }
+    }
+
+    fn active(&mut self, gang: Vec<Replica>) {
+        let attempt = self.status.attempt;
+        if self.status.start_time.is_none() {
+            self.status.start_time = Some(Time(self.now));
+        }
+        if self.status.attempt_start_time.is_none() {
+            self.status.attempt_start_time = Some(Time(self.now));
+        }
+        let current: BTreeMap<&str, &ReplicaState> = self
+            .observed
+            .replicas
+            .iter()
+            .filter(|r| r.attempt == attempt)
+            .map(|r| (r.name.as_str(), &r.state))
+            .collect();
+        let leader = &gang[0].name;
+        if matches!(current.get(leader.as_str()), Some(ReplicaState::Succeeded)) {
+            self.succeed(&format!("{leader} finished"));
+            return;
+        }
+        // Permanent failures win over retryable ones: restarting cannot help.
+        let mut retryable = Vec::new();
+        for r in &gang {
+            if let Some(ReplicaState::Failed { exit_code, reason }) = current.get(r.name.as_str()) {
+                let what = describe_exit(&r.name, *exit_code, reason.as_deref());
+                match self.classify(*exit_code) {
+                    FailureAction::FailJob => {
+                        self.fail("ReplicaFailed", &format!("{what}, which is not retryable"));
+                        return;
+                    }
+                    // "A peer failed" is the echo of another replica's
+                    // failure: name the cause first.
+                    FailureAction::RestartGang => {
+                        let echo = *exit_code == Some(i32::from(exit::RETRYABLE));
+                        retryable.push((echo, what));
+                    }
+                }
+            }
+            if let Some(ReplicaState::Pending {
+                reason: Some(reason),
+                message,
+            }) = current.get(r.name.as_str())
+                && let Some((_, job_reason)) = STUCK_REASONS.iter().find(|(w, _)| w == reason)
+            {
+                let detail = message.as_deref().unwrap_or("");
+                self.fail(
+                    job_reason,
+                    &format!("{} is stuck in {reason}: {detail}", r.name),
+                );
+                return;
+            }
+        }
+        if !retryable.is_empty() {
+            retryable.sort_by_key(|(echo, _)| *echo);
+            let what: Vec<String> = retryable.into_iter().map(|(_, w)| w).collect();
+            self.restart("ReplicaFailed", &what.join(", "));
+            return;
+        }
+        // A follower may finish a moment before the leader does.
+        let up = |r: &Replica| {
+            matches!(
+                current.get(r.name.as_str()),
+                Some(ReplicaState::Running | ReplicaState::Succeeded)
+            )
+        };
+        let all_running = gang.iter().all(up);
+        if self.status.phase == Phase::Running && !all_running {
+            let lost: Vec<&str> = gang
+                .iter()
+                .filter(|r| !up(r))
+                .map(|r| r.name.as_str())
+                .collect();
+            self.restart(
+                "ReplicaLost",
+                &format!("{} stopped running without an exit code", lost.join(", ")),
+            );
+            return;
+        }
+        if self.status.phase == Phase::Running && self.stalled() {
+            return;
+        }
+        if self.status.phase == Phase::Pending {
+            let timeout = Duration::from_secs(self.job.spec.run_policy.startup_timeout_seconds);
+            let since = self
+                .status
+                .attempt_start_time
+                .as_ref()
+                .map_or(self.now, |t| t.0);
+            let left = remaining(since, timeout, self.now);
+            if !all_running && left.is_zero() {
+                self.restart(
+                    "StartupTimeout",
+                    &format!(
+                        "the gang was not running {}s after it was created",
+                        timeout.as_secs()
+                    ),
+                );
+                return;
+            }
+            if !all_running {
+                self.timers.push(left);
+            }
+        }
+        // Stale replicas of older attempts must go before they confuse the
+        // gang, and before new ones take their names.
+        let mut stale = false;
+        for r in &self.observed.replicas {
+            if r.attempt != attempt {
+                stale = true;
+                self.actions.push(Action::Delete {
+                    name: r.name.clone(),
+                });
+            }
+        }
+        if stale {
+            self.timers.push(Duration::from_secs(1));
+            self.desired = gang;
+            return;
+        }
+        let missing: Vec<Replica> = gang
+            .iter()
+            .filter(|r| !current.contains_key(r.name.as_str()))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            self.event(
+                EventType::Normal,
+                "Creating",
+                format!(
+                    "creating {} of {} replicas of attempt {attempt}",
+                    missing.len(),
+                    gang.len()
+                ),
+            );
+            self.actions.extend(missing.into_iter().map(Action::Create));
+        }
+        if all_running && self.status.phase == Phase::Pending {
+            self.status.running_since = Some(Time(self.now));
+            self.transition(
+                Phase::Running,
+                "GangRunning",
+                &format!(
+                    "all {} replicas of attempt {attempt} are running",
+                    gang.len()
+                ),
+            );
+            self.stalled();
+        }
+        self.desired = gang;
+    }
+
+    fn restarting(&mut self, placement: &Placement) {
+        if !self.observed.replicas.is_empty() {
+            for r in &self.observed.replicas {
+                self.actions.push(Action::Delete {
+                    name: r.name.clone(),
+                });
+            }
+            self.timers.push(Duration::from_secs(1));
+            return;
+        }
+        if let Some(after) = &self.status.restart_after {
+            let left = remaining(after.0, Duration::ZERO, self.now);
+            if !left.is_zero() {
+                self.timers.push(left);
+                return;
+            }
+        }
+        self.status.attempt += 1;
+        self.status.attempt_start_time = Some(Time(self.now));
+        self.status.running_since = None;
+        self.status.restart_after = None;
+        let attempt = self.status.attempt;
+        self.transition(
+            Phase::Pending,
+            "Restarted",
+            &format!("starting attempt {attempt} from the last checkpoint"),
+        );
+        match replicas::desired(self.job, attempt, placement) {
+            Ok(gang) => self.active(gang),
+            Err(e) => self.fail("InvalidSpec", &e.to_string()),
+        }
+    }
+
+    fn classify(&self, exit_code: Option<i32>) -> FailureAction {
+        let Some(code) = exit_code else {
+            // Vanished with its node or evicted: the process did nothing wrong.
+            return FailureAction::RestartGang;
+        };
+        if let Some(rule) = self
+            .job
+            .spec
+            .run_policy
+            .failure_rules
+            .iter()
+            .find(|r| r.exit_codes.contains(&code))
+        {
+            return rule.action;
+        }
+        if code == i32::from(exit::RETRYABLE) || (128..=255).contains(&code) {
+            FailureAction::RestartGang
+        } else {
+            FailureAction::FailJob
+        }
+    }
+
+    fn deadline_passed(&mut self) -> bool {
+        let (Some(limit), Some(start)) = (
+            self.job.spec.run_policy.active_deadline_seconds,
+            self.status.start_time.as_ref(),
+        ) else {
+            return false;
+        };
+        let left = remaining(start.0, Duration::from_secs(limit), self.now);
+        if left.is_zero() {
+            self.fail(
+                "DeadlineExceeded",
+                &format!("the job ran longer than activeDeadlineSeconds ({limit}s)"),
+            );
+            return true;
+        }
+        self.timers.push(left);
+        false
+    }
+
+    fn stalled(&mut self) -> bool {
+        let Some(limit) = self.job.spec.run_policy.stall_timeout_seconds else {
+            return false;
+        };
+        let running = self.status.running_since.as_ref().map(|t| t.0);
+        let progressed = self
+            .status
+            .progress
+            .as_ref()
+            .and_then(|p| p.updated_time.as_ref())
+            .map(|t| t.0);
+        let Some(since) = running.into_iter().chain(progressed).max() else {
+            return false;
+        };
+        let left = remaining(since, Duration::from_secs(limit), self.now);
+        if left.is_zero() {
+            self.restart(
+                "Stalled",
+                &format!("no training progress for {limit}s (stallTimeoutSeconds)"),
+            );
+            return true;
+        }
+        self.timers.push(left);
+        false
+    }
+
+    fn restart(&mut self, reason: &str, message: &str) {
+        let limit = self.job.spec.run_policy.backoff_limit;
+        if self.status.restarts >= limit {
+            self.fail(
+                "BackoffLimitExceeded",
+                &format!("{message}; no restarts left (backoffLimit {limit} reached)"),
+            );
+            return;
+        }
+        self.status.restarts += 1;
+        let backoff = restart_backoff(self.status.restarts);
+        self.status.restart_after = Some(Time(add(self.now, backoff)));
+        self.transition(
+            Phase::Restarting,
+            reason,
+            &format!(
+                "{message}; restarting the gang (restart {} of at most {limit})",
+                self.status.restarts
+            ),
+        );
+        for r in &self.observed.replicas {
+            self.actions.push(Action::Delete {
+                name: r.name.clone(),
+            });
+        }
+        self.timers.push(backoff);
+    }
+
+    fn suspend(&mut self) {
+        if self.status.phase != Phase::Suspended {
+            self.transition(Phase::Suspended, "Suspended", "runPolicy.suspend is true");
+        }
+        for r in &self.observed.replicas {
+            self.actions.push(Action::Delete {
+                name: r.name.clone(),
+            });
+        }
+    }
+
+    fn succeed(&mut self, message: &str) {
+        self.status.completion_time = Some(Time(self.now));
+        self.transition(Phase::Succeeded, "Completed", message);
+        self.finished();
+    }
+
+    fn fail(&mut self, reason: &str, message: &str) {
+        self.status.completion_time = Some(Time(self.now));
+        self.transition(Phase::Failed, reason, message);
+        self.finished();
+    }
+
+    /// The one clean-up path of every terminal state.
+    fn finished(&mut self) {
+        let policy = self.job.spec.run_policy.clean_pod_policy;
+        for r in &self.observed.replicas {
+            let delete = match policy {
+                CleanPodPolicy::All => true,
+                CleanPodPolicy::Running => {
+                    matches!(
+                        r.state,
+                        ReplicaState::Pending { .. } | ReplicaState::Running
+                    )
+                }
+                CleanPodPolicy::None => false,
+            };
+            if delete {
+                self.actions.push(Action::Delete {
+                    name: r.name.clone(),
+                });
+            }
+        }
+        if let (Some(ttl), Some(done)) = (
+            self.job.spec.run_policy.ttl_seconds_after_finished,
+            self.status.completion_time.as_ref(),
+        ) {
+            let left = remaining(done.0, Duration::from_secs(ttl), self.now);
+            if left.is_zero() {
+                self.actions.push(Action::DeleteJob);
+            } else {
+                self.timers.push(left);
+            }
+        }
+    }
+
+    fn transition(&mut self, phase: Phase, reason: &str, message: &str) {
+        let kind = match phase {
+            Phase::Failed | Phase::Restarting => EventType::Warning,
+            _ => EventType::Normal,
+        };
+        self.status.phase = phase;
+        self.status.reason = reason.into();
+        self.status.message = message.into();
+        set_condition(
+            &mut self.status.conditions,
+            phase,
+            reason,
+            message,
+            self.job.metadata.generation,
+            self.now,
+        );
+        self.event(kind, reason, message.into());
+    }
+
+    fn event(&mut self, kind: EventType, reason: &str, message: String) {
+        self.actions.push(Action::Event {
+            kind,
+            reason: reason.into(),
+            message,
+        });
+    }
+
+    fn merge_progress(&mut self) {
+        let Some(report) = &self.observed.progress else {
+            return;
+        };
+        let total = config::total_steps(&self.job.spec).unwrap_or(0);
+        let progress = self.status.progress.get_or_insert_with(Progress::default);
+        if report.step > progress.step || progress.updated_time.is_none() {
+            progress.updated_time = Some(Time(self.now));
+        }
+        progress.step = report.step;
+        progress.total_steps = total;
+        progress.loss = report.loss.or(progress.loss);
+        progress.metric = report.metric.or(progress.metric);
+        progress.samples_per_second = report.samples_per_second.or(progress.samples_per_second);
+        if report.last_checkpoint.is_some() {
+            progress.last_checkpoint = report.last_checkpoint.clone();
+        }
+    }
+
+    fn counts(&self) -> ReplicaCounts {
+        let mut c = ReplicaCounts::default();
+        for r in self
+            .observed
+            .replicas
+            .iter()
+            .filter(|r| r.attempt == self.status.attempt)
+        {
+            match r.state {
+                ReplicaState::Pending { .. } => c.active += 1,
+                ReplicaState::Running => {
+                    c.active += 1;
+                    c.ready += 1;
+                }
+                ReplicaState::Succeeded => c.succeeded += 1,
+                ReplicaState::Failed { .. } => c.failed += 1,
+            }
+        }
+        c
+    }
+}
+
+/// Condition types mirror phases; exactly the current phase's is True.
+fn set_condition(
+    conditions: &mut Vec<Condition>,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    for c in conditions.iter_mut() {
+        if c.type_ != phase.as_str() && c.status == "True" {
+            c.status = "False".into();
+            c.last_transition_time = Time(now);
+            c.observed_generation = generation;
+        }
+    }
+    let condition = Condition {
+        type_: phase.as_str().into(),
+        status: "True".into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: Time(now),
+    };
+    match conditions.iter_mut().find(|c| c.type_ == phase.as_str()) {
+        Some(c) if c.status == "True" => {
+            c.reason = condition.reason;
+            c.message = condition.message;
+            c.observed_generation = generation;
+        }
+        Some(c) => *c = condition,
+        None => conditions.push(condition),
+    }
+}
+
+fn describe_exit(name: &str, exit_code: Option<i32>, reason: Option<&str>) -> String {
+    let reason = reason.map(|r| format!(" ({r})")).unwrap_or_default();
+    match exit_code {
+        Some(code) => format!("{name} exited with code {code}{reason}"),
+        None => format!("{name} disappeared{reason}"),
+    }
+}
+
+/// Wait before restart number `n` (1-based): 1 s, 2 s, 4 s, ... up to a minute.
+pub fn restart_backoff(n: u32) -> Duration {
+    let secs = 1u64.checked_shl(n.saturating_sub(1)).unwrap_or(u64::MAX);
+    Duration::from_secs(secs).min(MAX_RESTART_BACKOFF)
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    let d = SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX);
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+/// Time left until `since + limit`, zero when it has passed.
+fn remaining(since: Timestamp, limit: Duration, now: Timestamp) -> Duration {
+    let due = add(since, limit);
+    let left = now.duration_until(due);
+    Duration::try_from(left).unwrap_or(Duration::ZERO)
+}
+
+fn summary(p: &Progress) -> String {
+    if p.total_steps == 0 {
+        return format!("step {}", p.step);
+    }
+    let pct = (p.step.min(p.total_steps) * 100) / p.total_steps;
+    format!("{pct}% {}/{}", p.step, p.total_steps)
+}

@@ -1,0 +1,270 @@
+//! The replicas a job needs: abstract descriptions that the Kubernetes side
+//! turns into Pods and the local side into processes.
+
+use k8s_openapi::api::core::v1::EnvVar;
+use trainyard_trainer::env;
+
+use super::config::{self, ConfigProblem};
+use crate::api::{Mode, TrainingJob};
+
+/// What a replica does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// A data-parallel trainer (Distributed and Peft modes).
+    Worker,
+    /// The federated aggregator.
+    Aggregator,
+    /// A federated client.
+    Client,
+}
+
+impl Role {
+    /// Lower-case name used in replica names, labels and env.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Worker => "worker",
+            Self::Aggregator => "aggregator",
+            Self::Client => "client",
+        }
+    }
+}
+
+/// Where replicas run, which decides addresses and paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Pods behind the job's headless Service (named like the job).
+    Kubernetes,
+    /// Child processes on 127.0.0.1 (`trainyard local`).
+    Local {
+        /// Free port for rank 0's rendezvous store (ports in the spec are for pods).
+        master_port: u16,
+        /// Directory under which each replica gets its run directory.
+        out_root: String,
+    },
+}
+
+/// One replica, abstractly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replica {
+    /// Unique within the namespace: `<job>-<role>-<index>`.
+    pub name: String,
+    /// What it does.
+    pub role: Role,
+    /// Index within its role (the rank for workers).
+    pub index: u32,
+    /// The run attempt it belongs to.
+    pub attempt: u32,
+    /// Arguments of `trainyard-trainer`.
+    pub args: Vec<String>,
+    /// Environment: Trainyard's variables first, then the user's.
+    pub env: Vec<EnvVar>,
+    /// `nvidia.com/gpu` to request.
+    pub gpus: u32,
+    /// Named container ports.
+    pub ports: Vec<(String, u16)>,
+    /// Its run directory, as it sees it.
+    pub out_dir: String,
+}
+
+/// Port of the trainer's Prometheus endpoint in pods.
+pub const METRICS_PORT: u16 = 9400;
+
+/// The name of replica `index` of `role` in job `job`.
+pub fn replica_name(job: &str, role: Role, index: u32) -> String {
+    format!("{job}-{role}-{index}", role = role.as_str())
+}
+
+/// The replica whose success means the job succeeded (rank 0, or the aggregator).
+pub fn leader(mode: Mode) -> Role {
+    match mode {
+        Mode::Federated => Role::Aggregator,
+        Mode::Distributed | Mode::Peft => Role::Worker,
+    }
+}
+
+/// Every replica of `attempt`, in a fixed order (leader first).
+pub fn desired(
+    job: &TrainingJob,
+    attempt: u32,
+    placement: &Placement,
+) -> Result<Vec<Replica>, ConfigProblem> {
+    let spec = &job.spec;
+    let name = job.metadata.name.as_deref().unwrap_or("job");
+    let namespace = job.metadata.namespace.as_deref().unwrap_or("default");
+    let trainer_config = config::trainer_config(spec)?;
+    let config_json = serde_json::to_string(&trainer_config).expect("a config serializes");
+    let (leader_role, leader_port, followers, follower_role) = match spec.mode {
+        Mode::Distributed | Mode::Peft => {
+            let port = spec.distributed.as_ref().map_or(29500, |d| d.port);
+            (Role::Worker, port, config::world_size(spec), Role::Worker)
+        }
+        Mode::Federated => {
+            let f = spec.federated.clone().unwrap_or_default();
+            (Role::Aggregator, f.port, f.clients, Role::Client)
+        }
+    };
+    let leader_host = match placement {
+        Placement::Kubernetes => format!(
+            "{}.{name}.{namespace}.svc",
+            replica_name(name, leader_role, 0)
+        ),
+        Placement::Local { .. } => "127.0.0.1".into(),
+    };
+    let master_port = match placement {
+        Placement::Kubernetes => leader_port,
+        Placement::Local { master_port, .. } => *master_port,
+    };
+    let dist = spec.distributed.clone().unwrap_or_default();
+    let mut layout: Vec<(Role, u32)> = Vec::new();
+    if leader_role == Role::Aggregator {
+        layout.push((Role::Aggregator, 0));
+    }
+    layout.extend((0..followers).map(|i| (follower_role, i)));
+
+    let replicas = layout
+        .into_iter()
+        .map(|(role, index)| {
+            let replica = replica_name(name, role, index);
+            let out_dir = match placement {
+                Placement::Kubernetes => format!("{}/{replica}", spec.checkpoints.location),
+                Placement::Local { out_root, .. } => format!("{out_root}/{replica}"),
+            };
+            let var = |k: &str, v: String| EnvVar {
+                name: k.into(),
+                value: Some(v),
+                value_from: None,
+            };
+            let mut vars = vec![
+                var(env::JOB, format!("{namespace}/{name}")),
+                var(env::REPLICA_ROLE, role.as_str().into()),
+                var(env::RUN_ATTEMPT, attempt.to_string()),
+                var(env::MASTER_ADDR, leader_host.clone()),
+                var(env::MASTER_PORT, master_port.to_string()),
+                var(env::LOCAL_RANK, "0".into()),
+                var(env::CONFIG, config_json.clone()),
+            ];
+            match role {
+                Role::Worker | Role::Client => {
+                    vars.push(var(env::RANK, index.to_string()));
+                    vars.push(var(env::WORLD_SIZE, followers.to_string()));
+                }
+                Role::Aggregator => {}
+            }
+            vars.extend(spec.template.env.iter().cloned());
+            let mut args: Vec<String> = match role {
+                Role::Worker => vec![
+                    "train".into(),
+                    "--out".into(),
+                    out_dir.clone(),
+                    // A fresh run directory starts fresh; after a gang restart
+                    // rank 0 continues from its newest checkpoint.
+                    "--resume".into(),
+                    "--join-timeout".into(),
+                    dist.join_timeout_seconds.to_string(),
+                    "--collective-timeout".into(),
+                    dist.collective_timeout_seconds.to_string(),
+                ],
+                Role::Aggregator => vec!["aggregate".into(), "--out".into(), out_dir.clone()],
+                Role::Client => vec!["client".into(), "--out".into(), out_dir.clone()],
+            };
+            let mut ports = Vec::new();
+            if *placement == Placement::Kubernetes {
+                args.push("--metrics-addr".into());
+                args.push(format!("0.0.0.0:{METRICS_PORT}"));
+                ports.push(("metrics".into(), METRICS_PORT));
+                if role == leader_role && index == 0 {
+                    ports.push(("rendezvous".into(), leader_port));
+                }
+            }
+            Replica {
+                name: replica,
+                role,
+                index,
+                attempt,
+                args,
+                env: vars,
+                gpus: if role == Role::Worker {
+                    dist.gpus_per_worker
+                } else {
+                    0
+                },
+                ports,
+                out_dir,
+            }
+        })
+        .collect();
+    Ok(replicas)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::validate::parse_manifests;
+
+    fn job() -> TrainingJob {
+        parse_manifests(
+            "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: seg, namespace: ml}\nspec:\n  mode: Distributed\n  image: t:1\n  distributed: {workers: 3}\n  template: {env: [{name: EXTRA, value: '1'}]}\n",
+        )
+        .unwrap()
+        .remove(0)
+    }
+
+    fn get<'a>(r: &'a Replica, name: &str) -> &'a str {
+        r.env
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+            .unwrap_or_else(|| panic!("{name} not set on {}", r.name))
+    }
+
+    #[test]
+    fn workers_get_torchrun_env_and_stable_names() {
+        let rs = desired(&job(), 2, &Placement::Kubernetes).unwrap();
+        let names: Vec<_> = rs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["seg-worker-0", "seg-worker-1", "seg-worker-2"]);
+        for (i, r) in rs.iter().enumerate() {
+            assert_eq!(get(r, env::RANK), i.to_string());
+            assert_eq!(get(r, env::WORLD_SIZE), "3");
+            assert_eq!(get(r, env::MASTER_ADDR), "seg-worker-0.seg.ml.svc");
+            assert_eq!(get(r, env::MASTER_PORT), "29500");
+            assert_eq!(get(r, env::RUN_ATTEMPT), "2");
+            assert_eq!(get(r, env::JOB), "ml/seg");
+            assert_eq!(get(r, "EXTRA"), "1");
+            let config: trainyard_trainer::config::TrainerConfig =
+                serde_json::from_str(get(r, env::CONFIG)).unwrap();
+            config.validate().unwrap();
+            assert!(r.args.contains(&"--resume".to_string()));
+        }
+        assert!(rs[0].ports.iter().any(|(n, _)| n == "rendezvous"));
+        assert!(!rs[1].ports.iter().any(|(n, _)| n == "rendezvous"));
+    }
+
+    #[test]
+    fn local_placement_uses_loopback_and_the_out_root() {
+        let placement = Placement::Local {
+            master_port: 40123,
+            out_root: "/tmp/run".into(),
+        };
+        let rs = desired(&job(), 0, &placement).unwrap();
+        assert_eq!(get(&rs[1], env::MASTER_ADDR), "127.0.0.1");
+        assert_eq!(get(&rs[1], env::MASTER_PORT), "40123");
+        assert_eq!(rs[1].out_dir, "/tmp/run/seg-worker-1");
+        assert!(rs[1].ports.is_empty());
+    }
+
+    #[test]
+    fn federated_layout_has_an_aggregator_first() {
+        let mut j = job();
+        j.spec.mode = Mode::Federated;
+        j.spec.distributed = None;
+        j.spec.federated = Some(crate::api::FederatedSpec {
+            clients: 2,
+            min_clients: 1,
+            ..Default::default()
+        });
+        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let names: Vec<_> = rs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["seg-aggregator-0", "seg-client-0", "seg-client-1"]);
+        assert_eq!(get(&rs[2], env::MASTER_ADDR), "seg-aggregator-0.seg.ml.svc");
+    }
+}
