@@ -1,0 +1,338 @@
+//! End to end through the `trainyard` binary: validate, crd, and `local`
+//! runs of real multi-process training (success, a killed worker, Ctrl-C).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn trainyard() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trainyard"))
+}
+
+/// The trainer binary cargo built beside ours (`cargo test --workspace`).
+fn trainer() -> PathBuf {
+    let path = trainyard().with_file_name("trainyard-trainer");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace` so the trainer is built",
+        path.display()
+    );
+    path
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A small 2-worker job: seconds per run, checkpoints every 5 steps.
+fn manifest(name: &str, steps: u64) -> String {
+    format!(
+        r#"apiVersion: trainyard.dev/v1alpha1
+kind: TrainingJob
+metadata: {{name: {name}}}
+spec:
+  mode: Distributed
+  image: trainer:test
+  model: {{widths: [8, 16], classes: 4}}
+  data: {{shapes: {{samples: 128, imageSize: 32, seed: 3}}, validationFraction: 0.125}}
+  training:
+    steps: {steps}
+    batchSize: 4
+    optimizer: {{type: AdamW, lr: 0.003}}
+    schedule: {{warmupSteps: 2}}
+    validateEvery: 0
+    logEvery: 1
+    threads: 1
+  distributed: {{workers: 2, joinTimeoutSeconds: 60, collectiveTimeoutSeconds: 20}}
+  checkpoints: {{intervalSteps: 5, keep: 2}}
+  runPolicy: {{backoffLimit: 2, startupTimeoutSeconds: 120}}
+"#
+    )
+}
+
+fn write_manifest(dir: &Path, name: &str, steps: u64) -> PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, manifest(name, steps)).unwrap();
+    path
+}
+
+fn local(file: &Path, out: &Path) -> Command {
+    let mut cmd = Command::new(trainyard());
+    cmd.arg("local")
+        .arg(file)
+        .arg("--out")
+        .arg(out)
+        .arg("--trainer")
+        .arg(trainer())
+        .arg("--grace-seconds")
+        .arg("20")
+        .arg("--no-progress");
+    cmd
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn logs(out: &Path) -> String {
+    let mut all = String::new();
+    for entry in std::fs::read_dir(out.join("logs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        all.push_str(&format!("--- {}\n", entry.path().display()));
+        all.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+    }
+    all
+}
+
+fn explain(out: &Output, dir: &Path) -> String {
+    format!(
+        "status {:?}\nstderr:\n{}\nlogs:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        logs(dir)
+    )
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn pid_of(out: &Path, replica: &str) -> Option<(i32, u64)> {
+    let text = std::fs::read_to_string(out.join("replicas.json")).ok()?;
+    let records: serde_json::Value = serde_json::from_str(&text).ok()?;
+    records.as_array()?.iter().find_map(|r| {
+        (r["name"] == replica && r["state"] == "Running").then(|| {
+            (
+                r["pid"].as_i64().unwrap() as i32,
+                r["attempt"].as_u64().unwrap(),
+            )
+        })
+    })
+}
+
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+#[test]
+fn a_two_worker_job_trains_to_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_manifest(dir.path(), "ok", 60);
+    let out = dir.path().join("out");
+    let result = local(&file, &out).output().unwrap();
+    assert!(result.status.success(), "{}", explain(&result, &out));
+    let status = json(&out.join("status.json"));
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(status["restarts"], 0);
+    assert_eq!(status["progress"]["step"], 60);
+    assert_eq!(status["progress"]["totalSteps"], 60);
+    assert_eq!(status["progress"]["summary"], "100% 60/60");
+    assert_eq!(status["progress"]["lastCheckpoint"]["step"], 60);
+    let running = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Running")
+        .expect("a Running condition was recorded");
+    assert_eq!(running["status"], "False");
+    let summary = json(&out.join("replicas/ok-worker-0/summary.json"));
+    assert_eq!(summary["world_size"], 2);
+    assert_eq!(summary["steps"], 60);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("GangRunning"), "{stderr}");
+    assert!(stderr.contains("Succeeded"), "{stderr}");
+}
+
+#[test]
+fn a_killed_worker_restarts_the_gang_from_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_manifest(dir.path(), "kill", 300);
+    let out = dir.path().join("out");
+    let child = local(&file, &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join("replicas/kill-worker-0/checkpoints");
+    wait_for("a first checkpoint", Duration::from_secs(120), || {
+        std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some())
+    });
+    let (pid, attempt) = pid_of(&out, "kill-worker-1").expect("worker 1 runs");
+    assert_eq!(attempt, 0);
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let result = child.wait_with_output().unwrap();
+    assert!(result.status.success(), "{}", explain(&result, &out));
+    let status = json(&out.join("status.json"));
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(status["restarts"], 1);
+    assert_eq!(status["attempt"], 1);
+    let summary = json(&out.join("replicas/kill-worker-0/summary.json"));
+    let resumed = summary["resumed_from"]
+        .as_u64()
+        .expect("the second attempt resumed");
+    assert!(
+        resumed >= 5 && resumed.is_multiple_of(5),
+        "resumed from step {resumed}"
+    );
+    assert_eq!(summary["steps"], 300);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("kill-worker-1 exited with code 137 (SIGKILL)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn ctrl_c_stops_every_replica_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_manifest(dir.path(), "intr", 5000);
+    let out = dir.path().join("out");
+    let child = local(&file, &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join("replicas/intr-worker-0/checkpoints");
+    wait_for("a first checkpoint", Duration::from_secs(120), || {
+        std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some())
+    });
+    let pids: Vec<i32> = ["intr-worker-0", "intr-worker-1"]
+        .iter()
+        .map(|r| pid_of(&out, r).expect("running").0)
+        .collect();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let result = child.wait_with_output().unwrap();
+    assert_eq!(
+        result.status.code(),
+        Some(130),
+        "{}",
+        explain(&result, &out)
+    );
+    for pid in pids {
+        assert!(!alive(pid), "replica {pid} outlived trainyard local");
+    }
+    let status = json(&out.join("status.json"));
+    assert_eq!(status["phase"], "Suspended");
+    assert_eq!(status["reason"], "Interrupted");
+    // The interrupted trainers checkpointed on SIGTERM; shorten the job and rerun.
+    let newest = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix("step-")?
+                .strip_suffix(".safetensors")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap();
+    std::fs::write(&file, manifest("intr", newest + 10)).unwrap();
+    let result = local(&file, &out).output().unwrap();
+    assert!(result.status.success(), "{}", explain(&result, &out));
+    let status = json(&out.join("status.json"));
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(status["restarts"], 0, "an interruption is not a failure");
+    assert_eq!(status["attempt"], 1);
+    let summary = json(&out.join("replicas/intr-worker-0/summary.json"));
+    assert_eq!(summary["resumed_from"].as_u64(), Some(newest));
+}
+
+#[test]
+fn validate_reports_every_problem_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.yaml");
+    std::fs::write(
+        &file,
+        manifest("bad", 10)
+            .replace("workers: 2", "workers: 0")
+            .replace("batchSize: 4", "batchSize: 4\n    epochs: 2"),
+    )
+    .unwrap();
+    let out = Command::new(trainyard())
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("spec.distributed.workers: "), "{stdout}");
+    let file2 = dir.path().join("bad2.yaml");
+    std::fs::write(
+        &file2,
+        manifest("bad", 10).replace("steps: 10", "steps: 10\n    epochs: 2"),
+    )
+    .unwrap();
+    let out = Command::new(trainyard())
+        .arg("validate")
+        .arg(&file2)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("spec.training: set at most one of training.steps and training.epochs"),
+        "{stdout}"
+    );
+    // A run refuses an invalid manifest before starting anything.
+    let run = local(&file, &dir.path().join("never")).output().unwrap();
+    assert_eq!(run.status.code(), Some(1));
+    assert!(!dir.path().join("never").exists());
+}
+
+#[test]
+fn every_example_manifest_validates_and_crd_prints_the_chart_copy() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .flatten()
+    {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = Command::new(trainyard())
+                .arg("validate")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no manifests in examples/");
+    let out = Command::new(trainyard()).arg("crd").output().unwrap();
+    let chart = std::fs::read_to_string(repo().join(trainyard::api::crd::CHART_PATH)).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), chart);
+}
+
+/// The README's first command, on the example exactly as shipped.
+#[test]
+fn the_distributed_example_runs_unmodified() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let result = local(&repo().join("examples/distributed-shapes.yaml"), &out)
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", explain(&result, &out));
+    let status = json(&out.join("status.json"));
+    assert_eq!(status["phase"], "Succeeded");
+    let summary = json(&out.join("replicas/shapes-ddp-worker-0/summary.json"));
+    assert_eq!(summary["world_size"], 2);
+    let miou = summary["val_miou"].as_f64().unwrap();
+    assert!(miou > 0.85, "validation mIoU {miou}");
+}
