@@ -115,24 +115,28 @@ pub fn parse_manifest(doc: serde_yaml::Value) -> Result<TrainingJob, Vec<Problem
     if !problems.is_empty() {
         return Err(problems);
     }
+    // Every layer that can run does, so one pass shows every problem.
     problems.extend(schema_problems(&value));
-    if !problems.is_empty() {
-        return Err(problems);
+    match serde_path_to_error::deserialize::<_, TrainingJob>(&value) {
+        Ok(job) => {
+            // The trainer's own checks would repeat what the schema said.
+            let backstop = problems.is_empty();
+            problems.extend(check_layers(&job, backstop));
+            if problems.is_empty() {
+                return Ok(job);
+            }
+        }
+        Err(e) => {
+            let path = json_path(&e.path().to_string());
+            // The schema layer already explained a type or bound problem here.
+            if !problems.iter().any(|p| p.path == path) {
+                problems.push(Problem::new(path, e.inner().to_string()));
+            }
+        }
     }
-    let job: TrainingJob = serde_path_to_error::deserialize(&value).map_err(|e| {
-        vec![Problem::new(
-            json_path(&e.path().to_string()),
-            e.inner().to_string(),
-        )]
-    })?;
-    problems.extend(check(&job));
-    if problems.is_empty() {
-        Ok(job)
-    } else {
-        problems.sort();
-        problems.dedup();
-        Err(problems)
-    }
+    problems.sort();
+    problems.dedup();
+    Err(problems)
 }
 
 fn show(v: Option<&str>) -> String {
@@ -186,6 +190,10 @@ fn schema_problems(value: &serde_json::Value) -> Vec<Problem> {
 /// Layers 3 and 4 on a typed job: CEL rules and semantics. Every problem is
 /// reported, not just the first.
 pub fn check(job: &TrainingJob) -> Vec<Problem> {
+    check_layers(job, true)
+}
+
+fn check_layers(job: &TrainingJob, trainer_backstop: bool) -> Vec<Problem> {
     let mut problems = Vec::new();
     if let Err(errors) = job.validate_cel() {
         for e in errors.into_vec() {
@@ -198,7 +206,7 @@ pub fn check(job: &TrainingJob) -> Vec<Problem> {
         }
     }
     check_name(job, &mut problems);
-    check_spec(job, &mut problems);
+    check_spec(job, trainer_backstop, &mut problems);
     problems
 }
 
@@ -223,7 +231,7 @@ fn check_name(job: &TrainingJob, problems: &mut Vec<Problem>) {
     }
 }
 
-fn check_spec(job: &TrainingJob, problems: &mut Vec<Problem>) {
+fn check_spec(job: &TrainingJob, trainer_backstop: bool, problems: &mut Vec<Problem>) {
     let spec = &job.spec;
     match spec.mode {
         Mode::Distributed => {}
@@ -289,7 +297,8 @@ fn check_spec(job: &TrainingJob, problems: &mut Vec<Problem>) {
     check_resources(spec, problems);
     check_failure_rules(spec, problems);
     // The trainer's own config checks, when nothing above already explains.
-    if problems.is_empty()
+    if trainer_backstop
+        && problems.is_empty()
         && let Err(e) = plan_config::trainer_config(spec)
     {
         problems.push(Problem::new(e.path, e.message));
@@ -409,6 +418,11 @@ spec:
     fn every_problem_is_reported() {
         let p = problems(&GOOD.replace("workers: 2", "workers: 0, accumulateSteps: 0"));
         assert_eq!(p.len(), 2, "{p:?}");
+        // Schema, CEL and semantic layers together.
+        let p = problems(&with_spec(
+            "  training: {steps: 5, epochs: 2, batchSize: 0}\n  template: {env: [{name: RANK, value: '1'}]}\n",
+        ));
+        assert_eq!(p.len(), 3, "{p:?}");
         let p = problems(&with_spec(
             "  data: {shapes: {}, folder: {path: /d}}\n  training: {steps: 5, epochs: 2}\n",
         ));

@@ -163,7 +163,10 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
     let mut children: BTreeMap<String, Child> = BTreeMap::new();
     let mut interrupt = signal(SignalKind::interrupt()).context("failed to watch SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("failed to watch SIGTERM")?;
-    let ui = Ui::new(opts.progress_bar);
+    let ui = Ui::new(
+        opts.progress_bar,
+        plan::config::total_steps(&job.spec).unwrap_or(0),
+    );
     let mut last_written = None;
     let mut last_records = String::new();
     loop {
@@ -480,9 +483,9 @@ struct Ui {
 }
 
 impl Ui {
-    fn new(progress_bar: bool) -> Self {
+    fn new(progress_bar: bool, total_steps: u64) -> Self {
         let bar = (progress_bar && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new(0);
+            let bar = ProgressBar::new(total_steps);
             bar.set_style(
                 ProgressStyle::with_template(
                     "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
@@ -511,7 +514,12 @@ impl Ui {
     }
 
     fn progress(&self, status: &TrainingJobStatus) {
-        let Some(p) = &status.progress else { return };
+        let Some(p) = &status.progress else {
+            if let Some(bar) = &self.bar {
+                bar.set_message(status.phase.to_string());
+            }
+            return;
+        };
         let mut detail = format!("{} ", status.phase);
         if let Some(loss) = p.loss {
             detail.push_str(&format!("loss {loss:.4} "));
