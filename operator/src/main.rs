@@ -51,10 +51,23 @@ enum Command {
     },
     /// Print the TrainingJob CustomResourceDefinition (YAML), generated from the code.
     Crd,
+    /// Reconcile TrainingJobs in the cluster of the current kubeconfig (or
+    /// the in-cluster service account) until SIGTERM/Ctrl-C.
+    Operator {
+        /// Name reported on Kubernetes Events (default: $POD_NAME).
+        #[arg(long, env = "POD_NAME")]
+        instance: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -66,6 +79,20 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Operator { instance } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            runtime.block_on(async {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("no Kubernetes config: set KUBECONFIG or run in a cluster")?;
+                tracing::info!("reconciling TrainingJobs");
+                trainyard::k8s::run(client, instance).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crd => {
             print!("{}", crd::yaml());
             Ok(ExitCode::SUCCESS)

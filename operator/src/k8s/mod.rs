@@ -1,0 +1,226 @@
+//! The Kubernetes side: observe a job's pods, [`plan`](crate::plan::plan),
+//! and carry out the plan with server-side apply under one field manager.
+//!
+//! Kubernetes state is authoritative: a reconcile starts from the job's
+//! status and its pods as the API server has them, so an operator restart in
+//! the middle of a job creates no duplicate pods and loses no restart count
+//! (pod names are deterministic, and `status.restarts` only grows).
+
+pub mod observe;
+pub mod resources;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+
+use crate::api::{Phase, TrainingJob};
+use crate::plan::{self, Action, EventType, Observation, Placement};
+use resources::labels;
+
+/// The field manager of every write (server-side apply).
+pub const MANAGER: &str = "trainyard-operator";
+
+/// Why a reconcile failed (it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// The API server refused or could not be reached.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The object lacks what every stored object has.
+    #[error("{0}")]
+    Malformed(&'static str),
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// A context for `client`, reporting events as `instance` (the pod name).
+    pub fn new(client: Client, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+        }
+    }
+}
+
+/// Runs the controller until the process is asked to stop.
+pub async fn run(client: Client, instance: Option<String>) -> anyhow::Result<()> {
+    let jobs = Api::<TrainingJob>::all(client.clone());
+    // Fail fast with a clear message when the CRD is missing.
+    jobs.list(&ListParams::default().limit(1)).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot list TrainingJobs ({e}); install the CRD first: trainyard crd | kubectl apply -f -"
+        )
+    })?;
+    let owned = watcher::Config::default().labels(labels::JOB_NAME);
+    let ctx = Arc::new(Context::new(client.clone(), instance));
+    Controller::new(jobs, watcher::Config::default())
+        .owns(Api::<Pod>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client), owned)
+        .with_config(kube::runtime::controller::Config::default().concurrency(16))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((job, _)) => tracing::debug!(job = %job, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn error_policy(_job: Arc<TrainingJob>, error: &ReconcileError, _ctx: Arc<Context>) -> Requeue {
+    tracing::warn!(%error, "reconcile failed; retrying");
+    Requeue::requeue(Duration::from_secs(5))
+}
+
+/// One reconcile of one job: observe, plan, act.
+pub async fn reconcile(
+    job: Arc<TrainingJob>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, ReconcileError> {
+    if job.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the children.
+        return Ok(Requeue::await_change());
+    }
+    let ns = job.namespace().ok_or(ReconcileError::Malformed(
+        "a TrainingJob without a namespace",
+    ))?;
+    let name = job.name_any();
+    let uid = job
+        .uid()
+        .ok_or(ReconcileError::Malformed("a TrainingJob without a uid"))?;
+    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
+    let pods: Vec<Pod> = pods_api
+        .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME)))
+        .await?
+        .items
+        .into_iter()
+        // A job recreated under the same name must not adopt its predecessor's pods.
+        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
+        .collect();
+    let observation = Observation {
+        replicas: pods.iter().filter_map(observe::replica).collect(),
+        progress: None,
+    };
+    let decision = plan::plan(&job, &observation, Timestamp::now(), &Placement::Kubernetes);
+
+    let apply = PatchParams::apply(MANAGER).force();
+    if !decision.status.phase.is_terminal()
+        && decision.status.phase != Phase::Suspended
+        && let Some(leader) = decision.desired.first()
+    {
+        let service = resources::service(&job, leader);
+        Api::<Service>::namespaced(ctx.client.clone(), &ns)
+            .patch(&name, &apply, &Patch::Apply(&service))
+            .await?;
+    }
+    let gated = resources::gang_gated(&job);
+    for action in &decision.actions {
+        match action {
+            Action::Create(replica) => {
+                let pod = resources::pod(&job, replica, gated);
+                pods_api
+                    .patch(&replica.name, &apply, &Patch::Apply(&pod))
+                    .await?;
+            }
+            Action::Delete { name } => {
+                match pods_api.delete(name, &DeleteParams::default()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Action::Event {
+                kind,
+                reason,
+                message,
+            } => {
+                let event = Event {
+                    type_: match kind {
+                        EventType::Normal => KubeEventType::Normal,
+                        EventType::Warning => KubeEventType::Warning,
+                    },
+                    reason: reason.clone(),
+                    note: Some(message.chars().take(1000).collect()),
+                    action: reason.clone(),
+                    secondary: None,
+                };
+                // Events are for people; losing one must not stall the job.
+                if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+                    tracing::warn!(job = %name, error = %e, "failed to publish an event");
+                }
+            }
+            Action::DeleteJob => {
+                Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns)
+                    .delete(&name, &DeleteParams::background())
+                    .await?;
+                return Ok(Requeue::await_change());
+            }
+        }
+    }
+    // The gang is complete: lift the gates together, so no partial gang
+    // ever holds nodes.
+    let attempt = decision.status.attempt;
+    let existing: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| {
+            observe::replica(p).is_some_and(|r| r.attempt == attempt)
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .collect();
+    if gated
+        && decision.status.phase == Phase::Pending
+        && !decision.desired.is_empty()
+        && decision.desired.iter().all(|r| {
+            existing
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(&r.name))
+        })
+    {
+        for replica in &decision.desired {
+            let pod = existing
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(&replica.name));
+            if pod.is_some_and(|p| observe::is_gated(p)) {
+                let ungated = resources::pod(&job, replica, false);
+                pods_api
+                    .patch(&replica.name, &apply, &Patch::Apply(&ungated))
+                    .await?;
+            }
+        }
+    }
+    if job.status.as_ref() != Some(&decision.status) {
+        let body = serde_json::json!({
+            "apiVersion": TrainingJob::api_version(&()),
+            "kind": TrainingJob::kind(&()),
+            "status": decision.status,
+        });
+        Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(&name, &apply, &Patch::Apply(&body))
+            .await?;
+    }
+    Ok(match decision.requeue_after {
+        Some(after) => Requeue::requeue(after.max(Duration::from_millis(500))),
+        None => Requeue::await_change(),
+    })
+}
