@@ -7,3 +7,4 @@ pub mod api;
 pub mod k8s;
 pub mod local;
 pub mod plan;
+pub mod store;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use trainyard::api::{Phase, crd, validate};
 use trainyard::local::{self, LocalOptions};
+use trainyard::store::Store;
 
 /// Trainyard: Kubernetes-native training orchestration.
 ///
@@ -41,6 +42,10 @@ enum Command {
         /// Log lines instead of a progress bar, even on a terminal.
         #[arg(long)]
         no_progress: bool,
+        /// Record the job's history (phases, progress, checkpoints) in this
+        /// PostgreSQL database, as the operator does.
+        #[arg(long, env = "TRAINYARD_DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// Check manifests against the TrainingJob schema, its CEL rules and the
     /// semantic rules; prints every problem with its field path.
@@ -57,6 +62,9 @@ enum Command {
         /// Name reported on Kubernetes Events (default: $POD_NAME).
         #[arg(long, env = "POD_NAME")]
         instance: Option<String>,
+        /// PostgreSQL for the jobs' history (migrations are applied at start).
+        #[arg(long, env = "TRAINYARD_DATABASE_URL")]
+        database_url: Option<String>,
     },
 }
 
@@ -79,7 +87,10 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Operator { instance } => {
+        Command::Operator {
+            instance,
+            database_url,
+        } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -88,8 +99,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 let client = kube::Client::try_default()
                     .await
                     .context("no Kubernetes config: set KUBECONFIG or run in a cluster")?;
+                let store = match database_url {
+                    Some(url) => Some(Store::connect(&url, 100_000).await?),
+                    None => {
+                        tracing::warn!("no --database-url: job history is not recorded");
+                        None
+                    }
+                };
                 tracing::info!("reconciling TrainingJobs");
-                trainyard::k8s::run(client, instance).await
+                trainyard::k8s::run(client, instance, store).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -124,6 +142,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             trainer,
             grace_seconds,
             no_progress,
+            database_url,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
@@ -147,18 +166,26 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for note in local::check_local(&job)? {
                 eprintln!("note: {note}");
             }
-            let opts = LocalOptions {
-                out,
-                trainer: local::find_trainer(trainer)?,
-                progress_bar: !no_progress,
-                grace: Duration::from_secs(grace_seconds),
-                poll: Duration::from_millis(200),
-            };
+            let trainer = local::find_trainer(trainer)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("failed to start the async runtime")?;
-            let outcome = runtime.block_on(local::run(job, &opts))?;
+            let outcome = runtime.block_on(async {
+                let store = match database_url {
+                    Some(url) => Some(Store::connect(&url, 10_000).await?),
+                    None => None,
+                };
+                let opts = LocalOptions {
+                    out: out.clone(),
+                    trainer,
+                    progress_bar: !no_progress,
+                    grace: Duration::from_secs(grace_seconds),
+                    poll: Duration::from_millis(200),
+                    store,
+                };
+                local::run(job, &opts).await
+            })?;
             let status = &outcome.status;
             eprintln!(
                 "{}: {} ({}) {}; restarts {}; status in {}",
@@ -167,7 +194,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 status.reason,
                 status.message,
                 status.restarts,
-                opts.out.join("status.json").display()
+                out.join("status.json").display()
             );
             Ok(match (outcome.interrupted, status.phase) {
                 (true, _) => ExitCode::from(130),

@@ -23,6 +23,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{Phase, TrainingJob};
 use crate::plan::{self, Action, EventType, Observation, Placement};
+use crate::store::{Store, history};
 use resources::labels;
 
 /// The field manager of every write (server-side apply).
@@ -45,6 +46,8 @@ pub struct Context {
     pub client: Client,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
+    /// Durable history, if configured.
+    pub store: Option<Store>,
 }
 
 impl Context {
@@ -57,12 +60,23 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            store: None,
         }
+    }
+
+    /// Records history in `store`.
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
     }
 }
 
 /// Runs the controller until the process is asked to stop.
-pub async fn run(client: Client, instance: Option<String>) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    instance: Option<String>,
+    store: Option<Store>,
+) -> anyhow::Result<()> {
     let jobs = Api::<TrainingJob>::all(client.clone());
     // Fail fast with a clear message when the CRD is missing.
     jobs.list(&ListParams::default().limit(1)).await.map_err(|e| {
@@ -71,7 +85,11 @@ pub async fn run(client: Client, instance: Option<String>) -> anyhow::Result<()>
         )
     })?;
     let owned = watcher::Config::default().labels(labels::JOB_NAME);
-    let ctx = Arc::new(Context::new(client.clone(), instance));
+    let mut ctx = Context::new(client.clone(), instance);
+    if let Some(store) = store {
+        ctx = ctx.with_store(store);
+    }
+    let ctx = Arc::new(ctx);
     Controller::new(jobs, watcher::Config::default())
         .owns(Api::<Pod>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client), owned)
@@ -122,7 +140,14 @@ pub async fn reconcile(
         replicas: pods.iter().filter_map(observe::replica).collect(),
         progress: None,
     };
-    let decision = plan::plan(&job, &observation, Timestamp::now(), &Placement::Kubernetes);
+    let now = Timestamp::now();
+    let decision = plan::plan(&job, &observation, now, &Placement::Kubernetes);
+    // History never holds up the pods: records are queued, not awaited.
+    if let Some(store) = &ctx.store {
+        for record in history::records(&job, job.status.as_ref(), &decision.status, now) {
+            store.record(record);
+        }
+    }
 
     let apply = PatchParams::apply(MANAGER).force();
     if !decision.status.phase.is_terminal()

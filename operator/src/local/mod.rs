@@ -30,6 +30,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{Phase, TrainingJob, TrainingJobStatus};
 use crate::plan::{self, Action, EventType, Observation, ObservedReplica, Placement, ReplicaState};
+use crate::store::{Store, history};
 use progress::MetricsTail;
 
 /// The trainer's binary name.
@@ -48,6 +49,8 @@ pub struct LocalOptions {
     pub grace: Duration,
     /// Time between planning rounds.
     pub poll: Duration,
+    /// Where to record the job's history, if anywhere.
+    pub store: Option<Store>,
 }
 
 /// How a local run ended.
@@ -138,6 +141,9 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
         .namespace
         .get_or_insert_with(|| "default".into());
     job.metadata.generation.get_or_insert(1);
+    // A local job's identity (its history key) lives with its outputs, so a
+    // rerun that resumes it is the same job.
+    job.metadata.uid = Some(local_uid(&out)?);
     let status_path = out.join("status.json");
     if let Some(previous) = load_status(&status_path, &name)? {
         if previous.phase.is_terminal() {
@@ -182,7 +188,13 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
                 .collect(),
             progress: tail.poll(),
         };
-        let decision = plan::plan(&job, &observation, Timestamp::now(), &placement);
+        let now = Timestamp::now();
+        let decision = plan::plan(&job, &observation, now, &placement);
+        if let Some(store) = &opts.store {
+            for record in history::records(&job, job.status.as_ref(), &decision.status, now) {
+                store.record(record);
+            }
+        }
         for action in decision.actions {
             match action {
                 Action::Create(replica) => {
@@ -219,6 +231,7 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
                 .all(|c| c.exited.is_some() || c.stopping.is_some())
         {
             shutdown(&mut children, opts.grace).await;
+            flush(opts.store.as_ref()).await;
             ui.finish();
             let status = job.status.take().unwrap_or_default();
             return Ok(Outcome {
@@ -254,7 +267,8 @@ async fn interrupted(
         stop(children, &name);
     }
     shutdown(children, opts.grace).await;
-    let mut status = job.status.take().unwrap_or_default();
+    let before = job.status.take();
+    let mut status = before.clone().unwrap_or_default();
     if !status.phase.is_terminal() {
         status.phase = Phase::Suspended;
         status.reason = "Interrupted".into();
@@ -262,12 +276,47 @@ async fn interrupted(
             "interrupted on this machine; run `trainyard local` again with the same --out to resume"
                 .into();
     }
+    if let Some(store) = &opts.store {
+        for record in history::records(&job, before.as_ref(), &status, Timestamp::now()) {
+            store.record(record);
+        }
+    }
+    flush(opts.store.as_ref()).await;
     write_json(status_path, &status)?;
     ui.finish();
     Ok(Outcome {
         status,
         interrupted: true,
     })
+}
+
+/// Waits for the history to reach PostgreSQL before the command exits.
+async fn flush(store: Option<&Store>) {
+    if let Some(store) = store
+        && !store.flush(Duration::from_secs(30)).await
+    {
+        tracing::error!(
+            "PostgreSQL did not take the job's last history records within 30 s; they are lost"
+        );
+    }
+}
+
+/// The job's uid: made once per output directory and kept in `DIR/uid`.
+fn local_uid(out: &Path) -> anyhow::Result<String> {
+    let path = out.join("uid");
+    match std::fs::read_to_string(&path) {
+        Ok(uid) => Ok(uid.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes)
+                .map_err(|e| anyhow::anyhow!("no randomness for a job id: {e}"))?;
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let uid = format!("local-{hex}");
+            write_atomic(&path, uid.as_bytes())?;
+            Ok(uid)
+        }
+        Err(e) => Err(e).with_context(|| format!("failed to read {}", path.display())),
+    }
 }
 
 fn observe(children: &mut BTreeMap<String, Child>) {

@@ -1,0 +1,301 @@
+//! What is recorded, derived purely from a job's status before and after a
+//! plan, and how each record is written (idempotently).
+
+use k8s_openapi::jiff::Timestamp;
+use sqlx::PgPool;
+
+use crate::api::{Phase, TrainingJob, TrainingJobStatus};
+
+/// One history record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    /// The job's latest state (upsert).
+    Job {
+        /// Job uid.
+        uid: String,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// Mode.
+        mode: String,
+        /// The spec as JSON.
+        spec: String,
+        /// Status after the plan.
+        status: Box<TrainingJobStatus>,
+        /// Creation time.
+        created_at: Timestamp,
+        /// When this was observed.
+        at: Timestamp,
+    },
+    /// A phase change.
+    Transition {
+        /// Job uid.
+        uid: String,
+        /// When it happened.
+        at: Timestamp,
+        /// Phase before (none for the first).
+        from: Option<Phase>,
+        /// Phase after.
+        to: Phase,
+        /// Reason.
+        reason: String,
+        /// Message.
+        message: String,
+        /// Attempt after.
+        attempt: u32,
+        /// Restarts after.
+        restarts: u32,
+    },
+    /// A progress sample.
+    Progress {
+        /// Job uid.
+        uid: String,
+        /// Attempt that made it.
+        attempt: u32,
+        /// Step.
+        step: u64,
+        /// Total steps.
+        total_steps: u64,
+        /// Loss.
+        loss: Option<f64>,
+        /// Validation metric.
+        metric: Option<f64>,
+        /// Throughput.
+        samples_per_second: Option<f64>,
+        /// When.
+        at: Timestamp,
+    },
+    /// A checkpoint written by the job.
+    Checkpoint {
+        /// Job uid.
+        uid: String,
+        /// Where.
+        location: String,
+        /// Step it holds.
+        step: u64,
+        /// Size, when known.
+        size_bytes: Option<u64>,
+        /// When it was seen.
+        at: Timestamp,
+    },
+}
+
+impl Record {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Job { .. } => "job",
+            Self::Transition { .. } => "transition",
+            Self::Progress { .. } => "progress",
+            Self::Checkpoint { .. } => "checkpoint",
+        }
+    }
+}
+
+/// The records that a plan taking `job` from `before` to `after` produces:
+/// the job row whenever the status changed, a transition per phase change, a
+/// progress sample per new step, a checkpoint per new checkpoint.
+pub fn records(
+    job: &TrainingJob,
+    before: Option<&TrainingJobStatus>,
+    after: &TrainingJobStatus,
+    now: Timestamp,
+) -> Vec<Record> {
+    if before == Some(after) {
+        return Vec::new();
+    }
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let mut out = vec![Record::Job {
+        uid: uid.clone(),
+        namespace: job.metadata.namespace.clone().unwrap_or_default(),
+        name: job.metadata.name.clone().unwrap_or_default(),
+        mode: format!("{:?}", job.spec.mode),
+        spec: serde_json::to_string(&job.spec).expect("a spec serializes"),
+        status: Box::new(after.clone()),
+        created_at: job
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(now, |t| t.0),
+        at: now,
+    }];
+    let phase_before = before.map(|s| s.phase);
+    let first = before.is_none_or(|s| s.conditions.is_empty());
+    if phase_before != Some(after.phase) || (first && !after.conditions.is_empty()) {
+        let at = after
+            .conditions
+            .iter()
+            .find(|c| c.type_ == after.phase.as_str())
+            .map_or(now, |c| c.last_transition_time.0);
+        out.push(Record::Transition {
+            uid: uid.clone(),
+            at,
+            from: phase_before,
+            to: after.phase,
+            reason: after.reason.clone(),
+            message: after.message.clone(),
+            attempt: after.attempt,
+            restarts: after.restarts,
+        });
+    }
+    let progress_before = before.and_then(|s| s.progress.as_ref());
+    if let Some(p) = &after.progress {
+        if progress_before.is_none_or(|b| b.step != p.step) {
+            out.push(Record::Progress {
+                uid: uid.clone(),
+                attempt: after.attempt,
+                step: p.step,
+                total_steps: p.total_steps,
+                loss: p.loss,
+                metric: p.metric,
+                samples_per_second: p.samples_per_second,
+                at: p.updated_time.as_ref().map_or(now, |t| t.0),
+            });
+        }
+        if let Some(ck) = &p.last_checkpoint
+            && progress_before.and_then(|b| b.last_checkpoint.as_ref()) != Some(ck)
+        {
+            out.push(Record::Checkpoint {
+                uid,
+                location: ck.path.clone(),
+                step: ck.step,
+                size_bytes: None,
+                at: now,
+            });
+        }
+    }
+    out
+}
+
+fn ts(t: &Timestamp) -> String {
+    t.to_string()
+}
+
+fn opt_i64(x: Option<u64>) -> Option<i64> {
+    x.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn i64_of(x: u64) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
+/// Writes one record; idempotent.
+pub async fn write(pool: &PgPool, record: &Record) -> Result<(), sqlx::Error> {
+    match record {
+        Record::Job {
+            uid,
+            namespace,
+            name,
+            mode,
+            spec,
+            status,
+            created_at,
+            at,
+        } => {
+            sqlx::query(
+                "INSERT INTO jobs (uid, namespace, name, mode, spec, phase, reason, message, restarts, attempt,
+                                   created_at, started_at, finished_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10,
+                         $11::timestamptz, $12::timestamptz, $13::timestamptz, $14::timestamptz)
+                 ON CONFLICT (uid) DO UPDATE SET
+                     spec = EXCLUDED.spec, phase = EXCLUDED.phase, reason = EXCLUDED.reason,
+                     message = EXCLUDED.message,
+                     restarts = GREATEST(jobs.restarts, EXCLUDED.restarts),
+                     attempt = GREATEST(jobs.attempt, EXCLUDED.attempt),
+                     started_at = COALESCE(jobs.started_at, EXCLUDED.started_at),
+                     finished_at = EXCLUDED.finished_at,
+                     updated_at = GREATEST(jobs.updated_at, EXCLUDED.updated_at)",
+            )
+            .bind(uid)
+            .bind(namespace)
+            .bind(name)
+            .bind(mode)
+            .bind(spec)
+            .bind(status.phase.as_str())
+            .bind(&status.reason)
+            .bind(&status.message)
+            .bind(i32::try_from(status.restarts).unwrap_or(i32::MAX))
+            .bind(i32::try_from(status.attempt).unwrap_or(i32::MAX))
+            .bind(ts(created_at))
+            .bind(status.start_time.as_ref().map(|t| ts(&t.0)))
+            .bind(status.completion_time.as_ref().map(|t| ts(&t.0)))
+            .bind(ts(at))
+            .execute(pool)
+            .await?;
+        }
+        Record::Transition {
+            uid,
+            at,
+            from,
+            to,
+            reason,
+            message,
+            attempt,
+            restarts,
+        } => {
+            sqlx::query(
+                "INSERT INTO transitions (job_uid, at, from_phase, to_phase, reason, message, attempt, restarts)
+                 VALUES ($1, $2::timestamptz, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(uid)
+            .bind(ts(at))
+            .bind(from.map(Phase::as_str))
+            .bind(to.as_str())
+            .bind(reason)
+            .bind(message)
+            .bind(i32::try_from(*attempt).unwrap_or(i32::MAX))
+            .bind(i32::try_from(*restarts).unwrap_or(i32::MAX))
+            .execute(pool)
+            .await?;
+        }
+        Record::Progress {
+            uid,
+            attempt,
+            step,
+            total_steps,
+            loss,
+            metric,
+            samples_per_second,
+            at,
+        } => {
+            sqlx::query(
+                "INSERT INTO progress (job_uid, attempt, step, total_steps, loss, metric, samples_per_second, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::timestamptz)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(uid)
+            .bind(i32::try_from(*attempt).unwrap_or(i32::MAX))
+            .bind(i64_of(*step))
+            .bind(i64_of(*total_steps))
+            .bind(loss)
+            .bind(metric)
+            .bind(samples_per_second)
+            .bind(ts(at))
+            .execute(pool)
+            .await?;
+        }
+        Record::Checkpoint {
+            uid,
+            location,
+            step,
+            size_bytes,
+            at,
+        } => {
+            sqlx::query(
+                "INSERT INTO artifacts (job_uid, kind, location, step, size_bytes, at)
+                 VALUES ($1, 'checkpoint', $2, $3, $4, $5::timestamptz)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(uid)
+            .bind(location)
+            .bind(i64_of(*step))
+            .bind(opt_i64(*size_bytes))
+            .bind(ts(at))
+            .execute(pool)
+            .await?;
+        }
+    }
+    Ok(())
+}

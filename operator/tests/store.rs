@@ -1,0 +1,402 @@
+//! History in a real PostgreSQL: each test starts its own throwaway server
+//! from the machine's PostgreSQL binaries (initdb/pg_ctl), so it can also
+//! stop it to play an outage.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use trainyard::api::validate::parse_manifests;
+use trainyard::api::{Phase, TrainingJob, TrainingJobStatus};
+use trainyard::store::{Record, Store, history};
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A private PostgreSQL cluster on 127.0.0.1.
+struct Postgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    bin: PathBuf,
+}
+
+fn pg_bin() -> PathBuf {
+    if let Ok(dir) = std::env::var("TRAINYARD_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("initdb").is_file())
+        .collect();
+    candidates.sort();
+    if let Some(dir) = candidates.pop() {
+        return dir;
+    }
+    let which = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+        .unwrap();
+    let path = String::from_utf8_lossy(&which.stdout).trim().to_string();
+    assert!(
+        !path.is_empty(),
+        "these tests need PostgreSQL's initdb and pg_ctl (Debian: postgresql-15), or TRAINYARD_PG_BIN"
+    );
+    Path::new(&path).parent().unwrap().to_path_buf()
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root (the
+/// server refuses to run as root).
+fn pg(bin: &Path, tool: &str, args: &[&str]) {
+    let exe = bin.join(tool);
+    let root = is_root();
+    let out = if root {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(&exe)
+            .args(args)
+            .output()
+    } else {
+        Command::new(&exe).args(args).output()
+    }
+    .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Postgres {
+    fn start() -> Self {
+        let bin = pg_bin();
+        // Under /tmp so the postgres user can reach it when we are root.
+        let dir = tempfile::Builder::new()
+            .prefix("trainyard-pg")
+            .tempdir_in("/tmp")
+            .unwrap();
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let data = dir.path().join("data");
+        pg(
+            &bin,
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = Self { dir, port, bin };
+        pg.up();
+        pg
+    }
+
+    fn up(&self) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("log");
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        pg(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    fn down(&self) {
+        let data = self.dir.path().join("data");
+        pg(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn job() -> TrainingJob {
+    let mut j = parse_manifests(
+        "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: seg, namespace: ml}\nspec:\n  mode: Distributed\n  image: t:1\n  distributed: {workers: 2}\n",
+    )
+    .unwrap()
+    .remove(0);
+    j.metadata.uid = Some("uid-1".into());
+    j
+}
+
+fn status(phase: Phase, step: u64, restarts: u32) -> TrainingJobStatus {
+    let mut s = TrainingJobStatus {
+        phase,
+        restarts,
+        reason: format!("{phase}Reason"),
+        ..Default::default()
+    };
+    s.progress = (step > 0).then(|| trainyard::api::Progress {
+        step,
+        total_steps: 100,
+        loss: Some(1.0 / step as f64),
+        last_checkpoint: Some(trainyard::api::CheckpointRef {
+            step: step - step % 10,
+            path: format!("/ck/step-{}", step - step % 10),
+        }),
+        ..Default::default()
+    });
+    s
+}
+
+/// A life: Pending, Running with progress, a restart, Succeeded.
+fn life() -> Vec<Record> {
+    let j = job();
+    let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+    let states = [
+        status(Phase::Pending, 0, 0),
+        status(Phase::Running, 10, 0),
+        status(Phase::Running, 20, 0),
+        status(Phase::Restarting, 20, 1),
+        status(Phase::Running, 30, 1),
+        status(Phase::Succeeded, 100, 1),
+    ];
+    let mut out = Vec::new();
+    let mut before: Option<TrainingJobStatus> = None;
+    for (i, s) in states.into_iter().enumerate() {
+        out.extend(history::records(&j, before.as_ref(), &s, t(i as i64)));
+        before = Some(s);
+    }
+    out
+}
+
+async fn count(store: &Store, table: &'static str) -> i64 {
+    let sql = match table {
+        "jobs" => "SELECT count(*) FROM jobs",
+        "transitions" => "SELECT count(*) FROM transitions",
+        "progress" => "SELECT count(*) FROM progress",
+        "artifacts" => "SELECT count(*) FROM artifacts",
+        other => panic!("no table {other}"),
+    };
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_written_once_even_when_replayed() {
+    let pg = Postgres::start();
+    let store = Store::connect(&pg.url(), 1000).await.unwrap();
+    for _ in 0..2 {
+        for r in life() {
+            store.record(r);
+        }
+        assert!(store.flush(Duration::from_secs(20)).await);
+    }
+    assert_eq!(count(&store, "jobs").await, 1);
+    // Pending, Running, Restarting, Running, Succeeded.
+    assert_eq!(count(&store, "transitions").await, 5);
+    assert_eq!(count(&store, "progress").await, 4, "steps 10, 20, 30, 100");
+    assert_eq!(count(&store, "artifacts").await, 4);
+    let (phase, restarts): (String, i32) =
+        sqlx::query_as("SELECT phase, restarts FROM jobs WHERE uid = 'uid-1'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!((phase.as_str(), restarts), ("Succeeded", 1));
+    // Migrations are idempotent too: a second operator start is fine.
+    Store::connect(&pg.url(), 10).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_delays_history_but_loses_nothing() {
+    let pg = Postgres::start();
+    let store = Store::connect(&pg.url(), 1000).await.unwrap();
+    let records = life();
+    let (first, rest) = records.split_at(3);
+    for r in first {
+        store.record(r.clone());
+    }
+    assert!(store.flush(Duration::from_secs(20)).await);
+    pg.down();
+    for r in rest {
+        store.record(r.clone());
+    }
+    // The writer notices and keeps retrying; the queue holds the records.
+    let mut waited = Duration::ZERO;
+    while store.healthy() {
+        assert!(
+            waited < Duration::from_secs(30),
+            "the outage went unnoticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += Duration::from_millis(100);
+    }
+    assert!(!store.flush(Duration::from_millis(500)).await);
+    assert!(
+        store
+            .stats()
+            .write_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    pg.up();
+    assert!(
+        store.flush(Duration::from_secs(60)).await,
+        "the queue drained after the outage"
+    );
+    assert!(store.healthy());
+    assert_eq!(count(&store, "transitions").await, 5);
+    assert_eq!(count(&store, "progress").await, 4);
+    assert_eq!(
+        store
+            .stats()
+            .dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_counts_what_it_loses() {
+    let pg = Postgres::start();
+    let store = Store::connect(&pg.url(), 2).await.unwrap();
+    pg.down();
+    for r in life() {
+        store.record(r);
+    }
+    let dropped = store
+        .stats()
+        .dropped
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped >= life().len() as u64 - 3, "dropped {dropped}");
+}
+
+#[test]
+fn trainyard_local_records_the_jobs_history() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("job.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: hist}\nspec:\n  mode: Distributed\n  image: t:1\n  model: {widths: [8, 16]}\n  data: {shapes: {samples: 64, imageSize: 32}}\n  training: {steps: 20, batchSize: 4, logEvery: 1, validateEvery: 0, threads: 1}\n  distributed: {workers: 2}\n  checkpoints: {intervalSteps: 5}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let trainer =
+        PathBuf::from(env!("CARGO_BIN_EXE_trainyard")).with_file_name("trainyard-trainer");
+    let result = Command::new(env!("CARGO_BIN_EXE_trainyard"))
+        .arg("local")
+        .arg(&manifest)
+        .arg("--out")
+        .arg(&out)
+        .arg("--trainer")
+        .arg(&trainer)
+        .arg("--no-progress")
+        .arg("--database-url")
+        .arg(pg.url())
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let uid = std::fs::read_to_string(out.join("uid")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::connect(&pg.url(), 10).await.unwrap();
+        let (name, phase): (String, String) =
+            sqlx::query_as("SELECT name, phase FROM jobs WHERE uid = $1")
+                .bind(&uid)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(
+            (name.as_str(), phase.as_str()),
+            ("hist", "Succeeded"),
+            "{}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let phases: Vec<String> = sqlx::query_scalar(
+            "SELECT to_phase FROM transitions WHERE job_uid = $1 ORDER BY at, to_phase",
+        )
+        .bind(&uid)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        assert!(phases.contains(&"Succeeded".to_string()), "{phases:?}");
+        let max_step: Option<i64> =
+            sqlx::query_scalar("SELECT max(step) FROM progress WHERE job_uid = $1")
+                .bind(&uid)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(max_step, Some(20));
+        let checkpoints: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM artifacts WHERE job_uid = $1 AND kind = 'checkpoint'",
+        )
+        .bind(&uid)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        assert!(checkpoints >= 1);
+    });
+}
