@@ -6,5 +6,6 @@
 pub mod api;
 pub mod k8s;
 pub mod local;
+pub mod metrics;
 pub mod plan;
 pub mod store;

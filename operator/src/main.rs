@@ -65,6 +65,9 @@ enum Command {
         /// PostgreSQL for the jobs' history (migrations are applied at start).
         #[arg(long, env = "TRAINYARD_DATABASE_URL")]
         database_url: Option<String>,
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
     },
 }
 
@@ -90,6 +93,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Operator {
             instance,
             database_url,
+            metrics_addr,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -106,8 +110,21 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                         None
                     }
                 };
+                let metrics = std::sync::Arc::new(trainyard::metrics::OperatorMetrics::new());
+                let server = tokio::spawn(trainyard::metrics::serve(
+                    metrics_addr,
+                    metrics.clone(),
+                    store.clone(),
+                ));
                 tracing::info!("reconciling TrainingJobs");
-                trainyard::k8s::run(client, instance, store).await
+                tokio::select! {
+                    done = trainyard::k8s::run(client, instance, store, metrics) => done,
+                    served = server => Err(match served {
+                        Ok(Err(e)) => e.context(format!("the metrics server on {metrics_addr} stopped")),
+                        Ok(Ok(())) => anyhow::anyhow!("the metrics server on {metrics_addr} stopped"),
+                        Err(e) => anyhow::anyhow!("the metrics server panicked: {e}"),
+                    }),
+                }
             })?;
             Ok(ExitCode::SUCCESS)
         }

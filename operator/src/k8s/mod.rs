@@ -22,6 +22,7 @@ use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{Phase, TrainingJob};
+use crate::metrics::OperatorMetrics;
 use crate::plan::{self, Action, EventType, Observation, Placement};
 use crate::store::{Store, history};
 use resources::labels;
@@ -48,6 +49,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Durable history, if configured.
     pub store: Option<Store>,
+    /// Prometheus metrics.
+    pub metrics: Arc<OperatorMetrics>,
 }
 
 impl Context {
@@ -61,7 +64,14 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             store: None,
+            metrics: Arc::new(OperatorMetrics::new()),
         }
+    }
+
+    /// Counts into `metrics` (shared with the `/metrics` server).
+    pub fn with_metrics(mut self, metrics: Arc<OperatorMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Records history in `store`.
@@ -76,6 +86,7 @@ pub async fn run(
     client: Client,
     instance: Option<String>,
     store: Option<Store>,
+    metrics: Arc<OperatorMetrics>,
 ) -> anyhow::Result<()> {
     let jobs = Api::<TrainingJob>::all(client.clone());
     // Fail fast with a clear message when the CRD is missing.
@@ -85,7 +96,8 @@ pub async fn run(
         )
     })?;
     let owned = watcher::Config::default().labels(labels::JOB_NAME);
-    let mut ctx = Context::new(client.clone(), instance);
+    metrics.set_ready(true);
+    let mut ctx = Context::new(client.clone(), instance).with_metrics(metrics);
     if let Some(store) = store {
         ctx = ctx.with_store(store);
     }
@@ -95,7 +107,7 @@ pub async fn run(
         .owns(Api::<Service>::all(client), owned)
         .with_config(kube::runtime::controller::Config::default().concurrency(16))
         .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile_timed, error_policy, ctx)
         .for_each(|result| async move {
             match result {
                 Ok((job, _)) => tracing::debug!(job = %job, "reconciled"),
@@ -104,6 +116,23 @@ pub async fn run(
         })
         .await;
     Ok(())
+}
+
+async fn reconcile_timed(
+    job: Arc<TrainingJob>,
+    ctx: Arc<Context>,
+) -> Result<Requeue, ReconcileError> {
+    let started = std::time::Instant::now();
+    let result = reconcile(job, ctx.clone()).await;
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics
+        .reconcile_seconds
+        .with_label_values(&[outcome])
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        ctx.metrics.reconcile_errors.inc();
+    }
+    result
 }
 
 fn error_policy(_job: Arc<TrainingJob>, error: &ReconcileError, _ctx: Arc<Context>) -> Requeue {
@@ -117,7 +146,10 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Requeue, ReconcileError> {
     if job.metadata.deletion_timestamp.is_some() {
-        // Owner references let the garbage collector remove the children.
+        // Owner references let the garbage collector remove the children;
+        // the history stays in PostgreSQL.
+        ctx.metrics
+            .forget(&job.namespace().unwrap_or_default(), &job.name_any());
         return Ok(Requeue::await_change());
     }
     let ns = job.namespace().ok_or(ReconcileError::Malformed(
@@ -142,6 +174,8 @@ pub async fn reconcile(
     };
     let now = Timestamp::now();
     let decision = plan::plan(&job, &observation, now, &Placement::Kubernetes);
+    ctx.metrics
+        .observe(&job, job.status.as_ref(), &decision.status, now);
     // History never holds up the pods: records are queued, not awaited.
     if let Some(store) = &ctx.store {
         for record in history::records(&job, job.status.as_ref(), &decision.status, now) {

@@ -1,0 +1,426 @@
+//! The operator's Prometheus metrics (every name in one place) and the
+//! `/metrics`, `/healthz`, `/readyz` server.
+//!
+//! Lifecycle metrics are derived from the planner's status before and after
+//! each reconcile, so they count what the operator decided, once.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::jiff::Timestamp;
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::api::{Phase, TrainingJob, TrainingJobStatus};
+use crate::store::Store;
+
+/// Metric names, the one source of truth (dashboards and alerts use these).
+pub mod names {
+    /// Jobs by phase and mode (gauge).
+    pub const JOBS: &str = "trainyard_jobs";
+    /// Jobs seen for the first time, by mode.
+    pub const JOBS_CREATED_TOTAL: &str = "trainyard_jobs_created_total";
+    /// Jobs that finished, by mode, result (Succeeded, Failed) and reason.
+    pub const JOBS_FINISHED_TOTAL: &str = "trainyard_jobs_finished_total";
+    /// Gang restarts, by reason.
+    pub const RESTARTS_TOTAL: &str = "trainyard_job_restarts_total";
+    /// Seconds from a job's creation until its whole gang first ran.
+    pub const TIME_TO_RUNNING_SECONDS: &str = "trainyard_job_time_to_running_seconds";
+    /// Reconcile duration, by result.
+    pub const RECONCILE_SECONDS: &str = "trainyard_reconcile_duration_seconds";
+    /// Failed reconciles.
+    pub const RECONCILE_ERRORS_TOTAL: &str = "trainyard_reconcile_errors_total";
+    /// History records written to PostgreSQL.
+    pub const STORE_WRITES_TOTAL: &str = "trainyard_store_writes_total";
+    /// Failed history writes (each is retried).
+    pub const STORE_WRITE_ERRORS_TOTAL: &str = "trainyard_store_write_errors_total";
+    /// History records lost to a full queue.
+    pub const STORE_DROPPED_TOTAL: &str = "trainyard_store_dropped_total";
+    /// History records waiting to be written.
+    pub const STORE_QUEUE_DEPTH: &str = "trainyard_store_queue_depth";
+    /// 1 while the last history write succeeded.
+    pub const STORE_UP: &str = "trainyard_store_up";
+    /// Latest step of a running job.
+    pub const JOB_STEP: &str = "trainyard_job_step";
+    /// Latest loss of a running job.
+    pub const JOB_LOSS: &str = "trainyard_job_loss";
+    /// Latest throughput of a running job.
+    pub const JOB_SAMPLES_PER_SECOND: &str = "trainyard_job_samples_per_second";
+}
+
+/// The operator's metric handles.
+pub struct OperatorMetrics {
+    registry: Registry,
+    jobs: IntGaugeVec,
+    created: IntCounterVec,
+    finished: IntCounterVec,
+    restarts: IntCounterVec,
+    time_to_running: HistogramVec,
+    /// Reconcile durations by result (`ok`, `error`).
+    pub reconcile_seconds: HistogramVec,
+    /// Failed reconciles.
+    pub reconcile_errors: IntCounter,
+    store_writes: IntGauge,
+    store_errors: IntGauge,
+    store_dropped: IntGauge,
+    store_queue: IntGauge,
+    store_up: IntGauge,
+    job_step: GaugeVec,
+    job_loss: GaugeVec,
+    job_sps: GaugeVec,
+    phases: Mutex<BTreeMap<String, (String, String)>>,
+    ready: AtomicBool,
+}
+
+fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Default for OperatorMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OperatorMetrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
+        };
+        let gauge =
+            |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
+        let job_gauge = |name: &str, help: &str| {
+            reg(
+                &r,
+                GaugeVec::new(Opts::new(name, help), &["namespace", "job"]).expect("valid metric"),
+            )
+        };
+        Self {
+            jobs: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(names::JOBS, "TrainingJobs by phase and mode."),
+                    &["phase", "mode"],
+                )
+                .expect("valid metric"),
+            ),
+            created: counter(
+                names::JOBS_CREATED_TOTAL,
+                "TrainingJobs seen for the first time.",
+                &["mode"],
+            ),
+            finished: counter(
+                names::JOBS_FINISHED_TOTAL,
+                "TrainingJobs that finished, by result and reason.",
+                &["mode", "result", "reason"],
+            ),
+            restarts: counter(
+                names::RESTARTS_TOTAL,
+                "Gang restarts, by reason.",
+                &["reason"],
+            ),
+            time_to_running: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        names::TIME_TO_RUNNING_SECONDS,
+                        "Seconds from creation until the whole gang first ran.",
+                    )
+                    .buckets(vec![
+                        1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                    ]),
+                    &["mode"],
+                )
+                .expect("valid metric"),
+            ),
+            reconcile_seconds: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(names::RECONCILE_SECONDS, "Reconcile duration.").buckets(
+                        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                    ),
+                    &["result"],
+                )
+                .expect("valid metric"),
+            ),
+            reconcile_errors: reg(
+                &r,
+                IntCounter::new(names::RECONCILE_ERRORS_TOTAL, "Failed reconciles.")
+                    .expect("valid metric"),
+            ),
+            store_writes: gauge(
+                names::STORE_WRITES_TOTAL,
+                "History records written to PostgreSQL.",
+            ),
+            store_errors: gauge(
+                names::STORE_WRITE_ERRORS_TOTAL,
+                "Failed history writes (retried).",
+            ),
+            store_dropped: gauge(
+                names::STORE_DROPPED_TOTAL,
+                "History records lost to a full queue.",
+            ),
+            store_queue: gauge(
+                names::STORE_QUEUE_DEPTH,
+                "History records waiting to be written.",
+            ),
+            store_up: gauge(names::STORE_UP, "1 while the last history write succeeded."),
+            job_step: job_gauge(names::JOB_STEP, "Latest step of a running job."),
+            job_loss: job_gauge(names::JOB_LOSS, "Latest training loss of a running job."),
+            job_sps: job_gauge(
+                names::JOB_SAMPLES_PER_SECOND,
+                "Latest throughput of a running job.",
+            ),
+            registry: r,
+            phases: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Accounts for one reconcile that took `job` from `before` to `after`.
+    pub fn observe(
+        &self,
+        job: &TrainingJob,
+        before: Option<&TrainingJobStatus>,
+        after: &TrainingJobStatus,
+        now: Timestamp,
+    ) {
+        let mode = format!("{:?}", job.spec.mode);
+        let key = format!(
+            "{}/{}",
+            job.metadata.namespace.as_deref().unwrap_or(""),
+            job.metadata.name.as_deref().unwrap_or("")
+        );
+        if before.is_none() {
+            self.created.with_label_values(&[&mode]).inc();
+        }
+        let was = before.map(|s| s.phase);
+        if was != Some(after.phase) {
+            if after.phase == Phase::Running
+                && before.is_none_or(|s| s.running_since.is_none() && s.restarts == 0)
+                && let Some(created) = &job.metadata.creation_timestamp
+            {
+                let secs = created.0.duration_until(now).as_secs_f64().max(0.0);
+                self.time_to_running
+                    .with_label_values(&[&mode])
+                    .observe(secs);
+            }
+            if after.phase.is_terminal() {
+                self.finished
+                    .with_label_values(&[&mode, after.phase.as_str(), &after.reason])
+                    .inc();
+            }
+        }
+        let restarts_before = before.map_or(0, |s| s.restarts);
+        if after.restarts > restarts_before {
+            self.restarts
+                .with_label_values(&[&after.reason])
+                .inc_by(u64::from(after.restarts - restarts_before));
+        }
+        let labels = [
+            job.metadata.namespace.as_deref().unwrap_or(""),
+            job.metadata.name.as_deref().unwrap_or(""),
+        ];
+        match (&after.progress, after.phase) {
+            (Some(p), Phase::Running) => {
+                self.job_step.with_label_values(&labels).set(p.step as f64);
+                if let Some(loss) = p.loss {
+                    self.job_loss.with_label_values(&labels).set(loss);
+                }
+                if let Some(sps) = p.samples_per_second {
+                    self.job_sps.with_label_values(&labels).set(sps);
+                }
+            }
+            // Per-job series end with the run, so cardinality stays bounded.
+            _ => self.forget_job_series(&labels),
+        }
+        self.set_phase(&key, after.phase.as_str(), &mode);
+    }
+
+    /// The job is gone from the cluster.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.forget_job_series(&[namespace, name]);
+        let mut phases = self.phases.lock().expect("metrics lock");
+        if phases.remove(&format!("{namespace}/{name}")).is_some() {
+            drop(phases);
+            self.recount();
+        }
+    }
+
+    fn forget_job_series(&self, labels: &[&str; 2]) {
+        for g in [&self.job_step, &self.job_loss, &self.job_sps] {
+            let _ = g.remove_label_values(labels);
+        }
+    }
+
+    fn set_phase(&self, key: &str, phase: &str, mode: &str) {
+        let mut phases = self.phases.lock().expect("metrics lock");
+        let new = (phase.to_string(), mode.to_string());
+        if phases.get(key) != Some(&new) {
+            phases.insert(key.to_string(), new);
+            drop(phases);
+            self.recount();
+        }
+    }
+
+    fn recount(&self) {
+        let phases = self.phases.lock().expect("metrics lock");
+        self.jobs.reset();
+        for phase in [
+            "Pending",
+            "Running",
+            "Restarting",
+            "Succeeded",
+            "Failed",
+            "Suspended",
+        ] {
+            for mode in ["Distributed", "Federated", "Peft"] {
+                let n = phases
+                    .values()
+                    .filter(|(p, m)| p == phase && m == mode)
+                    .count();
+                self.jobs.with_label_values(&[phase, mode]).set(n as i64);
+            }
+        }
+    }
+
+    /// Marks the operator ready (`/readyz`).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// The text exposition, with the store's counters read now.
+    pub fn render(&self, store: Option<&Store>) -> String {
+        if let Some(store) = store {
+            let s = store.stats();
+            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as i64;
+            self.store_writes.set(get(&s.written));
+            self.store_errors.set(get(&s.write_errors));
+            self.store_dropped.set(get(&s.dropped));
+            self.store_queue.set(get(&s.queued));
+            self.store_up.set(i64::from(store.healthy()));
+        }
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("the exposition is UTF-8")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<OperatorMetrics>,
+    store: Option<Store>,
+) -> anyhow::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m = metrics.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = m.clone();
+                let store = store.clone();
+                async move { m.render(store.as_ref()) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = metrics.ready.load(Ordering::Relaxed);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::validate::parse_manifests;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn job() -> TrainingJob {
+        let mut j = parse_manifests("apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: a, namespace: n}\nspec:\n  mode: Distributed\n  image: t:1\n  distributed: {workers: 2}\n").unwrap().remove(0);
+        j.metadata.creation_timestamp = Some(Time(Timestamp::from_second(1000).unwrap()));
+        j
+    }
+
+    fn status(phase: Phase, restarts: u32, reason: &str) -> TrainingJobStatus {
+        TrainingJobStatus {
+            phase,
+            restarts,
+            reason: reason.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lifecycle_is_counted_once_per_decision() {
+        let m = OperatorMetrics::new();
+        let j = job();
+        let at = |s| Timestamp::from_second(s).unwrap();
+        let pending = status(Phase::Pending, 0, "");
+        let mut running = status(Phase::Running, 0, "GangRunning");
+        running.progress = Some(crate::api::Progress {
+            step: 7,
+            loss: Some(0.5),
+            ..Default::default()
+        });
+        let restarting = status(Phase::Restarting, 1, "ReplicaFailed");
+        let done = status(Phase::Succeeded, 1, "Completed");
+        m.observe(&j, None, &pending, at(1000));
+        m.observe(&j, Some(&pending), &pending, at(1001));
+        m.observe(&j, Some(&pending), &running, at(1012));
+        let text = m.render(None);
+        assert!(
+            text.contains("trainyard_jobs_created_total{mode=\"Distributed\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("trainyard_jobs{mode=\"Distributed\",phase=\"Running\"} 1"));
+        assert!(text.contains("trainyard_job_step{job=\"a\",namespace=\"n\"} 7"));
+        assert!(
+            text.contains("trainyard_job_time_to_running_seconds_sum{mode=\"Distributed\"} 12")
+        );
+        m.observe(&j, Some(&running), &restarting, at(1020));
+        m.observe(&j, Some(&restarting), &done, at(1100));
+        let text = m.render(None);
+        assert!(text.contains("trainyard_job_restarts_total{reason=\"ReplicaFailed\"} 1"));
+        assert!(text.contains(
+            "trainyard_jobs_finished_total{mode=\"Distributed\",reason=\"Completed\",result=\"Succeeded\"} 1"
+        ));
+        assert!(text.contains("trainyard_jobs{mode=\"Distributed\",phase=\"Succeeded\"} 1"));
+        assert!(
+            !text.contains("trainyard_job_step{"),
+            "per-job series end with the run"
+        );
+        m.forget("n", "a");
+        assert!(
+            m.render(None)
+                .contains("trainyard_jobs{mode=\"Distributed\",phase=\"Succeeded\"} 0")
+        );
+    }
+}
