@@ -23,6 +23,11 @@ pub const REPLICA_ROLE: &str = "TRAINYARD_REPLICA_ROLE";
 /// `--config` file (how the operator hands a replica its config).
 pub const CONFIG: &str = "TRAINYARD_CONFIG";
 
+/// URL of the operator's progress endpoint for this job (absent: no reports).
+pub const PROGRESS_URL: &str = "TRAINYARD_PROGRESS_URL";
+/// The job's secret token for progress reports.
+pub const PROGRESS_TOKEN: &str = "TRAINYARD_PROGRESS_TOKEN";
+
 /// Every name above: the planner refuses user env overrides of these.
 pub const RESERVED: &[&str] = &[
     RANK,
@@ -34,4 +39,6 @@ pub const RESERVED: &[&str] = &[
     JOB,
     REPLICA_ROLE,
     CONFIG,
+    PROGRESS_URL,
+    PROGRESS_TOKEN,
 ];

@@ -18,12 +18,13 @@
 //!
 //! # Features
 //! `engine` (default) is everything that trains. Without it the crate is only
-//! [`config`], [`env`] and [`exit`]: what the operator needs to hand a replica its job,
+//! [`config`], [`env`], [`exit`] and [`protocol`]: what the operator needs to hand a replica its job,
 //! without compiling the ML stack.
 
 pub mod config;
 pub mod env;
 pub mod exit;
+pub mod protocol;
 
 #[cfg(feature = "engine")]
 pub mod allocator;
@@ -47,6 +48,8 @@ pub mod kernels;
 pub mod metrics;
 #[cfg(feature = "engine")]
 pub mod model;
+#[cfg(feature = "engine")]
+pub mod report;
 #[cfg(feature = "engine")]
 pub mod tensorfile;
 #[cfg(feature = "engine")]

@@ -339,6 +339,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 stop: Some(stop),
                 dist: Some(dist),
                 timeouts,
+                report: trainyard_trainer::report::Reporter::from_env(),
             };
             let summary = train::train(&config, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);

@@ -122,6 +122,8 @@ pub struct RunOptions {
     pub dist: Option<DistEnv>,
     /// Join and collective timeouts of the group.
     pub timeouts: RingTimeouts,
+    /// Where rank 0 reports progress (the operator), if anywhere.
+    pub report: Option<crate::report::Reporter>,
 }
 
 /// What a finished run reports (`summary.json`).
@@ -643,6 +645,12 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     };
 
     let steps = config.train.steps;
+    // What rank 0 last told the operator; each report carries all of it.
+    let mut progress = crate::protocol::ProgressMessage {
+        total_steps: steps,
+        ..Default::default()
+    };
+    let reporter = opts.report.as_ref().filter(|_| root);
     let batch_size = config.train.batch_size;
     let accumulate = config.train.accumulate_steps;
     // Samples per optimiser step over the whole group.
@@ -760,6 +768,12 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                 noisy_samples: noisy,
             })?;
         }
+        if let Some(r) = reporter {
+            progress.step = done;
+            progress.loss = Some(final_loss);
+            progress.samples_per_second = Some(sps);
+            r.send(progress.clone());
+        }
         if let Some(m) = &opts.metrics {
             m.step.set(done as i64);
             m.steps_total.inc();
@@ -804,6 +818,10 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                 report: &report,
             })?;
             let scores = report.scores;
+            if let Some(r) = reporter {
+                progress.metric = Some(scores.miou);
+                r.send(progress.clone());
+            }
             if let Some(m) = &opts.metrics {
                 m.val_miou.set(scores.miou);
                 m.val_pixel_accuracy.set(scores.pixel_accuracy);
@@ -847,6 +865,13 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                     config: config.clone(),
                 };
                 checkpoints.save(&ck, config.checkpoint.keep_last)?;
+                if let Some(r) = reporter {
+                    progress.checkpoint = Some(crate::protocol::CheckpointMessage {
+                        step: done,
+                        path: path.display().to_string(),
+                    });
+                    r.send(progress.clone());
+                }
                 if let Some(m) = &opts.metrics {
                     m.checkpoints_total.inc();
                 }

@@ -1,0 +1,46 @@
+//! What a trainer tells the operator: the progress report's wire format,
+//! shared by the trainer (which posts it) and the operator (which checks it).
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the operator's progress endpoint: `{PROGRESS_PATH}/{namespace}/{job}`.
+pub const PROGRESS_PATH: &str = "/v1/progress";
+
+/// Largest report body the operator accepts, in bytes.
+pub const MAX_REPORT_BYTES: usize = 16 * 1024;
+
+/// One progress report (JSON), authenticated with the job's token as
+/// `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressMessage {
+    /// Completed optimiser steps.
+    pub step: u64,
+    /// Steps the run will take.
+    pub total_steps: u64,
+    /// Latest training loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// Latest validation mIoU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<f64>,
+    /// Training throughput of the whole group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_per_second: Option<f64>,
+    /// Federated round, when there are rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u64>,
+    /// Newest checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointMessage>,
+}
+
+/// A checkpoint in a progress report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointMessage {
+    /// Step it holds.
+    pub step: u64,
+    /// Path as the trainer sees it.
+    pub path: String,
+}
