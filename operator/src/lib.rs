@@ -8,4 +8,5 @@ pub mod k8s;
 pub mod local;
 pub mod metrics;
 pub mod plan;
+pub mod progress;
 pub mod store;

@@ -68,6 +68,20 @@ enum Command {
         /// Address of /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:8080")]
         metrics_addr: std::net::SocketAddr,
+        /// Address of the progress endpoint trainers report to.
+        #[arg(long, default_value = "0.0.0.0:8081")]
+        progress_addr: std::net::SocketAddr,
+        /// URL pods reach the progress endpoint at (e.g.
+        /// http://trainyard-operator.trainyard.svc:8081); without it trainers
+        /// do not report and stall detection has no progress to watch.
+        #[arg(long, env = "TRAINYARD_PROGRESS_URL")]
+        progress_url: Option<String>,
+        /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else "default").
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// Reconcile without electing a leader (only safe with one replica).
+        #[arg(long)]
+        no_leader_election: bool,
     },
 }
 
@@ -94,6 +108,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             instance,
             database_url,
             metrics_addr,
+            progress_addr,
+            progress_url,
+            lease_namespace,
+            no_leader_election,
         } => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -116,9 +134,51 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     metrics.clone(),
                     store.clone(),
                 ));
+                let progress = match progress_url {
+                    Some(url) => {
+                        let hub = std::sync::Arc::new(trainyard::progress::ProgressHub::new(Some(
+                            metrics.progress_reports.clone(),
+                        )));
+                        let listener = tokio::net::TcpListener::bind(progress_addr)
+                            .await
+                            .with_context(|| format!("cannot listen on {progress_addr}"))?;
+                        let app = trainyard::progress::router(hub.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = axum::serve(listener, app).await {
+                                tracing::error!(error = %e, "the progress endpoint stopped");
+                            }
+                        });
+                        Some(trainyard::k8s::ProgressEndpoint { url, hub })
+                    }
+                    None => None,
+                };
+                let elector = (!no_leader_election).then(|| {
+                    let identity = instance.clone().unwrap_or_else(|| {
+                        let mut b = [0u8; 4];
+                        let _ = getrandom::fill(&mut b);
+                        format!("trainyard-operator-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
+                    });
+                    trainyard::k8s::leader::Elector::new(
+                        kube::Api::namespaced(client.clone(), &lease_namespace),
+                        "trainyard-operator",
+                        identity,
+                    )
+                });
+                if let Some(e) = &elector {
+                    e.wait_for_leadership().await;
+                }
+                let lost = async {
+                    match &elector {
+                        Some(e) => e.keep_leading().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tracing::info!("reconciling TrainingJobs");
                 tokio::select! {
-                    done = trainyard::k8s::run(client, instance, store, metrics) => done,
+                    // Another replica may lead now: stop at once and let the
+                    // pod restart as a candidate.
+                    () = lost => Err(anyhow::anyhow!("lost leadership; exiting so another replica can lead")),
+                    done = trainyard::k8s::run(client, instance, store, metrics, progress) => done,
                     served = server => Err(match served {
                         Ok(Err(e)) => e.context(format!("the metrics server on {metrics_addr} stopped")),
                         Ok(Ok(())) => anyhow::anyhow!("the metrics server on {metrics_addr} stopped"),

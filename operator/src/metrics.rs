@@ -44,6 +44,8 @@ pub mod names {
     pub const STORE_QUEUE_DEPTH: &str = "trainyard_store_queue_depth";
     /// 1 while the last history write succeeded.
     pub const STORE_UP: &str = "trainyard_store_up";
+    /// Progress reports received, by result (accepted, bad_token, ...).
+    pub const PROGRESS_REPORTS_TOTAL: &str = "trainyard_progress_reports_total";
     /// Latest step of a running job.
     pub const JOB_STEP: &str = "trainyard_job_step";
     /// Latest loss of a running job.
@@ -64,6 +66,8 @@ pub struct OperatorMetrics {
     pub reconcile_seconds: HistogramVec,
     /// Failed reconciles.
     pub reconcile_errors: IntCounter,
+    /// Progress reports by result.
+    pub progress_reports: IntCounterVec,
     store_writes: IntGauge,
     store_errors: IntGauge,
     store_dropped: IntGauge,
@@ -158,6 +162,11 @@ impl OperatorMetrics {
                 &r,
                 IntCounter::new(names::RECONCILE_ERRORS_TOTAL, "Failed reconciles.")
                     .expect("valid metric"),
+            ),
+            progress_reports: counter(
+                names::PROGRESS_REPORTS_TOTAL,
+                "Progress reports received, by result.",
+                &["result"],
             ),
             store_writes: gauge(
                 names::STORE_WRITES_TOTAL,

@@ -20,6 +20,7 @@ struct World {
     job: Value,
     pods: BTreeMap<String, Value>,
     services: BTreeMap<String, Value>,
+    secrets: BTreeMap<String, Value>,
     events: Vec<Value>,
     requests: Vec<String>,
     job_deleted: bool,
@@ -84,6 +85,15 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
             Some(pod) => respond(StatusCode::OK, &pod),
             None => not_found(name),
         },
+        ("GET", ["api", "v1", "namespaces", _, "secrets", name]) => match w.secrets.get(*name) {
+            Some(s) => respond(StatusCode::OK, s),
+            None => not_found(name),
+        },
+        ("POST", ["api", "v1", "namespaces", _, "secrets"]) => {
+            let name = body["metadata"]["name"].as_str().unwrap().to_string();
+            w.secrets.insert(name, body.clone());
+            respond(StatusCode::CREATED, &body)
+        }
         ("PATCH", ["api", "v1", "namespaces", _, "services", name]) => {
             w.services.insert(name.to_string(), body.clone());
             respond(StatusCode::OK, &body)
@@ -151,6 +161,10 @@ impl Harness {
 
     /// A harness (an operator process) over an existing world.
     fn over(world: Arc<Mutex<World>>) -> Self {
+        Self::with(world, |ctx| ctx)
+    }
+
+    fn with(world: Arc<Mutex<World>>, setup: impl FnOnce(Context) -> Context) -> Self {
         let w = world.clone();
         let service = tower::service_fn(move |req| {
             let w = w.clone();
@@ -159,7 +173,7 @@ impl Harness {
         let client = Client::new(service, "ml");
         Self {
             world,
-            ctx: Arc::new(Context::new(client, Some("test".into()))),
+            ctx: Arc::new(setup(Context::new(client, Some("test".into())))),
         }
     }
 
@@ -359,4 +373,157 @@ async fn a_restarted_operator_creates_no_duplicates() {
         "{requests:?}"
     );
     assert_eq!(fresh.status()["phase"], "Running");
+}
+
+#[tokio::test]
+async fn trainers_report_progress_with_the_jobs_own_token() {
+    use tower::ServiceExt;
+    use trainyard::k8s::ProgressEndpoint;
+    use trainyard::progress::{ProgressHub, router};
+    let base = Harness::new("");
+    let hub = Arc::new(ProgressHub::new(None));
+    let endpoint = ProgressEndpoint {
+        url: "http://trainyard-operator.trainyard.svc:8081".into(),
+        hub: hub.clone(),
+    };
+    let h = Harness::with(base.world.clone(), |ctx| ctx.with_progress(endpoint));
+    h.reconcile().await;
+    let (token, env) = {
+        let w = h.world.lock().unwrap();
+        let token = w.secrets["seg-progress"]["stringData"]["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let env = w.pods["seg-worker-0"]["spec"]["containers"][0]["env"].clone();
+        (token, env)
+    };
+    assert_eq!(token.len(), 64, "a 256-bit token");
+    let env = env.as_array().unwrap();
+    let url = env
+        .iter()
+        .find(|e| e["name"] == "TRAINYARD_PROGRESS_URL")
+        .unwrap();
+    assert_eq!(
+        url["value"],
+        "http://trainyard-operator.trainyard.svc:8081/v1/progress/ml/seg"
+    );
+    let tok = env
+        .iter()
+        .find(|e| e["name"] == "TRAINYARD_PROGRESS_TOKEN")
+        .unwrap();
+    assert_eq!(tok["valueFrom"]["secretKeyRef"]["name"], "seg-progress");
+    assert!(
+        tok.get("value").is_none(),
+        "the token never appears in the pod spec"
+    );
+
+    h.reconcile().await;
+    h.set_pod("seg-worker-0", running());
+    h.set_pod("seg-worker-1", running());
+    h.reconcile().await;
+    let post = |token: &str| {
+        http::Request::post("/v1/progress/ml/seg")
+            .header("authorization", format!("Bearer {token}"))
+            .body(axum::body::Body::from(
+                r#"{"step": 42, "total_steps": 1000, "loss": 0.25, "samples_per_second": 180.0}"#,
+            ))
+            .unwrap()
+    };
+    let wrong = router(hub.clone()).oneshot(post("guess")).await.unwrap();
+    assert_eq!(wrong.status(), http::StatusCode::UNAUTHORIZED);
+    let ok = router(hub.clone()).oneshot(post(&token)).await.unwrap();
+    assert_eq!(ok.status(), http::StatusCode::NO_CONTENT);
+    h.reconcile().await;
+    let status = h.status();
+    assert_eq!(status["progress"]["step"], 42);
+    assert_eq!(status["progress"]["loss"], 0.25);
+    assert_eq!(status["progress"]["summary"], "4% 42/1000");
+}
+
+/// A fake Lease API with optimistic concurrency: a write with a stale
+/// resourceVersion is a 409, as on a real API server.
+fn lease_api(store: Arc<Mutex<Option<Value>>>) -> Client {
+    let service = tower::service_fn(move |req: Request<Body>| {
+        let store = store.clone();
+        async move {
+            let method = req.method().clone();
+            let body = req.into_body().collect_bytes().await.unwrap();
+            let mut lease = store.lock().unwrap();
+            let response = match method.as_str() {
+                "GET" => match lease.as_ref() {
+                    Some(l) => respond(StatusCode::OK, l),
+                    None => not_found("lease"),
+                },
+                "POST" | "PUT" => {
+                    let mut new: Value = serde_json::from_slice(&body).unwrap();
+                    let current = lease
+                        .as_ref()
+                        .map(|l| l["metadata"]["resourceVersion"].clone());
+                    let conflict = match (method.as_str(), &current) {
+                        ("POST", Some(_)) => true,
+                        ("PUT", Some(v)) => &new["metadata"]["resourceVersion"] != v,
+                        ("PUT", None) => true,
+                        _ => false,
+                    };
+                    if conflict {
+                        respond(
+                            StatusCode::CONFLICT,
+                            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
+                        )
+                    } else {
+                        let version = current
+                            .and_then(|v| v.as_str().and_then(|s| s.parse::<u64>().ok()))
+                            .unwrap_or(0)
+                            + 1;
+                        new["metadata"]["resourceVersion"] = json!(version.to_string());
+                        *lease = Some(new.clone());
+                        respond(StatusCode::OK, &new)
+                    }
+                }
+                other => panic!("unexpected {other}"),
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    Client::new(service, "ops")
+}
+
+#[tokio::test]
+async fn one_leader_at_a_time_and_takeover_after_expiry() {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    use trainyard::k8s::leader::{Elector, LEASE_DURATION, Standing};
+    let store = Arc::new(Mutex::new(None));
+    let a = Elector::new(
+        kube::Api::namespaced(lease_api(store.clone()), "ops"),
+        "lead",
+        "a",
+    );
+    let b = Elector::new(
+        kube::Api::namespaced(lease_api(store.clone()), "ops"),
+        "lead",
+        "b",
+    );
+    let t0 = Timestamp::from_second(1_800_000_000).unwrap();
+    let at = |s: i64| t0 + SignedDuration::from_secs(s);
+    assert_eq!(a.try_acquire(at(0)).await.unwrap(), Standing::Leader);
+    assert_eq!(
+        b.try_acquire(at(1)).await.unwrap(),
+        Standing::Follower { holder: "a".into() }
+    );
+    // a renews; b still waits.
+    assert_eq!(a.try_acquire(at(5)).await.unwrap(), Standing::Leader);
+    assert_eq!(
+        b.try_acquire(at(10)).await.unwrap(),
+        Standing::Follower { holder: "a".into() }
+    );
+    // a stops renewing; once the lease expires, b takes over and a must not.
+    let expiry = 5 + LEASE_DURATION.as_secs() as i64;
+    assert_eq!(b.try_acquire(at(expiry)).await.unwrap(), Standing::Leader);
+    assert_eq!(
+        a.try_acquire(at(expiry + 1)).await.unwrap(),
+        Standing::Follower { holder: "b".into() }
+    );
+    let lease = store.lock().unwrap().clone().unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
 }

@@ -6,6 +6,7 @@
 //! the middle of a job creates no duplicate pods and loses no restart count
 //! (pod names are deterministic, and `status.restarts` only grows).
 
+pub mod leader;
 pub mod observe;
 pub mod resources;
 
@@ -13,9 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
 use kube::runtime::watcher;
@@ -24,8 +25,10 @@ use kube::{Api, Client, Resource, ResourceExt};
 use crate::api::{Phase, TrainingJob};
 use crate::metrics::OperatorMetrics;
 use crate::plan::{self, Action, EventType, Observation, Placement};
+use crate::progress::ProgressHub;
 use crate::store::{Store, history};
 use resources::labels;
+use trainyard_trainer::protocol::PROGRESS_PATH;
 
 /// The field manager of every write (server-side apply).
 pub const MANAGER: &str = "trainyard-operator";
@@ -51,6 +54,17 @@ pub struct Context {
     pub store: Option<Store>,
     /// Prometheus metrics.
     pub metrics: Arc<OperatorMetrics>,
+    /// Where trainers report progress, and the reports received.
+    pub progress: Option<ProgressEndpoint>,
+}
+
+/// The progress endpoint as pods reach it.
+#[derive(Clone)]
+pub struct ProgressEndpoint {
+    /// Base URL trainers post to (e.g. `http://trainyard-operator.trainyard.svc:8081`).
+    pub url: String,
+    /// Tokens and newest reports.
+    pub hub: Arc<ProgressHub>,
 }
 
 impl Context {
@@ -65,7 +79,14 @@ impl Context {
             client,
             store: None,
             metrics: Arc::new(OperatorMetrics::new()),
+            progress: None,
         }
+    }
+
+    /// Gives pods a progress URL and token, and reads their reports.
+    pub fn with_progress(mut self, endpoint: ProgressEndpoint) -> Self {
+        self.progress = Some(endpoint);
+        self
     }
 
     /// Counts into `metrics` (shared with the `/metrics` server).
@@ -87,6 +108,7 @@ pub async fn run(
     instance: Option<String>,
     store: Option<Store>,
     metrics: Arc<OperatorMetrics>,
+    progress: Option<ProgressEndpoint>,
 ) -> anyhow::Result<()> {
     let jobs = Api::<TrainingJob>::all(client.clone());
     // Fail fast with a clear message when the CRD is missing.
@@ -100,6 +122,9 @@ pub async fn run(
     let mut ctx = Context::new(client.clone(), instance).with_metrics(metrics);
     if let Some(store) = store {
         ctx = ctx.with_store(store);
+    }
+    if let Some(progress) = progress {
+        ctx = ctx.with_progress(progress);
     }
     let ctx = Arc::new(ctx);
     Controller::new(jobs, watcher::Config::default())
@@ -148,8 +173,11 @@ pub async fn reconcile(
     if job.metadata.deletion_timestamp.is_some() {
         // Owner references let the garbage collector remove the children;
         // the history stays in PostgreSQL.
-        ctx.metrics
-            .forget(&job.namespace().unwrap_or_default(), &job.name_any());
+        let ns = job.namespace().unwrap_or_default();
+        ctx.metrics.forget(&ns, &job.name_any());
+        if let Some(p) = &ctx.progress {
+            p.hub.forget(&ns, &job.name_any());
+        }
         return Ok(Requeue::await_change());
     }
     let ns = job.namespace().ok_or(ReconcileError::Malformed(
@@ -168,9 +196,20 @@ pub async fn reconcile(
         // A job recreated under the same name must not adopt its predecessor's pods.
         .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
         .collect();
+    let progress_env = match &ctx.progress {
+        Some(p) => {
+            let token = ensure_token(&ctx.client, &job, &ns, &name).await?;
+            p.hub.register(&ns, &name, &token);
+            Some(resources::ProgressEnv {
+                url: format!("{}{PROGRESS_PATH}/{ns}/{name}", p.url.trim_end_matches('/')),
+                secret: resources::token_secret_name(&name),
+            })
+        }
+        None => None,
+    };
     let observation = Observation {
         replicas: pods.iter().filter_map(observe::replica).collect(),
-        progress: None,
+        progress: ctx.progress.as_ref().and_then(|p| p.hub.latest(&ns, &name)),
     };
     let now = Timestamp::now();
     let decision = plan::plan(&job, &observation, now, &Placement::Kubernetes);
@@ -197,7 +236,7 @@ pub async fn reconcile(
     for action in &decision.actions {
         match action {
             Action::Create(replica) => {
-                let pod = resources::pod(&job, replica, gated);
+                let pod = resources::pod(&job, replica, gated, progress_env.as_ref());
                 pods_api
                     .patch(&replica.name, &apply, &Patch::Apply(&pod))
                     .await?;
@@ -261,7 +300,7 @@ pub async fn reconcile(
                 .iter()
                 .find(|p| p.metadata.name.as_deref() == Some(&replica.name));
             if pod.is_some_and(|p| observe::is_gated(p)) {
-                let ungated = resources::pod(&job, replica, false);
+                let ungated = resources::pod(&job, replica, false, progress_env.as_ref());
                 pods_api
                     .patch(&replica.name, &apply, &Patch::Apply(&ungated))
                     .await?;
@@ -278,8 +317,52 @@ pub async fn reconcile(
             .patch_status(&name, &apply, &Patch::Apply(&body))
             .await?;
     }
-    Ok(match decision.requeue_after {
+    // Reports arrive without a Kubernetes event: look again soon while
+    // running, so progress reaches the status at a bounded rate.
+    let poll = (ctx.progress.is_some() && decision.status.phase == Phase::Running)
+        .then_some(PROGRESS_POLL);
+    Ok(match decision.requeue_after.into_iter().chain(poll).min() {
         Some(after) => Requeue::requeue(after.max(Duration::from_millis(500))),
         None => Requeue::await_change(),
     })
+}
+
+/// How often a running job's status takes in its progress reports.
+pub const PROGRESS_POLL: Duration = Duration::from_secs(10);
+
+/// The job's progress token, from its Secret (created on first use).
+async fn ensure_token(
+    client: &Client,
+    job: &TrainingJob,
+    ns: &str,
+    name: &str,
+) -> Result<String, ReconcileError> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let secret_name = resources::token_secret_name(name);
+    if let Some(existing) = secrets.get_opt(&secret_name).await? {
+        return resources::token_of(&existing).ok_or(ReconcileError::Malformed(
+            "the job's token Secret has no token",
+        ));
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|_| ReconcileError::Malformed("no randomness for a token"))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    match secrets
+        .create(
+            &PostParams::default(),
+            &resources::token_secret(job, &token),
+        )
+        .await
+    {
+        Ok(_) => Ok(token),
+        // Created concurrently (a second reconcile): use theirs.
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let existing = secrets.get(&secret_name).await?;
+            resources::token_of(&existing).ok_or(ReconcileError::Malformed(
+                "the job's token Secret has no token",
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
 }

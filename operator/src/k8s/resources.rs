@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, Pod, PodSchedulingGate, PodSpec,
-    ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod, PodSchedulingGate,
+    PodSpec, ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -64,8 +65,63 @@ pub fn gang_gated(job: &TrainingJob) -> bool {
         .is_none_or(|s| !GANG_SCHEDULERS.contains(&s))
 }
 
-/// The pod of `replica`; `gated` holds it from scheduling.
-pub fn pod(job: &TrainingJob, replica: &Replica, gated: bool) -> Pod {
+/// How a pod reaches the progress endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressEnv {
+    /// Full URL of the job's endpoint.
+    pub url: String,
+    /// The Secret holding the job's token (key [`TOKEN_KEY`]).
+    pub secret: String,
+}
+
+/// Key of the token in the job's Secret.
+pub const TOKEN_KEY: &str = "token";
+
+/// Name of the Secret with the job's progress token.
+pub fn token_secret_name(job: &str) -> String {
+    format!("{job}-progress")
+}
+
+/// The Secret holding the job's progress token; only the job's pods mount it.
+pub fn token_secret(job: &TrainingJob, token: &str) -> Secret {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(token_secret_name(&name)),
+            namespace: job.metadata.namespace.clone(),
+            labels: Some(common_labels(job)),
+            owner_references: Some(vec![owner(job)]),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(TOKEN_KEY.into(), token.into())])),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    }
+}
+
+/// The token in a job's Secret.
+pub fn token_of(secret: &Secret) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(TOKEN_KEY))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(TOKEN_KEY).cloned())
+        })
+}
+
+/// The pod of `replica`; `gated` holds it from scheduling; `progress` tells
+/// its trainer where to report.
+pub fn pod(
+    job: &TrainingJob,
+    replica: &Replica,
+    gated: bool,
+    progress: Option<&ProgressEnv>,
+) -> Pod {
     let spec = &job.spec;
     let t = &spec.template;
     let mut pod_labels = t.labels.clone();
@@ -116,12 +172,32 @@ pub fn pod(job: &TrainingJob, replica: &Replica, gated: bool) -> Pod {
             ..Default::default()
         })
         .collect();
+    let mut env = replica.env.clone();
+    if let Some(p) = progress {
+        env.push(EnvVar {
+            name: trainyard_trainer::env::PROGRESS_URL.into(),
+            value: Some(p.url.clone()),
+            value_from: None,
+        });
+        env.push(EnvVar {
+            name: trainyard_trainer::env::PROGRESS_TOKEN.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: p.secret.clone(),
+                    key: TOKEN_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+        });
+    }
     let container = Container {
         name: CONTAINER.into(),
         image: Some(spec.image.clone()),
         command: Some(vec!["trainyard-trainer".into()]),
         args: Some(replica.args.clone()),
-        env: Some(replica.env.clone()),
+        env: Some(env),
         resources: Some(ResourceRequirements {
             claims: None,
             ..resources
@@ -225,7 +301,7 @@ mod tests {
             "  template:\n    labels: {team: vision, trainyard.dev/attempt: spoof}\n    nodeSelector: {pool: cpu}\n",
         );
         let rs = replicas::desired(&j, 3, &Placement::Kubernetes).unwrap();
-        let p = pod(&j, &rs[1], true);
+        let p = pod(&j, &rs[1], true, None);
         let labels = p.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["team"], "vision");
         assert_eq!(labels[labels::ATTEMPT], "3", "our labels win");
@@ -265,7 +341,7 @@ mod tests {
             Some("Memory")
         );
         assert!(
-            pod(&j, &rs[1], false)
+            pod(&j, &rs[1], false, None)
                 .spec
                 .unwrap()
                 .scheduling_gates
@@ -286,7 +362,7 @@ mod tests {
             .unwrap()
             .remove(0);
         r.gpus = 2;
-        let p = pod(&j, &r, true);
+        let p = pod(&j, &r, true, None);
         let res = p.spec.unwrap().containers[0].resources.clone().unwrap();
         assert_eq!(res.limits.unwrap()[GPU_RESOURCE].0, "2");
         assert_eq!(res.requests.unwrap()[GPU_RESOURCE].0, "2");
