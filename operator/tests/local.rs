@@ -155,20 +155,27 @@ fn a_two_worker_job_trains_to_success() {
     assert!(stderr.contains("Succeeded"), "{stderr}");
 }
 
+/// Starts `trainyard local` in the background and returns once rank 0 of
+/// job `name` has written its first checkpoint.
+fn start_until_checkpoint(file: &Path, out: &Path, name: &str) -> std::process::Child {
+    let child = local(file, out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let checkpoints = out.join(format!("replicas/{name}-worker-0/checkpoints"));
+    wait_for("a first checkpoint", Duration::from_secs(120), || {
+        std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some())
+    });
+    child
+}
+
 #[test]
 fn a_killed_worker_restarts_the_gang_from_the_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_manifest(dir.path(), "kill", 300);
     let out = dir.path().join("out");
-    let child = local(&file, &out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let checkpoints = out.join("replicas/kill-worker-0/checkpoints");
-    wait_for("a first checkpoint", Duration::from_secs(120), || {
-        std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some())
-    });
+    let child = start_until_checkpoint(&file, &out, "kill");
     let (pid, attempt) = pid_of(&out, "kill-worker-1").expect("worker 1 runs");
     assert_eq!(attempt, 0);
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
@@ -199,15 +206,8 @@ fn ctrl_c_stops_every_replica_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let file = write_manifest(dir.path(), "intr", 5000);
     let out = dir.path().join("out");
-    let child = local(&file, &out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = start_until_checkpoint(&file, &out, "intr");
     let checkpoints = out.join("replicas/intr-worker-0/checkpoints");
-    wait_for("a first checkpoint", Duration::from_secs(120), || {
-        std::fs::read_dir(&checkpoints).is_ok_and(|mut d| d.next().is_some())
-    });
     let pids: Vec<i32> = ["intr-worker-0", "intr-worker-1"]
         .iter()
         .map(|r| pid_of(&out, r).expect("running").0)
