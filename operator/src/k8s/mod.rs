@@ -210,6 +210,7 @@ pub async fn reconcile(
     let observation = Observation {
         replicas: pods.iter().filter_map(observe::replica).collect(),
         progress: ctx.progress.as_ref().and_then(|p| p.hub.latest(&ns, &name)),
+        history: ctx.store.as_ref().map(Store::healthy),
     };
     let now = Timestamp::now();
     let decision = plan::plan(&job, &observation, now, &Placement::Kubernetes);

@@ -111,6 +111,8 @@ pub struct Observation {
     pub replicas: Vec<ObservedReplica>,
     /// Latest progress, if any was reported.
     pub progress: Option<ProgressReport>,
+    /// Whether the history store took its last write (None: no store).
+    pub history: Option<bool>,
 }
 
 /// Normal or warning, as Kubernetes Events have it.
@@ -180,6 +182,12 @@ pub fn plan(
     p.merge_progress();
     p.step(placement);
     p.status.replicas = p.counts();
+    history_condition(
+        &mut p.status,
+        observed.history,
+        job.metadata.generation,
+        now,
+    );
     if let Some(progress) = &mut p.status.progress {
         progress.summary = summary(progress);
     }
@@ -658,6 +666,63 @@ impl Planner<'_> {
     }
 }
 
+/// Condition type that says the history store is not taking writes.
+pub const HISTORY_DEGRADED: &str = "HistoryDegraded";
+
+/// Reports a PostgreSQL outage on the job (history is queued meanwhile),
+/// and its end.
+fn history_condition(
+    status: &mut TrainingJobStatus,
+    healthy: Option<bool>,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let Some(healthy) = healthy else { return };
+    let existing = status
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == HISTORY_DEGRADED);
+    let (state, reason, message) = if healthy {
+        ("False", "StoreAvailable", "history is being recorded")
+    } else {
+        (
+            "True",
+            "StoreUnavailable",
+            "PostgreSQL is not taking writes; history is queued and retried",
+        )
+    };
+    match existing {
+        Some(c) if c.status == state => {}
+        Some(c) => {
+            c.status = state.into();
+            c.reason = reason.into();
+            c.message = message.into();
+            c.observed_generation = generation;
+            c.last_transition_time = Time(now);
+        }
+        // No condition until the first outage: a healthy store is the norm.
+        None if healthy => {}
+        None => status.conditions.push(Condition {
+            type_: HISTORY_DEGRADED.into(),
+            status: state.into(),
+            reason: reason.into(),
+            message: message.into(),
+            observed_generation: generation,
+            last_transition_time: Time(now),
+        }),
+    }
+}
+
+/// The condition types that mirror phases.
+const PHASE_CONDITIONS: &[&str] = &[
+    "Pending",
+    "Running",
+    "Restarting",
+    "Succeeded",
+    "Failed",
+    "Suspended",
+];
+
 /// Condition types mirror phases; exactly the current phase's is True.
 fn set_condition(
     conditions: &mut Vec<Condition>,
@@ -668,7 +733,10 @@ fn set_condition(
     now: Timestamp,
 ) {
     for c in conditions.iter_mut() {
-        if c.type_ != phase.as_str() && c.status == "True" {
+        if c.type_ != phase.as_str()
+            && c.status == "True"
+            && PHASE_CONDITIONS.contains(&c.type_.as_str())
+        {
             c.status = "False".into();
             c.last_transition_time = Time(now);
             c.observed_generation = generation;

@@ -43,6 +43,7 @@ fn gang(attempt: u32, s0: ReplicaState, s1: ReplicaState) -> Observation {
             replica("j-worker-1", attempt, s1),
         ],
         progress: None,
+        history: None,
     }
 }
 
@@ -112,6 +113,7 @@ fn pending_creates_only_missing_members() {
     let o = Observation {
         replicas: vec![replica("j-worker-0", 0, running())],
         progress: None,
+        history: None,
     };
     let p = run(&job(), &o, t0());
     assert_eq!(creates(&p), ["j-worker-1"]);
@@ -186,6 +188,7 @@ fn old_attempt_replicas_are_deleted() {
     let o = Observation {
         replicas: vec![replica("j-worker-0", 2, running())],
         progress: None,
+        history: None,
     };
     let p = run(&j, &o, t0());
     assert_eq!(deletes(&p), ["j-worker-0"]);
@@ -257,6 +260,7 @@ fn a_vanished_member_restarts_the_gang() {
     let o = Observation {
         replicas: vec![replica("j-worker-0", 0, running())],
         progress: None,
+        history: None,
     };
     let p = run(&running_job(0), &o, at(1));
     assert_eq!(p.status.phase, Phase::Restarting);
@@ -428,6 +432,59 @@ fn an_unplannable_spec_fails_with_the_field() {
 }
 
 #[test]
+fn a_store_outage_is_a_condition_that_phases_leave_alone() {
+    let mut o = gang(0, running(), running());
+    o.history = Some(false);
+    let p = run(&running_job(0), &o, at(1));
+    let c = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == HISTORY_DEGRADED)
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "StoreUnavailable")
+    );
+    // A phase change keeps it; the store's recovery clears it.
+    let j = with_status(running_job(0), |s| *s = p.status.clone());
+    let failing = Observation {
+        history: Some(false),
+        ..gang(0, running(), failed(137))
+    };
+    let p = run(&j, &failing, at(2));
+    assert_eq!(p.status.phase, Phase::Restarting);
+    let c = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == HISTORY_DEGRADED)
+        .unwrap();
+    assert_eq!(c.status, "True");
+    let j = with_status(running_job(0), |s| *s = p.status.clone());
+    let ok = Observation {
+        history: Some(true),
+        ..Observation::default()
+    };
+    let p = run(&j, &ok, at(3));
+    let c = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == HISTORY_DEGRADED)
+        .unwrap();
+    assert_eq!(c.status, "False");
+    // Without a store there is no such condition at all.
+    let p = run(&running_job(0), &gang(0, running(), running()), at(1));
+    assert!(
+        p.status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != HISTORY_DEGRADED)
+    );
+}
+
+#[test]
 fn backoff_doubles_up_to_a_minute() {
     let secs: Vec<u64> = [1, 2, 3, 7, 8, 40]
         .map(|n| restart_backoff(n).as_secs())
@@ -500,6 +557,7 @@ proptest! {
             let o = Observation {
                 replicas: world.clone(),
                 progress: Some(ProgressReport { step, ..Default::default() }),
+                history: None,
             };
             let was_terminal = j.status.as_ref().is_some_and(|s| s.phase.is_terminal());
             let p = run(&j, &o, now);
@@ -526,7 +584,11 @@ proptest! {
             if was_terminal {
                 prop_assert!(s.phase.is_terminal(), "a terminal job came back");
             }
-            let exactly_one_true = s.conditions.iter().filter(|c| c.status == "True").count();
+            let exactly_one_true = s
+                .conditions
+                .iter()
+                .filter(|c| c.status == "True" && c.type_ != HISTORY_DEGRADED)
+                .count();
             prop_assert!(s.conditions.is_empty() || exactly_one_true == 1);
             // Carry out the plan.
             for a in &p.actions {
