@@ -401,6 +401,15 @@ impl Planner<'_> {
         }
         if all_running && self.status.phase == Phase::Pending {
             self.status.running_since = Some(Time(self.now));
+            side_condition(
+                &mut self.status.conditions,
+                STALLED,
+                false,
+                "GangRunning",
+                "a new gang is running",
+                self.job.metadata.generation,
+                self.now,
+            );
             self.transition(
                 Phase::Running,
                 "GangRunning",
@@ -504,10 +513,17 @@ impl Planner<'_> {
         };
         let left = remaining(since, Duration::from_secs(limit), self.now);
         if left.is_zero() {
-            self.restart(
-                "Stalled",
-                &format!("no training progress for {limit}s (stallTimeoutSeconds)"),
+            let message = format!("no training progress for {limit}s (stallTimeoutSeconds)");
+            side_condition(
+                &mut self.status.conditions,
+                STALLED,
+                true,
+                "NoProgress",
+                &message,
+                self.job.metadata.generation,
+                self.now,
             );
+            self.restart("Stalled", &message);
             return true;
         }
         self.timers.push(left);
@@ -677,21 +693,45 @@ fn history_condition(
     generation: Option<i64>,
     now: Timestamp,
 ) {
-    let Some(healthy) = healthy else { return };
-    let existing = status
-        .conditions
-        .iter_mut()
-        .find(|c| c.type_ == HISTORY_DEGRADED);
-    let (state, reason, message) = if healthy {
-        ("False", "StoreAvailable", "history is being recorded")
-    } else {
-        (
-            "True",
+    match healthy {
+        None => {}
+        Some(true) => side_condition(
+            &mut status.conditions,
+            HISTORY_DEGRADED,
+            false,
+            "StoreAvailable",
+            "history is being recorded",
+            generation,
+            now,
+        ),
+        Some(false) => side_condition(
+            &mut status.conditions,
+            HISTORY_DEGRADED,
+            true,
             "StoreUnavailable",
             "PostgreSQL is not taking writes; history is queued and retried",
-        )
-    };
-    match existing {
+            generation,
+            now,
+        ),
+    }
+}
+
+/// Condition type of a Running job that made no progress for `stallTimeoutSeconds`.
+pub const STALLED: &str = "Stalled";
+
+/// Sets a condition that is not a phase. It appears only once it is first
+/// True (absence means all is well); later it flips between True and False.
+fn side_condition(
+    conditions: &mut Vec<Condition>,
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let state = if on { "True" } else { "False" };
+    match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) if c.status == state => {}
         Some(c) => {
             c.status = state.into();
@@ -700,10 +740,9 @@ fn history_condition(
             c.observed_generation = generation;
             c.last_transition_time = Time(now);
         }
-        // No condition until the first outage: a healthy store is the norm.
-        None if healthy => {}
-        None => status.conditions.push(Condition {
-            type_: HISTORY_DEGRADED.into(),
+        None if !on => {}
+        None => conditions.push(Condition {
+            type_: type_.into(),
             status: state.into(),
             reason: reason.into(),
             message: message.into(),

@@ -298,6 +298,23 @@ fn no_progress_past_the_stall_timeout_restarts() {
     let p = run(&running_job(0), &gang(0, running(), running()), at(50));
     assert_eq!(p.status.phase, Phase::Restarting);
     assert_eq!(p.status.reason, "Stalled");
+    let stalled = |s: &TrainingJobStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == STALLED)
+            .map(|c| c.status.clone())
+    };
+    assert_eq!(stalled(&p.status).as_deref(), Some("True"));
+    // The next gang running clears it.
+    let j = with_status(running_job(0), |s| {
+        *s = p.status.clone();
+        s.phase = Phase::Pending;
+        s.attempt = 1;
+        s.attempt_start_time = Some(Time(at(60)));
+    });
+    let next = run(&j, &gang(1, running(), running()), at(61));
+    assert_eq!(next.status.phase, Phase::Running);
+    assert_eq!(stalled(&next.status).as_deref(), Some("False"));
     // Progress moves the stall clock.
     let o = Observation {
         progress: Some(ProgressReport {
@@ -587,7 +604,7 @@ proptest! {
             let exactly_one_true = s
                 .conditions
                 .iter()
-                .filter(|c| c.status == "True" && c.type_ != HISTORY_DEGRADED)
+                .filter(|c| c.status == "True" && c.type_ != HISTORY_DEGRADED && c.type_ != STALLED)
                 .count();
             prop_assert!(s.conditions.is_empty() || exactly_one_true == 1);
             // Carry out the plan.
