@@ -68,9 +68,9 @@ pub struct OperatorMetrics {
     pub reconcile_errors: IntCounter,
     /// Progress reports by result.
     pub progress_reports: IntCounterVec,
-    store_writes: IntGauge,
-    store_errors: IntGauge,
-    store_dropped: IntGauge,
+    store_writes: IntCounter,
+    store_errors: IntCounter,
+    store_dropped: IntCounter,
     store_queue: IntGauge,
     store_up: IntGauge,
     job_step: GaugeVec,
@@ -104,13 +104,15 @@ impl OperatorMetrics {
         };
         let gauge =
             |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
+        let total =
+            |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
         let job_gauge = |name: &str, help: &str| {
             reg(
                 &r,
                 GaugeVec::new(Opts::new(name, help), &["namespace", "job"]).expect("valid metric"),
             )
         };
-        Self {
+        let metrics = Self {
             jobs: reg(
                 &r,
                 IntGaugeVec::new(
@@ -168,15 +170,15 @@ impl OperatorMetrics {
                 "Progress reports received, by result.",
                 &["result"],
             ),
-            store_writes: gauge(
+            store_writes: total(
                 names::STORE_WRITES_TOTAL,
                 "History records written to PostgreSQL.",
             ),
-            store_errors: gauge(
+            store_errors: total(
                 names::STORE_WRITE_ERRORS_TOTAL,
                 "Failed history writes (retried).",
             ),
-            store_dropped: gauge(
+            store_dropped: total(
                 names::STORE_DROPPED_TOTAL,
                 "History records lost to a full queue.",
             ),
@@ -194,7 +196,10 @@ impl OperatorMetrics {
             registry: r,
             phases: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
-        }
+        };
+        // Every phase and mode from the start, so dashboards show zeros, not gaps.
+        metrics.recount();
+        metrics
     }
 
     /// Accounts for one reconcile that took `job` from `before` to `after`.
@@ -313,11 +318,16 @@ impl OperatorMetrics {
     pub fn render(&self, store: Option<&Store>) -> String {
         if let Some(store) = store {
             let s = store.stats();
-            let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as i64;
-            self.store_writes.set(get(&s.written));
-            self.store_errors.set(get(&s.write_errors));
-            self.store_dropped.set(get(&s.dropped));
-            self.store_queue.set(get(&s.queued));
+            // The store counts in atomics; catch the counters up to them.
+            let catch_up = |counter: &IntCounter, source: &std::sync::atomic::AtomicU64| {
+                let now = source.load(Ordering::Relaxed);
+                counter.inc_by(now.saturating_sub(counter.get()));
+            };
+            catch_up(&self.store_writes, &s.written);
+            catch_up(&self.store_errors, &s.write_errors);
+            catch_up(&self.store_dropped, &s.dropped);
+            self.store_queue
+                .set(i64::try_from(s.queued.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             self.store_up.set(i64::from(store.healthy()));
         }
         let mut buf = Vec::new();
@@ -328,16 +338,25 @@ impl OperatorMetrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends.
+/// Serves [`router`] on `addr` until the process ends.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<OperatorMetrics>,
     store: Option<Store>,
 ) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    axum::serve(listener, router(metrics, store)).await?;
+    Ok(())
+}
+
+/// `/metrics` (the text exposition), `/healthz` (alive) and `/readyz`
+/// (503 until the controller has started).
+pub fn router(metrics: Arc<OperatorMetrics>, store: Option<Store>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
     let m = metrics.clone();
-    let app = axum::Router::new()
+    axum::Router::new()
         .route(
             "/metrics",
             get(move || {
@@ -359,11 +378,7 @@ pub async fn serve(
                     }
                 }
             }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, app).await?;
-    Ok(())
+        )
 }
 
 #[cfg(test)]
@@ -384,6 +399,38 @@ mod tests {
             restarts,
             reason: reason.into(),
             ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_endpoints_answer_and_readiness_follows_the_controller() {
+        use axum::body::Body;
+        use axum::http::{Request, StatusCode};
+        use tower::ServiceExt;
+        let m = Arc::new(OperatorMetrics::new());
+        let get = |path: &str| {
+            let app = router(m.clone(), None);
+            let req = Request::get(path).body(Body::empty()).unwrap();
+            async move { app.oneshot(req).await.unwrap() }
+        };
+        assert_eq!(get("/healthz").await.status(), StatusCode::OK);
+        assert_eq!(
+            get("/readyz").await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        m.set_ready(true);
+        assert_eq!(get("/readyz").await.status(), StatusCode::OK);
+        let response = get("/metrics").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        for name in [names::JOBS, names::RECONCILE_ERRORS_TOTAL] {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing:\n{text}"
+            );
         }
     }
 
