@@ -15,7 +15,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::api::{Phase, TrainingJob, TrainingJobStatus};
+use crate::api::{Mode, Phase, TrainingJob, TrainingJobStatus};
 use crate::store::Store;
 
 /// Metric names, the one source of truth (dashboards and alerts use these).
@@ -76,7 +76,7 @@ pub struct OperatorMetrics {
     job_step: GaugeVec,
     job_loss: GaugeVec,
     job_sps: GaugeVec,
-    phases: Mutex<BTreeMap<String, (String, String)>>,
+    phases: Mutex<BTreeMap<String, (Phase, Mode)>>,
     ready: AtomicBool,
 }
 
@@ -210,14 +210,14 @@ impl OperatorMetrics {
         after: &TrainingJobStatus,
         now: Timestamp,
     ) {
-        let mode = format!("{:?}", job.spec.mode);
+        let mode = job.spec.mode.as_str();
         let key = format!(
             "{}/{}",
             job.metadata.namespace.as_deref().unwrap_or(""),
             job.metadata.name.as_deref().unwrap_or("")
         );
         if before.is_none() {
-            self.created.with_label_values(&[&mode]).inc();
+            self.created.with_label_values(&[mode]).inc();
         }
         let was = before.map(|s| s.phase);
         if was != Some(after.phase) {
@@ -227,12 +227,12 @@ impl OperatorMetrics {
             {
                 let secs = created.0.duration_until(now).as_secs_f64().max(0.0);
                 self.time_to_running
-                    .with_label_values(&[&mode])
+                    .with_label_values(&[mode])
                     .observe(secs);
             }
             if after.phase.is_terminal() {
                 self.finished
-                    .with_label_values(&[&mode, after.phase.as_str(), &after.reason])
+                    .with_label_values(&[mode, after.phase.as_str(), &after.reason])
                     .inc();
             }
         }
@@ -259,7 +259,7 @@ impl OperatorMetrics {
             // Per-job series end with the run, so cardinality stays bounded.
             _ => self.forget_job_series(&labels),
         }
-        self.set_phase(&key, after.phase.as_str(), &mode);
+        self.set_phase(&key, after.phase, job.spec.mode);
     }
 
     /// The job is gone from the cluster.
@@ -278,11 +278,9 @@ impl OperatorMetrics {
         }
     }
 
-    fn set_phase(&self, key: &str, phase: &str, mode: &str) {
+    fn set_phase(&self, key: &str, phase: Phase, mode: Mode) {
         let mut phases = self.phases.lock().expect("metrics lock");
-        let new = (phase.to_string(), mode.to_string());
-        if phases.get(key) != Some(&new) {
-            phases.insert(key.to_string(), new);
+        if phases.insert(key.to_string(), (phase, mode)) != Some((phase, mode)) {
             drop(phases);
             self.recount();
         }
@@ -291,20 +289,12 @@ impl OperatorMetrics {
     fn recount(&self) {
         let phases = self.phases.lock().expect("metrics lock");
         self.jobs.reset();
-        for phase in [
-            "Pending",
-            "Running",
-            "Restarting",
-            "Succeeded",
-            "Failed",
-            "Suspended",
-        ] {
-            for mode in ["Distributed", "Federated", "Peft"] {
-                let n = phases
-                    .values()
-                    .filter(|(p, m)| p == phase && m == mode)
-                    .count();
-                self.jobs.with_label_values(&[phase, mode]).set(n as i64);
+        for phase in Phase::ALL {
+            for mode in Mode::ALL {
+                let n = phases.values().filter(|&&pm| pm == (phase, mode)).count();
+                self.jobs
+                    .with_label_values(&[phase.as_str(), mode.as_str()])
+                    .set(n as i64);
             }
         }
     }

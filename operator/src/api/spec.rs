@@ -101,6 +101,20 @@ pub enum Mode {
     Peft,
 }
 
+impl Mode {
+    /// Every mode.
+    pub const ALL: [Self; 3] = [Self::Distributed, Self::Federated, Self::Peft];
+
+    /// The name used in the spec, metrics and history.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Distributed => "Distributed",
+            Self::Federated => "Federated",
+            Self::Peft => "Peft",
+        }
+    }
+}
+
 /// The SegNet family of encoder-decoder segmentation networks.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]

@@ -79,6 +79,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase.
+    pub const ALL: [Self; 6] = [
+        Self::Pending,
+        Self::Running,
+        Self::Restarting,
+        Self::Succeeded,
+        Self::Failed,
+        Self::Suspended,
+    ];
+
     /// Succeeded or Failed: nothing will run again.
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed)

@@ -752,16 +752,6 @@ fn side_condition(
     }
 }
 
-/// The condition types that mirror phases.
-const PHASE_CONDITIONS: &[&str] = &[
-    "Pending",
-    "Running",
-    "Restarting",
-    "Succeeded",
-    "Failed",
-    "Suspended",
-];
-
 /// Condition types mirror phases; exactly the current phase's is True.
 fn set_condition(
     conditions: &mut Vec<Condition>,
@@ -774,7 +764,7 @@ fn set_condition(
     for c in conditions.iter_mut() {
         if c.type_ != phase.as_str()
             && c.status == "True"
-            && PHASE_CONDITIONS.contains(&c.type_.as_str())
+            && Phase::ALL.iter().any(|p| p.as_str() == c.type_)
         {
             c.status = "False".into();
             c.last_transition_time = Time(now);

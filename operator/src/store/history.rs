@@ -110,7 +110,7 @@ pub fn records(
         uid: uid.clone(),
         namespace: job.metadata.namespace.clone().unwrap_or_default(),
         name: job.metadata.name.clone().unwrap_or_default(),
-        mode: format!("{:?}", job.spec.mode),
+        mode: job.spec.mode.as_str().into(),
         spec: serde_json::to_string(&job.spec).expect("a spec serializes"),
         status: Box::new(after.clone()),
         created_at: job
