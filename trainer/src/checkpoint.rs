@@ -177,7 +177,7 @@ impl CheckpointDir {
 
     /// Path of the checkpoint for `step`.
     pub fn path_for(&self, step: u64) -> PathBuf {
-        self.dir.join(format!("step-{step:08}.safetensors"))
+        self.dir.join(crate::run_dir::checkpoint_file_name(step))
     }
 
     /// Complete checkpoints, oldest first. Temporary files of interrupted
@@ -198,11 +198,7 @@ impl CheckpointDir {
         for entry in read.flatten() {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(step) = name
-                .strip_prefix("step-")
-                .and_then(|s| s.strip_suffix(".safetensors"))
-                .and_then(|s| s.parse::<u64>().ok())
-            {
+            if let Some(step) = crate::run_dir::checkpoint_step(name) {
                 out.push((step, entry.path()));
             }
         }

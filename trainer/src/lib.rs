@@ -18,13 +18,14 @@
 //!
 //! # Features
 //! `engine` (default) is everything that trains. Without it the crate is only
-//! [`config`], [`env`], [`exit`] and [`protocol`]: what the operator needs to hand a replica its job,
+//! [`config`], [`env`], [`exit`], [`protocol`] and [`run_dir`]: what the operator needs to hand a replica its job,
 //! without compiling the ML stack.
 
 pub mod config;
 pub mod env;
 pub mod exit;
 pub mod protocol;
+pub mod run_dir;
 
 #[cfg(feature = "engine")]
 pub mod allocator;

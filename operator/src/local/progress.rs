@@ -4,6 +4,8 @@
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use trainyard_trainer::run_dir;
+
 use crate::api::CheckpointRef;
 use crate::plan::ProgressReport;
 
@@ -31,7 +33,7 @@ impl MetricsTail {
 
     /// Reads what was appended since the last call; `None` until the first row.
     pub fn poll(&mut self) -> Option<ProgressReport> {
-        let path = self.run_dir.join("metrics.jsonl");
+        let path = self.run_dir.join(run_dir::METRICS_FILE);
         if let Ok(mut file) = std::fs::File::open(&path) {
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             if len < self.offset {
@@ -86,15 +88,11 @@ impl MetricsTail {
 }
 
 /// The newest `checkpoints/step-NNNNNNNN.safetensors` in a run directory.
-pub fn latest_checkpoint(run_dir: &Path) -> Option<CheckpointRef> {
-    std::fs::read_dir(run_dir.join("checkpoints"))
+pub fn latest_checkpoint(dir: &Path) -> Option<CheckpointRef> {
+    std::fs::read_dir(dir.join(run_dir::CHECKPOINTS_DIR))
         .ok()?
         .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let step = name.strip_prefix("step-")?.strip_suffix(".safetensors")?;
-            Some((step.parse::<u64>().ok()?, e.path()))
-        })
+        .filter_map(|e| Some((run_dir::checkpoint_step(e.file_name().to_str()?)?, e.path())))
         .max_by_key(|(step, _)| *step)
         .map(|(step, path)| CheckpointRef {
             step,

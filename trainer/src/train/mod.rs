@@ -553,7 +553,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut model = SegNet::new(&config.model, config.train.seed, &device);
     let mut optimizer = Optimizer::new(&config.train.optimizer, Layout::of(&model).trainable_len());
     let mut params = params::trainable_values(&model);
-    let checkpoints = CheckpointDir::new(out.join("checkpoints"));
+    let checkpoints = CheckpointDir::new(out.join(crate::run_dir::CHECKPOINTS_DIR));
     let local_sgd = config.train.local_sgd.as_ref();
     let bucket_len = ((config.train.bucket_mb * (1 << 20) as f64) as usize / 4).max(1);
     // Top-k's residual is per rank and not checkpointed: a resumed run starts
@@ -639,7 +639,10 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut log = if root {
         let config_json = serde_json::to_vec_pretty(config).expect("configs serialise");
         tensorfile::write_bytes_atomic(&out.join("config.json"), &config_json)?;
-        Some(MetricsLog::open(&out.join("metrics.jsonl"), resumed_from)?)
+        Some(MetricsLog::open(
+            &out.join(crate::run_dir::METRICS_FILE),
+            resumed_from,
+        )?)
     } else {
         None
     };
