@@ -72,6 +72,10 @@ fn running_job(attempt: u32) -> TrainingJob {
     })
 }
 
+fn condition<'a>(s: &'a TrainingJobStatus, type_: &str) -> Option<&'a Condition> {
+    s.conditions.iter().find(|c| c.type_ == type_)
+}
+
 fn creates(p: &Plan) -> Vec<&str> {
     p.actions
         .iter()
@@ -133,12 +137,7 @@ fn pending_becomes_running_only_when_every_member_runs() {
     assert_eq!(p.status.reason, "GangRunning");
     assert_eq!(p.status.running_since, Some(Time(at(5))));
     assert_eq!(p.status.replicas.ready, 2);
-    let running = p
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Running")
-        .unwrap();
+    let running = condition(&p.status, "Running").unwrap();
     assert_eq!(running.status, "True");
     assert_eq!(running.observed_generation, Some(1));
 }
@@ -298,13 +297,10 @@ fn no_progress_past_the_stall_timeout_restarts() {
     let p = run(&running_job(0), &gang(0, running(), running()), at(50));
     assert_eq!(p.status.phase, Phase::Restarting);
     assert_eq!(p.status.reason, "Stalled");
-    let stalled = |s: &TrainingJobStatus| {
-        s.conditions
-            .iter()
-            .find(|c| c.type_ == STALLED)
-            .map(|c| c.status.clone())
-    };
-    assert_eq!(stalled(&p.status).as_deref(), Some("True"));
+    assert_eq!(
+        condition(&p.status, STALLED).map(|c| c.status.as_str()),
+        Some("True")
+    );
     // The next gang running clears it.
     let j = with_status(running_job(0), |s| {
         *s = p.status.clone();
@@ -314,7 +310,10 @@ fn no_progress_past_the_stall_timeout_restarts() {
     });
     let next = run(&j, &gang(1, running(), running()), at(61));
     assert_eq!(next.status.phase, Phase::Running);
-    assert_eq!(stalled(&next.status).as_deref(), Some("False"));
+    assert_eq!(
+        condition(&next.status, STALLED).map(|c| c.status.as_str()),
+        Some("False")
+    );
     // Progress moves the stall clock.
     let o = Observation {
         progress: Some(ProgressReport {
@@ -453,12 +452,7 @@ fn a_store_outage_is_a_condition_that_phases_leave_alone() {
     let mut o = gang(0, running(), running());
     o.history = Some(false);
     let p = run(&running_job(0), &o, at(1));
-    let c = p
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == HISTORY_DEGRADED)
-        .unwrap();
+    let c = condition(&p.status, HISTORY_DEGRADED).unwrap();
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("True", "StoreUnavailable")
@@ -471,12 +465,7 @@ fn a_store_outage_is_a_condition_that_phases_leave_alone() {
     };
     let p = run(&j, &failing, at(2));
     assert_eq!(p.status.phase, Phase::Restarting);
-    let c = p
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == HISTORY_DEGRADED)
-        .unwrap();
+    let c = condition(&p.status, HISTORY_DEGRADED).unwrap();
     assert_eq!(c.status, "True");
     let j = with_status(running_job(0), |s| *s = p.status.clone());
     let ok = Observation {
@@ -484,21 +473,11 @@ fn a_store_outage_is_a_condition_that_phases_leave_alone() {
         ..Observation::default()
     };
     let p = run(&j, &ok, at(3));
-    let c = p
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == HISTORY_DEGRADED)
-        .unwrap();
+    let c = condition(&p.status, HISTORY_DEGRADED).unwrap();
     assert_eq!(c.status, "False");
     // Without a store there is no such condition at all.
     let p = run(&running_job(0), &gang(0, running(), running()), at(1));
-    assert!(
-        p.status
-            .conditions
-            .iter()
-            .all(|c| c.type_ != HISTORY_DEGRADED)
-    );
+    assert!(condition(&p.status, HISTORY_DEGRADED).is_none());
 }
 
 #[test]
