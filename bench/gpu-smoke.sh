@@ -3,6 +3,8 @@
 # builds the trainer with NCCL (`--features cuda`) and runs NCCL all-reduces
 # through `trainyard-trainer bench-allreduce --backend nccl`, one rank per GPU,
 # printing nccl-tests' algbw/busbw beside the CPU ring's on the same machine.
+# Every run first checks a sum all-reduce and a broadcast against the answer
+# computed on the CPU (`collective::verify`), so a wrong NCCL fails loudly.
 #
 # Training steps on the GPU backend are not implemented yet (the trainer
 # trains on CPU); this script covers the collective only.
@@ -12,15 +14,25 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 # NCCL from PyPI ships libnccl.so.2 only; cudarc looks for libnccl.so.
 if ! ldconfig -p | grep -q 'libnccl.so '; then
-  nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(nvidia.nccl.__path__[0], "lib"))' 2>/dev/null || true)
-  if [ -n "$nccl" ] && [ -e "$nccl/libnccl.so.2" ]; then
+  nccl=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os, nvidia
+hits = [h for p in nvidia.__path__ for h in glob.glob(os.path.join(p, "**", "libnccl.so.2"), recursive=True)]
+print(os.path.dirname(hits[0]) if hits else "")
+PY
+)
+  if [ -n "$nccl" ]; then
     mkdir -p /tmp/trainyard-nccl && ln -sf "$nccl/libnccl.so.2" /tmp/trainyard-nccl/libnccl.so
     export LD_LIBRARY_PATH="/tmp/trainyard-nccl:$nccl:${LD_LIBRARY_PATH:-}"
+    echo "NCCL from $nccl"
   fi
 fi
 
-cargo build --release --quiet -p trainyard-trainer --features cuda
-bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+# TRAINER names a prebuilt `--features cuda` binary, for machines without a
+# Rust toolchain or the crates (build it elsewhere, copy it over).
+if [ -z "${TRAINER:-}" ]; then
+  cargo build --release --quiet -p trainyard-trainer --features cuda
+fi
+bin="${TRAINER:-${CARGO_TARGET_DIR:-target}/release/trainyard-trainer}"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)
 gpus=$(( gpus > 0 ? gpus : 1 ))
 port=29800

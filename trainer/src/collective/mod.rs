@@ -148,6 +148,9 @@ pub enum CollectiveError {
     /// The GPU or NCCL failed (feature `cuda`).
     #[error("GPU collective: {0}")]
     Gpu(String),
+    /// A self-check found a wrong result (a broken library or device).
+    #[error("the collective computed a wrong result: {0}")]
+    WrongResult(String),
     /// A peer sent something unexpected.
     #[error("protocol error with rank {peer}: {message}")]
     Protocol {
@@ -166,7 +169,7 @@ impl CollectiveError {
         match self {
             Self::Peer { .. } | Self::Timeout { .. } | Self::Protocol { .. } => true,
             Self::Store(e) => !matches!(e, store::StoreError::Refused { .. }),
-            Self::Setup(_) | Self::Unsupported(_) | Self::Gpu(_) => false,
+            Self::Setup(_) | Self::Unsupported(_) | Self::Gpu(_) | Self::WrongResult(_) => false,
         }
     }
 }
@@ -372,6 +375,36 @@ pub struct AllReduceBench {
     pub busbw_gbps: f64,
 }
 
+/// Checks one sum all-reduce and one broadcast of `len` values against the
+/// answer computed locally. The values are small integers, exact in f32 for
+/// any order of summation, so the check is equality. Benchmarks run it first:
+/// a fast wrong collective (a misconfigured NCCL, say) must not pass as a
+/// bandwidth figure.
+pub fn verify(c: &mut dyn Collective, len: usize) -> Result<(), CollectiveError> {
+    let (rank, n) = (c.rank(), c.world_size());
+    let value = |i: usize, r: usize| ((i % 17) + r) as f32;
+    let mut buf: Vec<f32> = (0..len).map(|i| value(i, rank)).collect();
+    c.all_reduce(&mut buf, ReduceOp::Sum)?;
+    if let Some(i) = (0..len).find(|&i| buf[i] != (0..n).map(|r| value(i, r)).sum::<f32>()) {
+        return Err(CollectiveError::WrongResult(format!(
+            "sum all-reduce of {len} values over {n} ranks: element {i} is {}, expected {}",
+            buf[i],
+            (0..n).map(|r| value(i, r)).sum::<f32>()
+        )));
+    }
+    let root = n - 1;
+    let mut buf: Vec<f32> = (0..len).map(|i| value(i, rank)).collect();
+    c.broadcast(&mut buf, root)?;
+    if let Some(i) = (0..len).find(|&i| buf[i] != value(i, root)) {
+        return Err(CollectiveError::WrongResult(format!(
+            "broadcast of {len} values from rank {root}: element {i} is {}, expected {}",
+            buf[i],
+            value(i, root)
+        )));
+    }
+    Ok(())
+}
+
 /// Times `iters` all-reduces of `bytes` of f32 values (sent as `payload`)
 /// after `warmup` untimed ones; each call starts after a barrier so ranks are
 /// aligned. `bytes` counts the f32 buffer, so half-precision payloads report
@@ -383,6 +416,7 @@ pub fn bench_all_reduce(
     warmup: usize,
     payload: Payload,
 ) -> Result<AllReduceBench, CollectiveError> {
+    verify(c, bytes / 4)?;
     let mut buf: Vec<f32> = (0..bytes / 4).map(|i| (i % 97) as f32).collect();
     let mut times = Vec::with_capacity(iters);
     for i in 0..warmup + iters {

@@ -19,6 +19,7 @@ use super::store::StoreClient;
 use super::{Collective, CollectiveError, ReduceOp};
 
 const ID_KEY: &str = "nccl/unique-id";
+const DEVICE_KEY: &str = "nccl/device";
 
 fn gpu(context: &str) -> impl Fn(String) -> CollectiveError + '_ {
     move |detail| CollectiveError::Gpu(format!("{context}: {detail}"))
@@ -59,8 +60,39 @@ impl NcclCollective {
         join_timeout: Duration,
     ) -> Result<Self, CollectiveError> {
         probe()?;
-        let ctx = CudaContext::new(device)
-            .map_err(|e| gpu("failed to open the CUDA device")(format!("{device}: {e:?}")))?;
+        let opened = CudaContext::new(device)
+            .map_err(|e| gpu("failed to open the CUDA device")(format!("{device}: {e:?}")));
+        // ncclCommInitRank blocks until every rank has called it, with no
+        // timeout: a peer that dies before its call would hang the others for
+        // ever (seen on an H200 with a bad LOCAL_RANK). So every rank first
+        // publishes whether its GPU opened, and waits for all the others
+        // within the join timeout, failing with the peer's own reason.
+        let status = match &opened {
+            Ok(_) => b"ok".to_vec(),
+            Err(CollectiveError::Gpu(message)) => message.clone().into_bytes(),
+            Err(e) => e.to_string().into_bytes(),
+        };
+        store.set(&format!("{DEVICE_KEY}/{rank}"), &status)?;
+        let ctx = opened?;
+        for peer in (0..world).filter(|&p| p != rank) {
+            let status = match store.get(&format!("{DEVICE_KEY}/{peer}"), join_timeout) {
+                Ok(status) => status,
+                Err(super::store::StoreError::Timeout { timeout, .. }) => {
+                    return Err(CollectiveError::Timeout {
+                        peer,
+                        action: "wait for the GPU of",
+                        timeout,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if status != b"ok" {
+                return Err(CollectiveError::Gpu(format!(
+                    "rank {peer} could not join: {}",
+                    String::from_utf8_lossy(&status)
+                )));
+            }
+        }
         let stream = ctx.default_stream();
         let id = if rank == 0 {
             let id = Id::new()

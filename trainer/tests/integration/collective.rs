@@ -184,3 +184,51 @@ fn compressed_all_reduce_is_exact_where_representable_and_identical_everywhere()
         }
     }
 }
+
+#[test]
+fn the_self_check_passes_on_the_ring() {
+    for world in [1, 3] {
+        let results = group(world, quick(), |mut ring| {
+            trainyard_trainer::collective::verify(&mut ring, 1001).map_err(|e| e.to_string())
+        });
+        assert!(
+            results.iter().all(Result::is_ok),
+            "world {world}: {results:?}"
+        );
+    }
+}
+
+/// A collective that forgets one peer's contribution: fast and wrong.
+struct DropsLastElement(TcpRing);
+
+impl Collective for DropsLastElement {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.0.world_size()
+    }
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
+        let mine = buf.last().copied();
+        self.0.all_reduce(buf, op)?;
+        if let (Some(v), Some(last)) = (mine, buf.last_mut()) {
+            *last -= v;
+        }
+        Ok(())
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        self.0.broadcast(buf, root)
+    }
+}
+
+#[test]
+fn the_self_check_catches_a_wrong_collective() {
+    let results = group(2, quick(), |ring| {
+        trainyard_trainer::collective::verify(&mut DropsLastElement(ring), 50)
+            .map_err(|e| e.to_string())
+    });
+    for r in results {
+        let message = r.unwrap_err();
+        assert!(message.contains("element 49"), "{message}");
+    }
+}
