@@ -9,11 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
-use kube::Client;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::client::Body;
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use trainyard::api::TrainingJob;
-use trainyard::k8s::{self, Context};
+use trainyard::k8s::{self, Children, Context};
 
 #[derive(Default)]
 struct World {
@@ -142,6 +146,9 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
 struct Harness {
     world: Arc<Mutex<World>>,
     ctx: Arc<Context>,
+    /// Set when the operator reads children from caches: the test plays the
+    /// watch, copying the world into them before each reconcile.
+    caches: Option<Mutex<(Writer<Pod>, Writer<Service>)>>,
 }
 
 impl Harness {
@@ -174,7 +181,45 @@ impl Harness {
         Self {
             world,
             ctx: Arc::new(setup(Context::new(client, Some("test".into())))),
+            caches: None,
         }
+    }
+
+    /// A harness whose operator reads pods and Services from reflector caches.
+    fn cached(spec_extra: &str) -> Self {
+        let mut h = Self::new(spec_extra);
+        let (pods, services) = (Writer::default(), Writer::default());
+        let children = Children {
+            pods: pods.as_reader(),
+            services: services.as_reader(),
+        };
+        let world = h.world.clone();
+        h = Self::with(world, |ctx| ctx.with_children(children));
+        h.caches = Some(Mutex::new((pods, services)));
+        h
+    }
+
+    /// Delivers the world to the caches as a watch re-list would.
+    fn sync_caches(&self) {
+        let Some(caches) = &self.caches else { return };
+        let (pods, services) = &mut *caches.lock().unwrap();
+        let w = self.world.lock().unwrap();
+        fn relist<K: Resource<DynamicType = ()> + Clone + DeserializeOwned>(
+            writer: &mut Writer<K>,
+            objects: impl Iterator<Item = Value>,
+        ) {
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for o in objects {
+                let mut o = o;
+                o["metadata"]["namespace"] = json!("ml");
+                writer.apply_watcher_event(&watcher::Event::InitApply(
+                    serde_json::from_value(o).unwrap(),
+                ));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        relist(pods, w.pods.values().cloned());
+        relist(services, w.services.values().cloned());
     }
 
     /// Reconciles the job as the API server has it now; returns the requests made.
@@ -184,6 +229,7 @@ impl Harness {
             w.requests.clear();
             serde_json::from_value(w.job.clone()).unwrap()
         };
+        self.sync_caches();
         k8s::reconcile(Arc::new(job), self.ctx.clone())
             .await
             .expect("reconcile succeeds");
@@ -237,18 +283,30 @@ const PODS: &str = "/api/v1/namespaces/ml/pods";
 
 #[tokio::test]
 async fn a_jobs_whole_life_gang_start_restart_success_cleanup() {
-    let h = Harness::new("");
+    whole_life(Harness::new(""), true).await;
+}
+
+#[tokio::test]
+async fn a_jobs_whole_life_read_from_caches() {
+    whole_life(Harness::cached(""), false).await;
+}
+
+async fn whole_life(h: Harness, lists: bool) {
     // Creation: the Service, then both pods, gated, then the status.
     let requests = h.reconcile().await;
+    let list = lists.then(|| format!("GET {PODS}"));
     assert_eq!(
         requests,
         [
-            format!("GET {PODS}"),
-            "PATCH /api/v1/namespaces/ml/services/seg".into(),
-            format!("PATCH {PODS}/seg-worker-0"),
-            format!("PATCH {PODS}/seg-worker-1"),
-            "PATCH /apis/trainyard.dev/v1alpha1/namespaces/ml/trainingjobs/seg/status".into(),
+            list.into_iter().collect(),
+            vec![
+                "PATCH /api/v1/namespaces/ml/services/seg".into(),
+                format!("PATCH {PODS}/seg-worker-0"),
+                format!("PATCH {PODS}/seg-worker-1"),
+                "PATCH /apis/trainyard.dev/v1alpha1/namespaces/ml/trainingjobs/seg/status".into(),
+            ]
         ]
+        .concat()
     );
     assert!(h.gated("seg-worker-0") && h.gated("seg-worker-1"));
     assert_eq!(h.status()["phase"], "Pending");
@@ -318,6 +376,36 @@ async fn a_jobs_whole_life_gang_start_restart_success_cleanup() {
             "no {r} event in {reasons:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn with_caches_a_steady_running_job_costs_no_requests() {
+    let h = Harness::cached("");
+    h.reconcile().await;
+    h.reconcile().await;
+    h.set_pod("seg-worker-0", running());
+    h.set_pod("seg-worker-1", running());
+    h.reconcile().await;
+    assert_eq!(h.status()["phase"], "Running");
+    // No list, no Service re-apply, no unchanged status write.
+    assert_eq!(h.reconcile().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_job_recreated_under_the_same_name_ignores_cached_pods_of_its_predecessor() {
+    let h = Harness::cached("");
+    h.reconcile().await;
+    {
+        let mut w = h.world.lock().unwrap();
+        for pod in w.pods.values_mut() {
+            pod["metadata"]["ownerReferences"][0]["uid"] = json!("old-job-uid");
+            pod["status"] = running();
+        }
+    }
+    // The predecessor's pods (same names, running) are not this job's gang.
+    h.reconcile().await;
+    assert_eq!(h.status()["phase"], "Pending");
+    assert_eq!(h.status()["replicas"]["ready"], 0);
 }
 
 #[tokio::test]

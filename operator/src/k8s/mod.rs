@@ -19,7 +19,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType as KubeEventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::reflector;
+use kube::runtime::reflector::{self, ObjectRef, Store as Cache};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{Phase, TrainingJob};
@@ -56,6 +58,47 @@ pub struct Context {
     pub metrics: Arc<OperatorMetrics>,
     /// Where trainers report progress, and the reports received.
     pub progress: Option<ProgressEndpoint>,
+    /// The watched children; without it every reconcile lists pods.
+    pub children: Option<Children>,
+}
+
+/// Reflector caches of the pods and Services the operator owns, kept by the
+/// same watches that trigger reconciles, so a reconcile reads memory instead
+/// of listing from the API server.
+#[derive(Clone)]
+pub struct Children {
+    /// Pods labelled with a job name.
+    pub pods: Cache<Pod>,
+    /// Services labelled with a job name.
+    pub services: Cache<Service>,
+}
+
+impl Children {
+    /// `job`'s pods in the cache: same namespace, its label, owned by its uid
+    /// (a job recreated under the same name must not adopt its predecessor's pods).
+    fn pods_of(&self, ns: &str, name: &str, uid: &str) -> Vec<Pod> {
+        self.pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.labels().get(labels::JOB_NAME).map(String::as_str) == Some(name)
+                    && owned_by(p.as_ref(), uid)
+            })
+            .map(|p| p.as_ref().clone())
+            .collect()
+    }
+
+    /// Whether `job`'s Service exists, owned by this incarnation of it.
+    fn has_service(&self, ns: &str, name: &str, uid: &str) -> bool {
+        self.services
+            .get(&ObjectRef::new(name).within(ns))
+            .is_some_and(|s| owned_by(s.as_ref(), uid))
+    }
+}
+
+fn owned_by<K: Resource>(object: &K, uid: &str) -> bool {
+    object.owner_references().iter().any(|o| o.uid == uid)
 }
 
 /// The progress endpoint as pods reach it.
@@ -80,7 +123,14 @@ impl Context {
             store: None,
             metrics: Arc::new(OperatorMetrics::new()),
             progress: None,
+            children: None,
         }
+    }
+
+    /// Reads children from reflector caches instead of listing them.
+    pub fn with_children(mut self, children: Children) -> Self {
+        self.children = Some(children);
+        self
     }
 
     /// Gives pods a progress URL and token, and reads their reports.
@@ -118,8 +168,27 @@ pub async fn run(
         )
     })?;
     let owned = watcher::Config::default().labels(labels::JOB_NAME);
+    // managedFields are most of a pod's bytes and never read here.
+    let (pods, pod_writer) = reflector::store();
+    let pod_events = reflector(
+        pod_writer,
+        watcher(Api::<Pod>::all(client.clone()), owned.clone())
+            .modify(|p| p.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (services, service_writer) = reflector::store();
+    let service_events = reflector(
+        service_writer,
+        watcher(Api::<Service>::all(client.clone()), owned)
+            .modify(|s| s.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .touched_objects();
     metrics.set_ready(true);
-    let mut ctx = Context::new(client.clone(), instance).with_metrics(metrics);
+    let mut ctx = Context::new(client.clone(), instance)
+        .with_metrics(metrics)
+        .with_children(Children { pods, services });
     if let Some(store) = store {
         ctx = ctx.with_store(store);
     }
@@ -128,8 +197,8 @@ pub async fn run(
     }
     let ctx = Arc::new(ctx);
     Controller::new(jobs, watcher::Config::default())
-        .owns(Api::<Pod>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client), owned)
+        .owns_stream(pod_events)
+        .owns_stream(service_events)
         .with_config(kube::runtime::controller::Config::default().concurrency(16))
         .shutdown_on_signal()
         .run(reconcile_timed, error_policy, ctx)
@@ -188,14 +257,16 @@ pub async fn reconcile(
         .uid()
         .ok_or(ReconcileError::Malformed("a TrainingJob without a uid"))?;
     let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
-    let pods: Vec<Pod> = pods_api
-        .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME)))
-        .await?
-        .items
-        .into_iter()
-        // A job recreated under the same name must not adopt its predecessor's pods.
-        .filter(|p| p.owner_references().iter().any(|o| o.uid == uid))
-        .collect();
+    let pods: Vec<Pod> = match &ctx.children {
+        Some(children) => children.pods_of(&ns, &name, &uid),
+        None => pods_api
+            .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME)))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| owned_by(p, &uid))
+            .collect(),
+    };
     let progress_env = match &ctx.progress {
         Some(p) => {
             let token = ensure_token(&ctx.client, &job, &ns, &name).await?;
@@ -227,6 +298,12 @@ pub async fn reconcile(
     if !decision.status.phase.is_terminal()
         && decision.status.phase != Phase::Suspended
         && let Some(leader) = decision.desired.first()
+        // A cached Service is ours already: re-applying it every reconcile
+        // would be one write per job per poll for nothing.
+        && !ctx
+            .children
+            .as_ref()
+            .is_some_and(|c| c.has_service(&ns, &name, &uid))
     {
         let service = resources::service(&job, leader);
         Api::<Service>::namespaced(ctx.client.clone(), &ns)
