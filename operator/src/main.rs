@@ -46,6 +46,13 @@ enum Command {
         /// PostgreSQL database, as the operator does.
         #[arg(long, env = "TRAINYARD_DATABASE_URL")]
         database_url: Option<String>,
+        /// Serve the job's metrics (/metrics, the operator's names) here, for
+        /// a local Prometheus or Grafana.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Let rank 0's trainer serve its own /metrics here.
+        #[arg(long)]
+        trainer_metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Check manifests against the TrainingJob schema, its CEL rules and the
     /// semantic rules; prints every problem with its field path.
@@ -220,6 +227,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             grace_seconds,
             no_progress,
             database_url,
+            metrics_addr,
+            trainer_metrics_addr,
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
@@ -260,6 +269,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     grace: Duration::from_secs(grace_seconds),
                     poll: Duration::from_millis(200),
                     store,
+                    metrics_addr,
+                    trainer_metrics_addr,
                 };
                 local::run(job, &opts).await
             })?;

@@ -336,3 +336,125 @@ fn the_distributed_example_runs_unmodified() {
     let miou = summary["val_miou"].as_f64().unwrap();
     assert!(miou > 0.85, "validation mIoU {miou}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:`port`, if it answers 200.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The value of the first sample whose line starts with `series`.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// promtool from $PROMTOOL or PATH. CI must have it (`.ci/run` installs it);
+/// elsewhere its absence skips only the promtool half of a test.
+fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PROMTOOL").map(PathBuf::from).or_else(|| {
+        std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must provide promtool (scripts/promtool installs it; set PROMTOOL)"
+        );
+        eprintln!(
+            "promtool not found: skipping `promtool check metrics` (scripts/promtool installs it)"
+        );
+    }
+    found
+}
+
+/// Real scrapes, mid-run, of the job metrics (`--metrics-addr`) and of rank
+/// 0's trainer (`--trainer-metrics-addr`): both carry the live step, and both
+/// pass `promtool check metrics` (names, types, help, units).
+#[test]
+fn a_local_run_serves_job_and_trainer_metrics_that_promtool_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write_manifest(dir.path(), "scraped", 150);
+    let out = dir.path().join("out");
+    let (job_port, trainer_port) = (free_port(), free_port());
+    let run = local(&file, &out)
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{job_port}"))
+        .arg("--trainer-metrics-addr")
+        .arg(format!("127.0.0.1:{trainer_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut job, mut trainer) = (String::new(), String::new());
+    wait_for(
+        "both endpoints to show training steps",
+        Duration::from_secs(120),
+        || {
+            job = scrape(job_port).unwrap_or_default();
+            trainer = scrape(trainer_port).unwrap_or_default();
+            sample(&job, r#"trainyard_job_step{job="scraped""#).is_some_and(|s| s >= 1.0)
+                && sample(&trainer, "trainyard_trainer_step ").is_some_and(|s| s >= 1.0)
+        },
+    );
+    let output = run.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", explain(&output, &out));
+    assert_eq!(
+        sample(
+            &job,
+            r#"trainyard_jobs{mode="Distributed",phase="Running"}"#
+        ),
+        Some(1.0),
+        "{job}"
+    );
+    assert_eq!(
+        sample(&job, "trainyard_jobs_created_total{"),
+        Some(1.0),
+        "{job}"
+    );
+    let Some(promtool) = promtool() else { return };
+    for (what, exposition) in [("job", &job), ("trainer", &trainer)] {
+        let mut check = Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(exposition.as_bytes())
+            .unwrap();
+        let result = check.wait_with_output().unwrap();
+        assert!(
+            result.status.success(),
+            "promtool check metrics on the {what} scrape:\n{}{}\n--- scrape:\n{exposition}",
+            String::from_utf8_lossy(&result.stdout),
+            String::from_utf8_lossy(&result.stderr)
+        );
+    }
+}

@@ -18,6 +18,7 @@ use std::io::{IsTerminal, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -29,6 +30,7 @@ use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{Phase, TrainingJob, TrainingJobStatus};
+use crate::metrics::OperatorMetrics;
 use crate::plan::{self, Action, EventType, Observation, ObservedReplica, Placement, ReplicaState};
 use crate::store::{Store, history};
 use progress::MetricsTail;
@@ -51,6 +53,10 @@ pub struct LocalOptions {
     pub poll: Duration,
     /// Where to record the job's history, if anywhere.
     pub store: Option<Store>,
+    /// Where to serve the job's metrics (the operator's names), if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where rank 0's trainer serves its metrics, if anywhere.
+    pub trainer_metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How a local run ended.
@@ -161,6 +167,25 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
     let placement = Placement::Local {
         master_port,
         out_root: out.join("replicas").display().to_string(),
+        leader_metrics: opts.trainer_metrics_addr,
+    };
+    // The same job metrics the operator exports, for a local Prometheus.
+    let metrics = match opts.metrics_addr {
+        Some(addr) => {
+            let metrics = Arc::new(OperatorMetrics::new());
+            metrics.set_ready(true);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
+            let app = crate::metrics::router(metrics.clone(), opts.store.clone());
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::warn!(error = %e, "the metrics server stopped");
+                }
+            });
+            Some(metrics)
+        }
+        None => None,
     };
     let leader_dir = plan::replicas::desired(&job, 0, &placement)
         .map(|gang| PathBuf::from(&gang[0].out_dir))
@@ -191,6 +216,9 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
         };
         let now = Timestamp::now();
         let decision = plan::plan(&job, &observation, now, &placement);
+        if let Some(metrics) = &metrics {
+            metrics.observe(&job, job.status.as_ref(), &decision.status, now);
+        }
         if let Some(store) = &opts.store {
             for record in history::records(&job, job.status.as_ref(), &decision.status, now) {
                 store.record(record);

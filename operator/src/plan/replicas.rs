@@ -40,6 +40,9 @@ pub enum Placement {
         master_port: u16,
         /// Directory under which each replica gets its run directory.
         out_root: String,
+        /// Where the leader's trainer serves its `/metrics`, if anywhere
+        /// (one address: the other replicas would collide on it).
+        leader_metrics: Option<std::net::SocketAddr>,
     },
 }
 
@@ -168,13 +171,23 @@ pub fn desired(
                 Role::Client => vec!["client".into(), "--out".into(), out_dir.clone()],
             };
             let mut ports = Vec::new();
-            if *placement == Placement::Kubernetes {
-                args.push("--metrics-addr".into());
-                args.push(format!("0.0.0.0:{METRICS_PORT}"));
-                ports.push(("metrics".into(), METRICS_PORT));
-                if role == leader_role && index == 0 {
-                    ports.push(("rendezvous".into(), leader_port));
+            match placement {
+                Placement::Kubernetes => {
+                    args.push("--metrics-addr".into());
+                    args.push(format!("0.0.0.0:{METRICS_PORT}"));
+                    ports.push(("metrics".into(), METRICS_PORT));
+                    if role == leader_role && index == 0 {
+                        ports.push(("rendezvous".into(), leader_port));
+                    }
                 }
+                Placement::Local {
+                    leader_metrics: Some(addr),
+                    ..
+                } if role == leader_role && index == 0 => {
+                    args.push("--metrics-addr".into());
+                    args.push(addr.to_string());
+                }
+                Placement::Local { .. } => {}
             }
             Replica {
                 name: replica,
@@ -244,12 +257,21 @@ mod tests {
         let placement = Placement::Local {
             master_port: 40123,
             out_root: "/tmp/run".into(),
+            leader_metrics: Some("127.0.0.1:9401".parse().unwrap()),
         };
         let rs = desired(&job(), 0, &placement).unwrap();
         assert_eq!(get(&rs[1], env::MASTER_ADDR), "127.0.0.1");
         assert_eq!(get(&rs[1], env::MASTER_PORT), "40123");
         assert_eq!(rs[1].out_dir, "/tmp/run/seg-worker-1");
         assert!(rs[1].ports.is_empty());
+        // Only rank 0 serves metrics: one address cannot be bound twice.
+        let metrics = |r: &Replica| {
+            r.args
+                .windows(2)
+                .any(|w| w == ["--metrics-addr", "127.0.0.1:9401"])
+        };
+        assert!(metrics(&rs[0]));
+        assert!(!rs[1].args.iter().any(|a| a == "--metrics-addr"));
     }
 
     #[test]
