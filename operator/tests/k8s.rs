@@ -379,6 +379,73 @@ async fn whole_life(h: Harness, lists: bool) {
 }
 
 #[tokio::test]
+async fn a_federated_job_gets_its_secret_and_restarts_a_client_alone() {
+    let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: fl, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Federated\n  image: reg/trainer:1\n  federated: {clients: 3, minClients: 2, rounds: 5}\n";
+    let job = trainyard::api::validate::parse_manifests(manifest)
+        .unwrap()
+        .remove(0);
+    let world = Arc::new(Mutex::new(World {
+        job: serde_json::to_value(&job).unwrap(),
+        ..Default::default()
+    }));
+    let h = Harness::over(world);
+    h.reconcile().await;
+    let secret = h.world.lock().unwrap().secrets["fl-federation"].clone();
+    let data = &secret["stringData"];
+    let master = data["secret"].as_str().unwrap();
+    assert_eq!(master.len(), 64);
+    for i in 0..3 {
+        assert_eq!(
+            data[format!("client-{i}")].as_str().unwrap(),
+            trainyard_trainer::config::client_token(master, i)
+        );
+    }
+    // Each client pod reads only its own key; only the aggregator the secret.
+    let env_key = |pod: &str, var: &str| {
+        let w = h.world.lock().unwrap();
+        w.pods[pod]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == var)
+            .map(|e| e["valueFrom"]["secretKeyRef"]["key"].clone())
+    };
+    assert_eq!(
+        env_key("fl-client-2", "TRAINYARD_CLIENT_TOKEN"),
+        Some(json!("client-2"))
+    );
+    assert_eq!(env_key("fl-client-2", "TRAINYARD_FEDERATION_SECRET"), None);
+    assert_eq!(
+        env_key("fl-aggregator-0", "TRAINYARD_FEDERATION_SECRET"),
+        Some(json!("secret"))
+    );
+    h.reconcile().await;
+    for p in h.pods() {
+        h.set_pod(&p, running());
+    }
+    h.reconcile().await;
+    assert_eq!(h.status()["phase"], "Running");
+    // A killed client goes alone; the aggregator and the others stay.
+    h.set_pod("fl-client-1", exited(137));
+    let requests = h.reconcile().await;
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|r| r.starts_with("DELETE"))
+            .collect::<Vec<_>>(),
+        [&format!("DELETE {PODS}/fl-client-1")]
+    );
+    assert_eq!(h.status()["phase"], "Running");
+    assert_eq!(h.status()["restarts"], 1);
+    h.reconcile().await;
+    assert!(h.pods().contains(&"fl-client-1".to_string()), "recreated");
+    assert!(
+        !h.gated("fl-client-1"),
+        "a lone replica of a running job is not gated"
+    );
+}
+
+#[tokio::test]
 async fn with_caches_a_steady_running_job_costs_no_requests() {
     let h = Harness::cached("");
     h.reconcile().await;

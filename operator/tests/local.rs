@@ -458,3 +458,50 @@ fn a_local_run_serves_job_and_trainer_metrics_that_promtool_accepts() {
         );
     }
 }
+
+/// The federated example as shipped: five clients on a non-IID split, FedAvg.
+/// One client is killed mid-training; it is restarted alone, the job still
+/// succeeds, and the global model's validation mIoU improves over the rounds.
+#[test]
+fn the_federated_example_survives_a_killed_client_and_improves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let child = local(&repo().join("examples/federated-shapes.yaml"), &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rounds = out.join("replicas/shapes-fl-aggregator-0/metrics.jsonl");
+    wait_for("round 2", Duration::from_secs(180), || {
+        std::fs::read_to_string(&rounds).is_ok_and(|t| t.lines().count() >= 2)
+    });
+    let (pid, _) = pid_of(&out, "shapes-fl-client-3").expect("client 3 runs");
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let result = child.wait_with_output().unwrap();
+    assert!(result.status.success(), "{}", explain(&result, &out));
+    let status = json(&out.join("status.json"));
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(status["restarts"], 1);
+    assert_eq!(status["progress"]["round"], 12);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("ReplicaRestarted"), "{stderr}");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&rounds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 12);
+    assert!(
+        rows.iter()
+            .all(|r| r["participants"].as_u64().unwrap() >= 3)
+    );
+    let miou: Vec<f64> = rows.iter().filter_map(|r| r["val_miou"].as_f64()).collect();
+    let (first, last) = (miou[0], *miou.last().unwrap());
+    assert!(last > first + 0.03, "validation mIoU {first} → {last}");
+    let summary = json(&out.join("replicas/shapes-fl-aggregator-0/summary.json"));
+    assert_eq!(summary["rounds"], 12);
+    assert_eq!(summary["updates_rejected"], serde_json::json!({}));
+    // The restarted client trained again after rejoining.
+    let client = json(&out.join("replicas/shapes-fl-client-3/summary.json"));
+    assert!(client["rounds"].as_u64().unwrap() >= 1, "{client}");
+}

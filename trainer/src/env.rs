@@ -28,6 +28,11 @@ pub const PROGRESS_URL: &str = "TRAINYARD_PROGRESS_URL";
 /// The job's secret token for progress reports.
 pub const PROGRESS_TOKEN: &str = "TRAINYARD_PROGRESS_TOKEN";
 
+/// The federation secret (aggregator only): client tokens are derived from it.
+pub const FEDERATION_SECRET: &str = "TRAINYARD_FEDERATION_SECRET";
+/// A federated client's own token ([`crate::config::client_token`]).
+pub const CLIENT_TOKEN: &str = "TRAINYARD_CLIENT_TOKEN";
+
 /// Every name above: the planner refuses user env overrides of these.
 pub const RESERVED: &[&str] = &[
     RANK,
@@ -41,4 +46,6 @@ pub const RESERVED: &[&str] = &[
     CONFIG,
     PROGRESS_URL,
     PROGRESS_TOKEN,
+    FEDERATION_SECRET,
+    CLIENT_TOKEN,
 ];

@@ -40,6 +40,8 @@ pub mod data;
 #[cfg(feature = "engine")]
 pub mod ddp;
 #[cfg(feature = "engine")]
+pub mod federated;
+#[cfg(feature = "engine")]
 pub mod infer;
 #[cfg(feature = "engine")]
 pub mod instances;

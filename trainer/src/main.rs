@@ -125,6 +125,56 @@ enum Command {
         #[command(flatten)]
         group: GroupArgs,
     },
+    /// Federated aggregator: samples clients each round, aggregates their
+    /// updates, evaluates and checkpoints the global model.
+    Aggregate {
+        /// Config file with a `federated` section (default: TRAINYARD_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run directory: config.json, metrics.jsonl (one row per round), checkpoints/, summary.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue after the newest round checkpoint in --out.
+        #[arg(long)]
+        resume: bool,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Listen address (default 0.0.0.0:$MASTER_PORT).
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+        /// Compute threads (evaluation, aggregation).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Seconds to keep telling polling clients the job is done.
+        #[arg(long, default_value_t = 10)]
+        linger_seconds: u64,
+    },
+    /// Federated client: trains on its own partition when sampled and sends
+    /// back only the change to the global model.
+    Client {
+        /// Config file with a `federated` section (default: TRAINYARD_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Directory for summary.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// This client's index (default $RANK).
+        #[arg(long)]
+        index: Option<usize>,
+        /// Aggregator URL (default http://$MASTER_ADDR:$MASTER_PORT).
+        #[arg(long)]
+        aggregator: Option<String>,
+        /// Seconds the aggregator may be unreachable before the client gives up (exit 75).
+        #[arg(long, default_value_t = 300)]
+        join_timeout: u64,
+        /// Compute threads.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Write class masks and colour overlays (and instance masks, when the
     /// model has a boundary head) for every image in a directory.
     Predict {
@@ -272,6 +322,13 @@ fn main() -> std::process::ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     use trainyard_trainer::collective::CollectiveError;
     use trainyard_trainer::exit;
+    if let Some(f) = e.downcast_ref::<trainyard_trainer::federated::FederatedError>() {
+        return match f {
+            trainyard_trainer::federated::FederatedError::Stopped(_) => exit::STOPPED,
+            f if f.is_transient() => exit::RETRYABLE,
+            _ => exit::FAILURE,
+        };
+    }
     let collective = match e.downcast_ref::<train::TrainError>() {
         Some(train::TrainError::Stopped { .. }) => return exit::STOPPED,
         Some(train::TrainError::Collective(c)) => Some(c),
@@ -283,8 +340,124 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
+/// The config from `--config`, else from TRAINYARD_CONFIG (inline JSON).
+fn load_config(config: Option<PathBuf>, overrides: &[String]) -> anyhow::Result<TrainerConfig> {
+    Ok(match config {
+        Some(path) => TrainerConfig::load(&path, overrides)?,
+        None => {
+            let var = trainyard_trainer::env::CONFIG;
+            let text = std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("no config: pass --config FILE or set {var} to the config as JSON")
+            })?;
+            TrainerConfig::parse(&text, var.as_ref(), overrides)?
+        }
+    })
+}
+
+/// A flag raised by the first SIGTERM/SIGINT; a second one kills at once.
+fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+            .context("failed to install a signal handler")?;
+        signal_hook::flag::register(signal, stop.clone())
+            .context("failed to install a signal handler")?;
+    }
+    Ok(stop)
+}
+
+fn env_var(name: &str, what: &str) -> anyhow::Result<String> {
+    std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set: it must hold {what}"))
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
+    use trainyard_trainer::{env, federated};
     match command {
+        Command::Aggregate {
+            config,
+            out,
+            resume,
+            overrides,
+            bind,
+            threads,
+            linger_seconds,
+        } => {
+            let config = load_config(config, &overrides)?;
+            init_threads(threads.or(config.train.threads))?;
+            let bind = match bind {
+                Some(b) => b,
+                None => {
+                    let port: u16 =
+                        env_var(env::MASTER_PORT, "the port to listen on (or pass --bind)")?
+                            .parse()
+                            .context("MASTER_PORT is not a port number")?;
+                    SocketAddr::from(([0, 0, 0, 0], port))
+                }
+            };
+            let opts = federated::aggregator::AggregatorOptions {
+                out_dir: out,
+                resume,
+                bind,
+                secret: env_var(
+                    env::FEDERATION_SECRET,
+                    "the federation secret client tokens derive from",
+                )?,
+                report: trainyard_trainer::report::Reporter::from_env(),
+                stop: Some(stop_flag()?),
+                linger: std::time::Duration::from_secs(linger_seconds),
+            };
+            let summary = federated::aggregator::run(&config, &opts)?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Client {
+            config,
+            out,
+            overrides,
+            index,
+            aggregator,
+            join_timeout,
+            threads,
+        } => {
+            let config = load_config(config, &overrides)?;
+            init_threads(threads.or(config.train.threads))?;
+            let index = match index {
+                Some(i) => i,
+                None => env_var(env::RANK, "this client's index (or pass --index)")?
+                    .parse()
+                    .context("RANK is not a client index")?,
+            };
+            let aggregator = match aggregator {
+                Some(a) => a,
+                None => format!(
+                    "http://{}:{}",
+                    env_var(
+                        env::MASTER_ADDR,
+                        "the aggregator's host (or pass --aggregator)"
+                    )?,
+                    env_var(
+                        env::MASTER_PORT,
+                        "the aggregator's port (or pass --aggregator)"
+                    )?
+                ),
+            };
+            let opts = federated::client::ClientOptions {
+                index,
+                aggregator,
+                token: env_var(env::CLIENT_TOKEN, "this client's token")?,
+                join_timeout: std::time::Duration::from_secs(join_timeout),
+                stop: Some(stop_flag()?),
+            };
+            let summary = federated::client::run(&config, &opts)?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("failed to create {}", out.display()))?;
+            trainyard_trainer::tensorfile::write_bytes_atomic(
+                &out.join("summary.json"),
+                &serde_json::to_vec_pretty(&summary)?,
+            )?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
         Command::Train {
             config,
             out,

@@ -167,11 +167,83 @@ impl Default for CompressionSpec {
 
 impl Default for FederatedSpec {
     fn default() -> Self {
+        let f = tc::FederatedConfig::default();
         Self {
-            clients: 2,
-            min_clients: 2,
-            rounds: 10,
+            clients: f.clients as u32,
+            min_clients: f.min_clients as u32,
+            rounds: f.rounds,
             port: 29600,
+            local_steps: f.local_steps,
+            fraction: f.fraction,
+            min_available: None,
+            sampling_timeout_seconds: f.sampling_timeout_seconds,
+            round_timeout_seconds: f.round_timeout_seconds,
+            round_attempts: f.round_attempts,
+            aggregation: AggregationSpec::default(),
+            server_optimizer: ServerOptimizerSpec::default(),
+            proximal_mu: f.proximal_mu,
+            max_update_norm: None,
+            max_update_mib: f.max_update_mb,
+            privacy: None,
+            partition: PartitionSpec::default(),
+            eval_every: f.eval_every,
+        }
+    }
+}
+
+impl Default for AggregationSpec {
+    fn default() -> Self {
+        Self {
+            kind: AggregationKind::Mean,
+            beta: None,
+            byzantine: None,
+            keep: None,
+        }
+    }
+}
+
+impl Default for ServerOptimizerSpec {
+    fn default() -> Self {
+        Self {
+            kind: ServerOptimizerKind::Sgd,
+            lr: None,
+            momentum: None,
+            beta1: None,
+            beta2: None,
+            tau: None,
+        }
+    }
+}
+
+impl Default for PrivacySpec {
+    fn default() -> Self {
+        let p = tc::PrivacyConfig::default();
+        Self {
+            clip_norm: p.clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            delta: p.delta,
+            adaptive_clipping: None,
+        }
+    }
+}
+
+impl Default for AdaptiveClippingSpec {
+    fn default() -> Self {
+        let a = tc::AdaptiveClipping::default();
+        Self {
+            target_quantile: a.target_quantile,
+            lr: a.lr,
+        }
+    }
+}
+
+impl Default for PartitionSpec {
+    fn default() -> Self {
+        Self {
+            kind: PartitionKind::Iid,
+            alpha: None,
+            classes_per_client: None,
+            seed: 0,
         }
     }
 }

@@ -459,6 +459,185 @@ pub struct FederatedSpec {
     /// Port the aggregator listens on.
     #[schemars(range(min = 1024, max = 65535))]
     pub port: u16,
+    /// Optimiser steps each sampled client runs per round on its own data.
+    #[schemars(range(min = 1))]
+    pub local_steps: u64,
+    /// Fraction of available clients sampled per round (Flower's `fraction_fit`).
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub fraction: f64,
+    /// Clients that must be polling before a round samples (default: minClients).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub min_available: Option<u32>,
+    /// Seconds a round waits for enough available clients before it is retried.
+    #[schemars(range(min = 1))]
+    pub sampling_timeout_seconds: u64,
+    /// Seconds sampled clients have to answer; late ones are dropped from the round.
+    #[schemars(range(min = 1))]
+    pub round_timeout_seconds: u64,
+    /// Attempts of one round (too few clients) before the aggregator gives up.
+    #[schemars(range(min = 1, max = 1000))]
+    pub round_attempts: u32,
+    /// How updates are combined.
+    pub aggregation: AggregationSpec,
+    /// How the combined update moves the global model.
+    pub server_optimizer: ServerOptimizerSpec,
+    /// FedProx proximal term μ (0 is FedAvg).
+    #[schemars(range(min = 0.0))]
+    pub proximal_mu: f64,
+    /// Updates with a larger L2 norm are rejected as hostile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub max_update_norm: Option<f64>,
+    /// Largest update accepted, MiB.
+    #[schemars(range(min = 0.0))]
+    pub max_update_mib: f64,
+    /// Central differential privacy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacySpec>,
+    /// How the built-in dataset is split across clients.
+    pub partition: PartitionSpec,
+    /// Evaluate the global model every this many rounds (and at the end); 0 only at the end.
+    pub eval_every: u64,
+}
+
+/// Aggregation rule.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AggregationSpec {
+    /// Rule.
+    #[serde(rename = "type")]
+    pub kind: AggregationKind,
+    /// TrimmedMean: fraction cut from each end (default 0.2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 0.5))]
+    pub beta: Option<f64>,
+    /// Krum: Byzantine clients tolerated (default 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<u32>,
+    /// Krum: updates kept and averaged (default 1; more is Multi-Krum).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub keep: Option<u32>,
+}
+
+/// Aggregation rules.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AggregationKind {
+    /// Mean weighted by examples (FedAvg).
+    #[default]
+    Mean,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean.
+    TrimmedMean,
+    /// Krum / Multi-Krum.
+    Krum,
+}
+
+/// Server optimiser.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ServerOptimizerSpec {
+    /// Algorithm: Sgd (FedAvg, FedAvgM with momentum), Adam (FedAdam), Yogi (FedYogi).
+    #[serde(rename = "type")]
+    pub kind: ServerOptimizerKind,
+    /// Server learning rate (default 1 for Sgd, 0.1 for Adam and Yogi).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub lr: Option<f64>,
+    /// Sgd server momentum (default 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub momentum: Option<f64>,
+    /// Adam/Yogi first-moment decay (default 0.9).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta1: Option<f64>,
+    /// Adam/Yogi second-moment decay (default 0.99).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub beta2: Option<f64>,
+    /// Adam/Yogi adaptivity τ (default 1e-3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub tau: Option<f64>,
+}
+
+/// Server optimisers.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ServerOptimizerKind {
+    /// FedAvg / FedAvgM.
+    #[default]
+    Sgd,
+    /// FedAdam.
+    Adam,
+    /// FedYogi.
+    Yogi,
+}
+
+/// Central differential privacy.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PrivacySpec {
+    /// Clip every update to this L2 norm (C).
+    #[schemars(range(min = 0.0))]
+    pub clip_norm: f64,
+    /// Noise multiplier z (σ = z·C/m on the mean of m updates).
+    #[schemars(range(min = 0.0))]
+    pub noise_multiplier: f64,
+    /// δ of the (ε, δ) reported.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub delta: f64,
+    /// Adapt C towards a quantile of update norms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_clipping: Option<AdaptiveClippingSpec>,
+}
+
+/// Adaptive clipping.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AdaptiveClippingSpec {
+    /// Fraction of updates that should be left unclipped.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub target_quantile: f64,
+    /// Learning rate of log C.
+    #[schemars(range(min = 0.0))]
+    pub lr: f64,
+}
+
+/// How data is split across clients.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PartitionSpec {
+    /// Iid, Dirichlet (per-class proportions from Dirichlet(alpha)), Classes
+    /// (classesPerClient classes each), or Own (each client mounts its own data).
+    #[serde(rename = "type")]
+    pub kind: PartitionKind,
+    /// Dirichlet concentration (default 0.5; smaller is more skewed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub alpha: Option<f64>,
+    /// Classes: classes per client (default 2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub classes_per_client: Option<u32>,
+    /// Seed of the split.
+    pub seed: u64,
+}
+
+/// Partitioning schemes.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PartitionKind {
+    /// Equal random shares.
+    #[default]
+    Iid,
+    /// Dirichlet(α) over classes.
+    Dirichlet,
+    /// A few classes per client.
+    Classes,
+    /// Each client's own data, unsplit.
+    Own,
 }
 
 /// Parameter-efficient fine-tuning: adapter basics.

@@ -234,11 +234,7 @@ fn check_name(job: &TrainingJob, problems: &mut Vec<Problem>) {
 fn check_spec(job: &TrainingJob, trainer_backstop: bool, problems: &mut Vec<Problem>) {
     let spec = &job.spec;
     match spec.mode {
-        Mode::Distributed => {}
-        Mode::Federated => problems.push(Problem::new(
-            "spec.mode",
-            "Federated is planned but this release's trainer cannot run it yet (aggregator and client roles are missing); use Distributed",
-        )),
+        Mode::Distributed | Mode::Federated => {}
         Mode::Peft => problems.push(Problem::new(
             "spec.mode",
             "Peft is planned but this release's trainer cannot run it yet (LoRA is missing); use Distributed",

@@ -278,6 +278,11 @@ pub async fn reconcile(
         }
         None => None,
     };
+    if let (crate::api::Mode::Federated, Some(f)) = (job.spec.mode, &job.spec.federated)
+        && !job.status.as_ref().is_some_and(|s| s.phase.is_terminal())
+    {
+        ensure_federation_secret(&ctx.client, &job, &ns, &name, f.clients as usize).await?;
+    }
     let observation = Observation {
         replicas: pods.iter().filter_map(observe::replica).collect(),
         progress: ctx.progress.as_ref().and_then(|p| p.hub.latest(&ns, &name)),
@@ -310,7 +315,9 @@ pub async fn reconcile(
             .patch(&name, &apply, &Patch::Apply(&service))
             .await?;
     }
-    let gated = resources::gang_gated(&job);
+    // Gates hold a starting gang together; a replica recreated alone in a
+    // running job (federated) has no gang to wait for.
+    let gated = resources::gang_gated(&job) && decision.status.phase == Phase::Pending;
     for action in &decision.actions {
         match action {
             Action::Create(replica) => {
@@ -407,6 +414,67 @@ pub async fn reconcile(
 
 /// How often a running job's status takes in its progress reports.
 pub const PROGRESS_POLL: Duration = Duration::from_secs(10);
+
+/// The Secret with the federation secret (for the aggregator) and one
+/// derived token per client (each client pod reads only its own key),
+/// created on first use; keys for clients added later are filled in.
+async fn ensure_federation_secret(
+    client: &Client,
+    job: &TrainingJob,
+    ns: &str,
+    name: &str,
+    clients: usize,
+) -> Result<(), ReconcileError> {
+    use crate::plan::replicas::{FEDERATION_SECRET_KEY, client_token_key, federation_secret_name};
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let secret_name = federation_secret_name(name);
+    let read = |s: &Secret, key: &str| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .or_else(|| s.string_data.as_ref().and_then(|d| d.get(key).cloned()))
+    };
+    let keys = |secret: &str| -> std::collections::BTreeMap<String, String> {
+        std::iter::once((FEDERATION_SECRET_KEY.to_string(), secret.to_string()))
+            .chain((0..clients).map(|i| {
+                (
+                    client_token_key(i),
+                    trainyard_trainer::config::client_token(secret, i),
+                )
+            }))
+            .collect()
+    };
+    if let Some(existing) = secrets.get_opt(&secret_name).await? {
+        let secret = read(&existing, FEDERATION_SECRET_KEY).ok_or(ReconcileError::Malformed(
+            "the job's federation Secret has no secret",
+        ))?;
+        let missing: std::collections::BTreeMap<String, String> = keys(&secret)
+            .into_iter()
+            .filter(|(k, _)| read(&existing, k).is_none())
+            .collect();
+        if !missing.is_empty() {
+            let patch = serde_json::json!({ "stringData": missing });
+            secrets
+                .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+        }
+        return Ok(());
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|_| ReconcileError::Malformed("no randomness for a federation secret"))?;
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut object = resources::token_secret(job, "");
+    object.metadata.name = Some(secret_name);
+    object.string_data = Some(keys(&secret));
+    match secrets.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(()),
+        // Created concurrently by another reconcile: theirs stands.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// The job's progress token, from its Secret (created on first use).
 async fn ensure_token(

@@ -75,6 +75,17 @@ impl MetricsTail {
                     row.get("samples_per_sec").and_then(|v| v.as_f64());
                 self.seen = true;
             }
+            // A federated aggregator's round: progress counts rounds.
+            Some("round") => {
+                if let Some(round) = row.get("round").and_then(|v| v.as_u64()) {
+                    self.latest.step = round;
+                }
+                self.latest.loss = row.get("loss").and_then(|v| v.as_f64());
+                if let Some(m) = row.get("val_miou").and_then(|v| v.as_f64()) {
+                    self.latest.metric = Some(m);
+                }
+                self.seen = true;
+            }
             Some("val") => {
                 self.latest.metric = row.get("miou").and_then(|v| v.as_f64());
                 if let Some(step) = step {
@@ -131,5 +142,17 @@ mod tests {
             .unwrap();
         }
         assert_eq!(tail.poll().unwrap().last_checkpoint.unwrap().step, 12);
+    }
+
+    #[test]
+    fn federated_rounds_are_the_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("metrics.jsonl"),
+            "{\"kind\":\"round\",\"round\":3,\"loss\":0.5,\"val_miou\":0.3}\n{\"kind\":\"round\",\"round\":4,\"loss\":0.4,\"val_miou\":null}\n",
+        )
+        .unwrap();
+        let p = MetricsTail::new(dir.path()).poll().unwrap();
+        assert_eq!((p.step, p.loss, p.metric), (4, Some(0.4), Some(0.3)));
     }
 }

@@ -30,7 +30,12 @@ pub fn world_size(spec: &TrainingJobSpec) -> u32 {
 
 /// Optimiser steps the job runs: `training.steps`, or `training.epochs`
 /// turned into steps from the dataset size and the global batch.
+///
+/// A federated job counts rounds: its progress is the aggregator's round.
 pub fn total_steps(spec: &TrainingJobSpec) -> Result<u64, ConfigProblem> {
+    if let (api::Mode::Federated, Some(f)) = (spec.mode, &spec.federated) {
+        return Ok(f.rounds);
+    }
     let t = &spec.training;
     match (t.steps, t.epochs) {
         (Some(steps), _) => Ok(steps),
@@ -164,11 +169,16 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
         every: spec.checkpoints.interval_steps,
         keep_last: spec.checkpoints.keep as usize,
     };
+    let federated = match (spec.mode, &spec.federated) {
+        (api::Mode::Federated, Some(f)) => Some(federated_config(f)),
+        _ => None,
+    };
     let config = TrainerConfig {
         model,
         data,
         train,
         checkpoint,
+        federated,
     };
     // The trainer's own checks are the last word on what it can run; name
     // the spec field behind the trainer's.
@@ -186,8 +196,103 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
     Ok(config)
 }
 
+/// The aggregator's and clients' `federated` section.
+fn federated_config(f: &api::FederatedSpec) -> tc::FederatedConfig {
+    let defaults = tc::AdaptiveServer::default();
+    let adaptive = |s: &api::ServerOptimizerSpec| tc::AdaptiveServer {
+        lr: s.lr.unwrap_or(defaults.lr),
+        beta1: s.beta1.unwrap_or(defaults.beta1),
+        beta2: s.beta2.unwrap_or(defaults.beta2),
+        tau: s.tau.unwrap_or(defaults.tau),
+    };
+    let s = &f.server_optimizer;
+    let a = &f.aggregation;
+    let p = &f.partition;
+    tc::FederatedConfig {
+        clients: f.clients as usize,
+        rounds: f.rounds,
+        local_steps: f.local_steps,
+        fraction: f.fraction,
+        min_clients: f.min_clients as usize,
+        min_available: f.min_available.unwrap_or(f.min_clients) as usize,
+        sampling_timeout_seconds: f.sampling_timeout_seconds,
+        round_timeout_seconds: f.round_timeout_seconds,
+        round_attempts: f.round_attempts,
+        aggregation: match a.kind {
+            api::AggregationKind::Mean => tc::Aggregation::Mean,
+            api::AggregationKind::Median => tc::Aggregation::Median,
+            api::AggregationKind::TrimmedMean => tc::Aggregation::TrimmedMean {
+                beta: a.beta.unwrap_or(0.2),
+            },
+            api::AggregationKind::Krum => tc::Aggregation::Krum {
+                byzantine: a.byzantine.unwrap_or(0) as usize,
+                keep: a.keep.unwrap_or(1) as usize,
+            },
+        },
+        server_optimizer: match s.kind {
+            api::ServerOptimizerKind::Sgd => tc::ServerOptimizer::Sgd {
+                lr: s.lr.unwrap_or(1.0),
+                momentum: s.momentum.unwrap_or(0.0),
+            },
+            api::ServerOptimizerKind::Adam => tc::ServerOptimizer::Adam(adaptive(s)),
+            api::ServerOptimizerKind::Yogi => tc::ServerOptimizer::Yogi(adaptive(s)),
+        },
+        proximal_mu: f.proximal_mu,
+        max_update_norm: f.max_update_norm,
+        max_update_mb: f.max_update_mib,
+        privacy: f.privacy.as_ref().map(|p| tc::PrivacyConfig {
+            clip_norm: p.clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            delta: p.delta,
+            adaptive: p.adaptive_clipping.as_ref().map(|a| tc::AdaptiveClipping {
+                target_quantile: a.target_quantile,
+                lr: a.lr,
+            }),
+        }),
+        partition: match p.kind {
+            api::PartitionKind::Iid => tc::Partition::Iid { seed: p.seed },
+            api::PartitionKind::Dirichlet => tc::Partition::Dirichlet {
+                alpha: p.alpha.unwrap_or(0.5),
+                seed: p.seed,
+            },
+            api::PartitionKind::Classes => tc::Partition::Classes {
+                classes_per_client: p.classes_per_client.unwrap_or(2) as usize,
+                seed: p.seed,
+            },
+            api::PartitionKind::Own => tc::Partition::Own,
+        },
+        eval_every: f.eval_every,
+    }
+}
+
 /// The spec field behind a trainer config field (longest known prefix wins).
 fn spec_path(trainer_field: &str) -> String {
+    // The federated section mirrors the spec field by field, in snake_case.
+    if let Some(rest) = trainer_field.strip_prefix("federated.") {
+        let camel: Vec<String> = rest
+            .split('.')
+            .map(|seg| {
+                let mut out = String::new();
+                let mut upper = false;
+                for c in seg.chars() {
+                    if c == '_' {
+                        upper = true;
+                    } else if upper {
+                        out.extend(c.to_uppercase());
+                        upper = false;
+                    } else {
+                        out.push(c);
+                    }
+                }
+                match out.as_str() {
+                    "maxUpdateMb" => "maxUpdateMib".into(),
+                    "adaptive" => "adaptiveClipping".into(),
+                    _ => out,
+                }
+            })
+            .collect();
+        return format!("spec.federated.{}", camel.join("."));
+    }
     const MAP: &[(&str, &str)] = &[
         ("model.convs_per_stage", "spec.model.convsPerStage"),
         ("model.in_channels", "spec.model.inChannels"),

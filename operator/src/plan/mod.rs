@@ -20,8 +20,9 @@
 //! | Pending, Running | leader replica succeeded | Succeeded | cleanup |
 //! | Pending, Running | a replica failed with a permanent exit code | Failed (ReplicaFailed) | cleanup |
 //! | Pending | a replica cannot pull its image or build its container | Failed (ImagePullFailed / CreateContainerConfigError) | cleanup |
+//! | Pending, Running (Federated) | replicas failed with a retryable exit code | (same), restarts + 1 each | delete those replicas alone (ReplicaRestarted); they are recreated |
 //! | Pending, Running | a replica failed with a retryable exit code | restart (ReplicaFailed) | |
-//! | Running | a gang member vanished or is no longer running | restart (ReplicaLost) | |
+//! | Running (not Federated) | a gang member vanished or is no longer running | restart (ReplicaLost) | |
 //! | Running | no progress for `stallTimeoutSeconds` | restart (Stalled) | |
 //! | Pending | gang not running `startupTimeoutSeconds` after creation | restart (StartupTimeout) | |
 //! | Pending | every gang member running | Running (GangRunning) | |
@@ -315,6 +316,25 @@ impl Planner<'_> {
                 return;
             }
         }
+        // Federated replicas fail alone: the aggregator resumes from its
+        // last round and clients rejoin, so the others keep their work.
+        let federated = self.job.spec.mode == crate::api::Mode::Federated;
+        if federated && !retryable.is_empty() {
+            let failed: Vec<String> = gang
+                .iter()
+                .filter(|r| {
+                    matches!(
+                        current.get(r.name.as_str()),
+                        Some(ReplicaState::Failed { .. })
+                    )
+                })
+                .map(|r| r.name.clone())
+                .collect();
+            let what: Vec<String> = retryable.into_iter().map(|(_, w)| w).collect();
+            self.restart_replicas(&failed, &what.join(", "));
+            self.desired = gang;
+            return;
+        }
         if !retryable.is_empty() {
             retryable.sort_by_key(|(echo, _)| *echo);
             let what: Vec<String> = retryable.into_iter().map(|(_, w)| w).collect();
@@ -329,7 +349,8 @@ impl Planner<'_> {
             )
         };
         let all_running = gang.iter().all(up);
-        if self.status.phase == Phase::Running && !all_running {
+        // A federated replica that is being recreated is not lost.
+        if self.status.phase == Phase::Running && !all_running && !federated {
             let lost: Vec<&str> = gang
                 .iter()
                 .filter(|r| !up(r))
@@ -558,6 +579,33 @@ impl Planner<'_> {
         self.timers.push(backoff);
     }
 
+    /// Federated mode: restart only `names` (each restart counts against
+    /// `backoffLimit`); the job stays in its phase.
+    fn restart_replicas(&mut self, names: &[String], message: &str) {
+        let limit = self.job.spec.run_policy.backoff_limit;
+        let needed = u32::try_from(names.len()).unwrap_or(u32::MAX);
+        if self.status.restarts.saturating_add(needed) > limit {
+            self.fail(
+                "BackoffLimitExceeded",
+                &format!("{message}; no restarts left (backoffLimit {limit} reached)"),
+            );
+            return;
+        }
+        self.status.restarts += needed;
+        self.event(
+            EventType::Warning,
+            "ReplicaRestarted",
+            format!(
+                "{message}; restarting {} alone (restarts {} of at most {limit})",
+                names.join(", "),
+                self.status.restarts
+            ),
+        );
+        for name in names {
+            self.actions.push(Action::Delete { name: name.clone() });
+        }
+    }
+
     fn suspend(&mut self) {
         if self.status.phase != Phase::Suspended {
             self.transition(Phase::Suspended, "Suspended", "runPolicy.suspend is true");
@@ -652,6 +700,10 @@ impl Planner<'_> {
         }
         progress.step = report.step;
         progress.total_steps = total;
+        if self.job.spec.mode == crate::api::Mode::Federated {
+            progress.round = Some(report.step);
+            progress.total_rounds = Some(total);
+        }
         progress.loss = report.loss.or(progress.loss);
         progress.metric = report.metric.or(progress.metric);
         progress.samples_per_second = report.samples_per_second.or(progress.samples_per_second);
@@ -821,5 +873,8 @@ fn summary(p: &Progress) -> String {
         return format!("step {}", p.step);
     }
     let pct = (p.step.min(p.total_steps) * 100) / p.total_steps;
-    format!("{pct}% {}/{}", p.step, p.total_steps)
+    match p.total_rounds {
+        Some(_) => format!("{pct}% round {}/{}", p.step, p.total_steps),
+        None => format!("{pct}% {}/{}", p.step, p.total_steps),
+    }
 }

@@ -1,7 +1,7 @@
 //! The replicas a job needs: abstract descriptions that the Kubernetes side
 //! turns into Pods and the local side into processes.
 
-use k8s_openapi::api::core::v1::EnvVar;
+use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
 use trainyard_trainer::env;
 
 use super::config::{self, ConfigProblem};
@@ -43,7 +43,23 @@ pub enum Placement {
         /// Where the leader's trainer serves its `/metrics`, if anywhere
         /// (one address: the other replicas would collide on it).
         leader_metrics: Option<std::net::SocketAddr>,
+        /// The run's federation secret (Federated mode): handed to the
+        /// aggregator, and each client gets only its derived token.
+        federation_secret: String,
     },
+}
+
+/// Name of the Secret holding a federated job's secret and client tokens.
+pub fn federation_secret_name(job: &str) -> String {
+    format!("{job}-federation")
+}
+
+/// Key of the federation secret in that Secret.
+pub const FEDERATION_SECRET_KEY: &str = "secret";
+
+/// Key of client `index`'s token in that Secret.
+pub fn client_token_key(index: usize) -> String {
+    format!("client-{index}")
 }
 
 /// One replica, abstractly.
@@ -153,6 +169,52 @@ pub fn desired(
                 }
                 Role::Aggregator => {}
             }
+            let secret_env = |var_name: &str, key: String| EnvVar {
+                name: var_name.into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: federation_secret_name(name),
+                        key,
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+            };
+            match (role, placement) {
+                (Role::Aggregator, Placement::Kubernetes) => {
+                    vars.push(secret_env(
+                        env::FEDERATION_SECRET,
+                        FEDERATION_SECRET_KEY.into(),
+                    ));
+                }
+                (Role::Client, Placement::Kubernetes) => {
+                    vars.push(secret_env(
+                        env::CLIENT_TOKEN,
+                        client_token_key(index as usize),
+                    ));
+                }
+                (
+                    Role::Aggregator,
+                    Placement::Local {
+                        federation_secret, ..
+                    },
+                ) => {
+                    vars.push(var(env::FEDERATION_SECRET, federation_secret.clone()));
+                }
+                (
+                    Role::Client,
+                    Placement::Local {
+                        federation_secret, ..
+                    },
+                ) => {
+                    vars.push(var(
+                        env::CLIENT_TOKEN,
+                        trainyard_trainer::config::client_token(federation_secret, index as usize),
+                    ));
+                }
+                (Role::Worker, _) => {}
+            }
             vars.extend(spec.template.env.iter().cloned());
             let mut args: Vec<String> = match role {
                 Role::Worker => vec![
@@ -167,7 +229,13 @@ pub fn desired(
                     "--collective-timeout".into(),
                     dist.collective_timeout_seconds.to_string(),
                 ],
-                Role::Aggregator => vec!["aggregate".into(), "--out".into(), out_dir.clone()],
+                // A restarted aggregator continues after its last round.
+                Role::Aggregator => vec![
+                    "aggregate".into(),
+                    "--out".into(),
+                    out_dir.clone(),
+                    "--resume".into(),
+                ],
                 Role::Client => vec!["client".into(), "--out".into(), out_dir.clone()],
             };
             let mut ports = Vec::new();
@@ -258,6 +326,7 @@ mod tests {
             master_port: 40123,
             out_root: "/tmp/run".into(),
             leader_metrics: Some("127.0.0.1:9401".parse().unwrap()),
+            federation_secret: "s".into(),
         };
         let rs = desired(&job(), 0, &placement).unwrap();
         assert_eq!(get(&rs[1], env::MASTER_ADDR), "127.0.0.1");
@@ -272,6 +341,52 @@ mod tests {
         };
         assert!(metrics(&rs[0]));
         assert!(!rs[1].args.iter().any(|a| a == "--metrics-addr"));
+    }
+
+    #[test]
+    fn federated_replicas_get_the_secret_or_only_their_own_token() {
+        let mut j = job();
+        j.spec.mode = Mode::Federated;
+        j.spec.distributed = None;
+        j.spec.federated = Some(crate::api::FederatedSpec {
+            clients: 2,
+            min_clients: 2,
+            ..Default::default()
+        });
+        let local = Placement::Local {
+            master_port: 1,
+            out_root: "/tmp/r".into(),
+            leader_metrics: None,
+            federation_secret: "s3cret".into(),
+        };
+        let rs = desired(&j, 0, &local).unwrap();
+        assert_eq!(get(&rs[0], env::FEDERATION_SECRET), "s3cret");
+        assert!(rs[0].args.contains(&"--resume".to_string()));
+        assert_eq!(
+            get(&rs[2], env::CLIENT_TOKEN),
+            trainyard_trainer::config::client_token("s3cret", 1)
+        );
+        assert!(
+            rs[1..]
+                .iter()
+                .all(|r| r.env.iter().all(|e| e.name != env::FEDERATION_SECRET))
+        );
+        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let key = |r: &Replica, name: &str| {
+            r.env
+                .iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+                .map(|k| (k.name.clone(), k.key.clone()))
+        };
+        assert_eq!(
+            key(&rs[0], env::FEDERATION_SECRET),
+            Some(("seg-federation".into(), "secret".into()))
+        );
+        assert_eq!(
+            key(&rs[2], env::CLIENT_TOKEN),
+            Some(("seg-federation".into(), "client-1".into()))
+        );
     }
 
     #[test]

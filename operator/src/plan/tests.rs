@@ -411,6 +411,124 @@ fn suspend_tears_everything_down_and_resume_starts_a_new_attempt() {
     assert_eq!(creates(&p), ["j-worker-0", "j-worker-1"]);
 }
 
+// --- Federated ---
+
+const FEDERATED: &str = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: f, namespace: ns, generation: 1}\nspec:\n  mode: Federated\n  image: t:1\n  federated: {clients: 3, minClients: 2, rounds: 7}\n  runPolicy: {backoffLimit: 2}\n";
+
+fn federated_running(restarts: u32) -> (TrainingJob, Vec<ObservedReplica>) {
+    let j = with_status(parse_manifests(FEDERATED).unwrap().remove(0), |s| {
+        s.phase = Phase::Running;
+        s.restarts = restarts;
+        s.start_time = Some(Time(t0()));
+        s.attempt_start_time = Some(Time(t0()));
+        s.running_since = Some(Time(t0()));
+    });
+    let replicas = ["f-aggregator-0", "f-client-0", "f-client-1", "f-client-2"]
+        .iter()
+        .map(|n| replica(n, 0, running()))
+        .collect();
+    (j, replicas)
+}
+
+#[test]
+fn a_failed_federated_client_restarts_alone() {
+    let (j, mut replicas) = federated_running(0);
+    replicas[2].state = failed(137);
+    let o = Observation {
+        replicas,
+        ..Default::default()
+    };
+    let p = run(&j, &o, at(10));
+    assert_eq!(p.status.phase, Phase::Running, "{}", p.status.message);
+    assert_eq!(p.status.restarts, 1);
+    assert_eq!(deletes(&p), ["f-client-1"]);
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::Event { reason, .. } if reason == "ReplicaRestarted"))
+    );
+    // Once it is gone it is recreated, and the others are left alone.
+    let j = with_status(j, |s| *s = p.status.clone());
+    let mut o = o;
+    o.replicas.remove(2);
+    let p = run(&j, &o, at(11));
+    assert_eq!(p.status.phase, Phase::Running);
+    assert_eq!(creates(&p), ["f-client-1"]);
+    assert!(deletes(&p).is_empty());
+    // A recreated client that is still pending is not lost.
+    o.replicas.push(replica(
+        "f-client-1",
+        0,
+        ReplicaState::Pending {
+            reason: None,
+            message: None,
+        },
+    ));
+    let p = run(&j, &o, at(12));
+    assert_eq!(p.status.phase, Phase::Running);
+    assert!(
+        p.actions.iter().all(|a| matches!(a, Action::Event { .. })),
+        "{:?}",
+        p.actions
+    );
+}
+
+#[test]
+fn federated_restarts_are_bounded_and_permanent_failures_fail() {
+    let (j, mut replicas) = federated_running(2);
+    replicas[1].state = failed(137);
+    let p = run(
+        &j,
+        &Observation {
+            replicas: replicas.clone(),
+            ..Default::default()
+        },
+        at(10),
+    );
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert_eq!(p.status.reason, "BackoffLimitExceeded");
+    let (j, mut replicas) = federated_running(0);
+    replicas[3].state = failed(1);
+    let p = run(
+        &j,
+        &Observation {
+            replicas,
+            ..Default::default()
+        },
+        at(10),
+    );
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert!(
+        p.status.message.contains("f-client-2"),
+        "{}",
+        p.status.message
+    );
+}
+
+#[test]
+fn federated_progress_counts_rounds() {
+    let (j, replicas) = federated_running(0);
+    let o = Observation {
+        replicas,
+        progress: Some(ProgressReport {
+            step: 3,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let p = run(&j, &o, at(10));
+    let progress = p.status.progress.unwrap();
+    assert_eq!(
+        (progress.round, progress.total_rounds, progress.total_steps),
+        (Some(3), Some(7), 7)
+    );
+    assert!(
+        progress.summary.contains("round 3/7"),
+        "{}",
+        progress.summary
+    );
+}
+
 // --- Terminal ---
 
 #[test]

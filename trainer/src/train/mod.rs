@@ -240,7 +240,7 @@ pub fn check_dataset(config: &TrainerConfig, dataset: &dyn Dataset) -> Result<()
 /// Training batches produced ahead of time on their own thread, so sample
 /// generation and decoding overlap with compute. Each batch is a pure function
 /// of its step, so the order of production does not affect results.
-struct Prefetch {
+pub(crate) struct Prefetch {
     rx: Receiver<(Batch, usize)>,
 }
 
@@ -248,9 +248,25 @@ impl Prefetch {
     /// Produces the micro-batches `steps` (optimiser step × accumulation +
     /// micro-batch) of `rank` in a group of `world`.
     fn spawn(setup: &Setup, rank: usize, world: usize, steps: std::ops::Range<u64>) -> Self {
+        Self::spawn_seeded(setup, setup.config.data.seed, rank, world, steps)
+    }
+
+    /// A single process's micro-batches `steps`, in the sample order of `seed`
+    /// (a federated client's own order over its own partition).
+    pub(crate) fn spawn_for(setup: &Setup, seed: u64, steps: std::ops::Range<u64>) -> Self {
+        Self::spawn_seeded(setup, seed, 0, 1, steps)
+    }
+
+    fn spawn_seeded(
+        setup: &Setup,
+        sampler_seed: u64,
+        rank: usize,
+        world: usize,
+        steps: std::ops::Range<u64>,
+    ) -> Self {
         let (tx, rx) = sync_channel(2);
         let dataset = setup.dataset.clone();
-        let mut sampler = Sampler::new(setup.split.train.clone(), setup.config.data.seed);
+        let mut sampler = Sampler::new(setup.split.train.clone(), sampler_seed);
         let batch_size = setup.config.train.batch_size;
         let noise = setup.config.data.noise.clone();
         let seed = setup.config.train.seed;
@@ -285,7 +301,7 @@ impl Prefetch {
         Self { rx }
     }
 
-    fn next(&self) -> (Batch, usize) {
+    pub(crate) fn next(&self) -> (Batch, usize) {
         self.rx
             .recv()
             .expect("the prefetch thread produces every step it was asked for")

@@ -9,9 +9,16 @@
 //! value deserialized into the typed config (unknown keys and wrong types are
 //! errors naming the dotted path) and validated semantically ([`TrainerConfig::validate`]).
 
+mod federated;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub use federated::{
+    AdaptiveClipping, AdaptiveServer, Aggregation, FederatedConfig, Partition, PrivacyConfig,
+    ServerOptimizer, client_token,
+};
 
 /// Label value that marks a pixel to be ignored by the loss and the metrics.
 pub const IGNORE_INDEX: u8 = 255;
@@ -87,6 +94,8 @@ pub struct TrainerConfig {
     pub train: TrainConfig,
     /// Checkpoint cadence and retention.
     pub checkpoint: CheckpointConfig,
+    /// Federated learning (aggregator and client roles); absent otherwise.
+    pub federated: Option<FederatedConfig>,
 }
 
 /// How the decoder upsamples.
@@ -798,6 +807,9 @@ impl TrainerConfig {
                 "checkpoint.keep_last",
                 "must be at least 1 so that a run can be resumed",
             ));
+        }
+        if let Some(f) = &self.federated {
+            f.validate(m.classes)?;
         }
         Ok(())
     }

@@ -1,0 +1,468 @@
+//! The `federated` section: rounds, client sampling, aggregation, privacy
+//! and partitioning. Light (serde only), so the operator embeds it as is.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, check_non_negative, check_positive};
+
+/// Federated learning: an aggregator and `clients` clients that keep their data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederatedConfig {
+    /// Client replicas, each training on its own partition.
+    pub clients: usize,
+    /// Aggregation rounds.
+    pub rounds: u64,
+    /// Optimiser steps each sampled client runs per round (on its own data).
+    pub local_steps: u64,
+    /// Fraction of available clients sampled per round (Flower's `fraction_fit`).
+    pub fraction: f64,
+    /// Fewest updates that complete a round (Flower's `min_fit_clients`); a
+    /// round with fewer is retried.
+    pub min_clients: usize,
+    /// Clients that must be available before a round samples (Flower's
+    /// `min_available_clients`).
+    pub min_available: usize,
+    /// Seconds a round waits for `min_available` clients before it is retried,
+    /// so a round never waits for ever (Flower's most common hang).
+    pub sampling_timeout_seconds: u64,
+    /// Seconds sampled clients have to return their update; late ones are dropped.
+    pub round_timeout_seconds: u64,
+    /// Attempts of one round before the job fails.
+    pub round_attempts: u32,
+    /// How client updates are combined.
+    pub aggregation: Aggregation,
+    /// How the aggregate moves the global model.
+    pub server_optimizer: ServerOptimizer,
+    /// FedProx: clients add (μ/2)‖w − w_global‖² to their loss; 0 is FedAvg.
+    pub proximal_mu: f64,
+    /// Updates whose L2 norm exceeds this are rejected as hostile.
+    pub max_update_norm: Option<f64>,
+    /// Largest update body accepted, MiB.
+    pub max_update_mb: f64,
+    /// Central differential privacy (clip every update, noise the mean).
+    pub privacy: Option<PrivacyConfig>,
+    /// How the training samples are split across clients.
+    pub partition: Partition,
+    /// Evaluate the global model on the validation split every this many
+    /// rounds (and at the end); 0 only at the end.
+    pub eval_every: u64,
+}
+
+impl Default for FederatedConfig {
+    fn default() -> Self {
+        Self {
+            clients: 2,
+            rounds: 10,
+            local_steps: 20,
+            fraction: 1.0,
+            min_clients: 2,
+            min_available: 2,
+            sampling_timeout_seconds: 300,
+            round_timeout_seconds: 600,
+            round_attempts: 3,
+            aggregation: Aggregation::default(),
+            server_optimizer: ServerOptimizer::default(),
+            proximal_mu: 0.0,
+            max_update_norm: None,
+            max_update_mb: 1024.0,
+            privacy: None,
+            partition: Partition::default(),
+            eval_every: 1,
+        }
+    }
+}
+
+/// How client updates are combined into one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Aggregation {
+    /// Mean weighted by each client's number of examples (FedAvg).
+    #[default]
+    Mean,
+    /// Coordinate-wise median (FedMedian).
+    Median,
+    /// Coordinate-wise mean after dropping the `beta` fraction of largest and
+    /// of smallest values (FedTrimmedAvg).
+    TrimmedMean {
+        /// Fraction cut from each end, in [0, 0.5).
+        beta: f64,
+    },
+    /// Krum / Multi-Krum: keep the `keep` updates closest to their
+    /// n − f − 2 nearest neighbours and average them.
+    Krum {
+        /// Byzantine clients tolerated (f).
+        byzantine: usize,
+        /// Updates averaged (1 is Krum, more is Multi-Krum).
+        keep: usize,
+    },
+}
+
+/// The server optimiser, applied to the aggregated update as a pseudo-gradient
+/// (FedOpt, Reddi et al. 2021).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServerOptimizer {
+    /// w ← w + lr·Δ (lr 1 is FedAvg); with momentum, FedAvgM.
+    Sgd {
+        /// Server learning rate.
+        #[serde(default = "one")]
+        lr: f64,
+        /// Server momentum.
+        #[serde(default)]
+        momentum: f64,
+    },
+    /// FedAdam.
+    Adam(AdaptiveServer),
+    /// FedYogi.
+    Yogi(AdaptiveServer),
+}
+
+impl Default for ServerOptimizer {
+    fn default() -> Self {
+        Self::Sgd {
+            lr: 1.0,
+            momentum: 0.0,
+        }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// FedAdam / FedYogi settings (Flower's defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveServer {
+    /// Server learning rate η.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Adaptivity τ.
+    pub tau: f64,
+}
+
+impl Default for AdaptiveServer {
+    fn default() -> Self {
+        Self {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+    }
+}
+
+/// Central differential privacy with fixed or adaptive clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Each update is scaled down to at most this L2 norm (C).
+    pub clip_norm: f64,
+    /// Noise multiplier z: the mean gets N(0, (z·C/m)²) per coordinate.
+    pub noise_multiplier: f64,
+    /// δ of the reported (ε, δ).
+    pub delta: f64,
+    /// Adapt C towards the `target_quantile` of update norms (Andrew et al. 2019).
+    pub adaptive: Option<AdaptiveClipping>,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            adaptive: None,
+        }
+    }
+}
+
+/// Adaptive clipping (geometric update of C towards a norm quantile).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdaptiveClipping {
+    /// Fraction of updates that should be unclipped.
+    pub target_quantile: f64,
+    /// Learning rate of log C.
+    pub lr: f64,
+}
+
+impl Default for AdaptiveClipping {
+    fn default() -> Self {
+        Self {
+            target_quantile: 0.5,
+            lr: 0.2,
+        }
+    }
+}
+
+/// How training samples are split across clients (deterministic by `seed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Partition {
+    /// Equal random shares.
+    Iid {
+        /// Seed of the split.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Per-class proportions drawn from Dirichlet(α) (smaller α is more skewed).
+    Dirichlet {
+        /// Concentration α.
+        alpha: f64,
+        /// Seed of the split.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Each client sees only samples whose dominant class is one of
+    /// `classes_per_client` classes.
+    Classes {
+        /// Classes each client holds.
+        classes_per_client: usize,
+        /// Seed of the split.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// Each client reads its own `data` as configured (real deployments:
+    /// every client mounts its own volume); nothing is split.
+    Own,
+}
+
+impl Default for Partition {
+    fn default() -> Self {
+        Self::Iid { seed: 0 }
+    }
+}
+
+impl FederatedConfig {
+    /// Semantic checks; `classes` is the model's class count.
+    pub fn validate(&self, classes: usize) -> Result<(), ConfigError> {
+        let f = "federated";
+        let bad = |field: &str, message: String| {
+            Err(ConfigError::invalid(format!("{f}.{field}"), message))
+        };
+        if self.clients == 0 {
+            return bad("clients", "must be at least 1".into());
+        }
+        if self.rounds == 0 {
+            return bad("rounds", "must be at least 1".into());
+        }
+        if self.local_steps == 0 {
+            return bad("local_steps", "must be at least 1".into());
+        }
+        if !(self.fraction > 0.0 && self.fraction <= 1.0) {
+            return bad("fraction", "must be in (0, 1], e.g. 0.5".into());
+        }
+        if self.min_clients == 0 || self.min_clients > self.clients {
+            return bad(
+                "min_clients",
+                format!("must be between 1 and clients ({})", self.clients),
+            );
+        }
+        if self.min_available < self.min_clients || self.min_available > self.clients {
+            return bad(
+                "min_available",
+                format!(
+                    "must be between min_clients ({}) and clients ({})",
+                    self.min_clients, self.clients
+                ),
+            );
+        }
+        for (field, v) in [
+            ("sampling_timeout_seconds", self.sampling_timeout_seconds),
+            ("round_timeout_seconds", self.round_timeout_seconds),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1".into());
+            }
+        }
+        if self.round_attempts == 0 {
+            return bad("round_attempts", "must be at least 1".into());
+        }
+        match &self.aggregation {
+            Aggregation::Mean | Aggregation::Median => {}
+            Aggregation::TrimmedMean { beta } => {
+                if !(0.0..0.5).contains(beta) {
+                    return bad("aggregation.beta", "must be in [0, 0.5)".into());
+                }
+            }
+            Aggregation::Krum { byzantine, keep } => {
+                // Krum scores each update by its n − f − 2 nearest
+                // neighbours, so a round needs n ≥ f + 3 updates.
+                if self.min_clients < byzantine + 3 {
+                    return bad(
+                        "aggregation.byzantine",
+                        format!(
+                            "Krum needs min_clients ≥ byzantine + 3 ({}), got min_clients {}",
+                            byzantine + 3,
+                            self.min_clients
+                        ),
+                    );
+                }
+                if *keep == 0 || *keep > self.min_clients - byzantine {
+                    return bad(
+                        "aggregation.keep",
+                        format!(
+                            "must be between 1 and min_clients − byzantine ({})",
+                            self.min_clients - byzantine
+                        ),
+                    );
+                }
+            }
+        }
+        match &self.server_optimizer {
+            ServerOptimizer::Sgd { lr, momentum } => {
+                check_positive("federated.server_optimizer.lr", *lr)?;
+                if !(0.0..1.0).contains(momentum) {
+                    return bad("server_optimizer.momentum", "must be in [0, 1)".into());
+                }
+            }
+            ServerOptimizer::Adam(a) | ServerOptimizer::Yogi(a) => {
+                check_positive("federated.server_optimizer.lr", a.lr)?;
+                check_positive("federated.server_optimizer.tau", a.tau)?;
+                for (field, b) in [("beta1", a.beta1), ("beta2", a.beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return bad(
+                            &format!("server_optimizer.{field}"),
+                            "must be in [0, 1)".into(),
+                        );
+                    }
+                }
+            }
+        }
+        check_non_negative("federated.proximal_mu", self.proximal_mu)?;
+        if let Some(n) = self.max_update_norm {
+            check_positive("federated.max_update_norm", n)?;
+        }
+        check_positive("federated.max_update_mb", self.max_update_mb)?;
+        if let Some(p) = &self.privacy {
+            check_positive("federated.privacy.clip_norm", p.clip_norm)?;
+            check_non_negative("federated.privacy.noise_multiplier", p.noise_multiplier)?;
+            if !(p.delta > 0.0 && p.delta < 1.0) {
+                return bad("privacy.delta", "must be in (0, 1), e.g. 1e-5".into());
+            }
+            if let Some(a) = &p.adaptive
+                && !(a.target_quantile > 0.0 && a.target_quantile < 1.0 && a.lr > 0.0)
+            {
+                return bad(
+                    "privacy.adaptive",
+                    "target_quantile must be in (0, 1) and lr positive".into(),
+                );
+            }
+            if self.aggregation != Aggregation::Mean {
+                return bad(
+                    "privacy",
+                    "the privacy guarantee is computed for the mean; use aggregation kind mean"
+                        .into(),
+                );
+            }
+        }
+        match &self.partition {
+            Partition::Iid { .. } | Partition::Own => {}
+            Partition::Dirichlet { alpha, .. } => {
+                check_positive("federated.partition.alpha", *alpha)?
+            }
+            Partition::Classes {
+                classes_per_client, ..
+            } => {
+                if *classes_per_client == 0 || *classes_per_client > classes {
+                    return bad(
+                        "partition.classes_per_client",
+                        format!("must be between 1 and model.classes ({classes})"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The token client `index` presents to the aggregator: HMAC-SHA256 of its
+/// index under the job's federation secret, hex. The aggregator holds the
+/// secret and derives every token; each client receives only its own, so a
+/// compromised client cannot speak for another.
+pub fn client_token(secret: &str, index: usize) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(format!("trainyard-federated-client/{index}").as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_values_name_their_field() {
+        FederatedConfig::default().validate(4).unwrap();
+        let cases: Vec<(FederatedConfig, &str)> = vec![
+            (
+                FederatedConfig {
+                    min_clients: 3,
+                    ..Default::default()
+                },
+                "federated.min_clients",
+            ),
+            (
+                FederatedConfig {
+                    fraction: 0.0,
+                    ..Default::default()
+                },
+                "federated.fraction",
+            ),
+            (
+                FederatedConfig {
+                    clients: 5,
+                    min_clients: 3,
+                    min_available: 3,
+                    aggregation: Aggregation::Krum {
+                        byzantine: 1,
+                        keep: 1,
+                    },
+                    ..Default::default()
+                },
+                "federated.aggregation.byzantine",
+            ),
+            (
+                FederatedConfig {
+                    partition: Partition::Classes {
+                        classes_per_client: 5,
+                        seed: 0,
+                    },
+                    ..Default::default()
+                },
+                "federated.partition.classes_per_client",
+            ),
+            (
+                FederatedConfig {
+                    privacy: Some(PrivacyConfig::default()),
+                    aggregation: Aggregation::Median,
+                    ..Default::default()
+                },
+                "federated.privacy",
+            ),
+        ];
+        for (config, field) in cases {
+            let e = config.validate(4).unwrap_err().to_string();
+            assert!(e.contains(field), "{e} should name {field}");
+        }
+    }
+
+    #[test]
+    fn client_tokens_differ_by_client_and_secret() {
+        let a = client_token("s", 0);
+        assert_eq!(a.len(), 64);
+        assert_eq!(a, client_token("s", 0));
+        assert_ne!(a, client_token("s", 1));
+        assert_ne!(a, client_token("t", 0));
+    }
+}

@@ -1,0 +1,776 @@
+//! The aggregator role: serves tasks and takes updates over HTTP while the
+//! round loop (a plain thread) samples, waits, aggregates and checkpoints.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::seq::index::sample;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::privacy::{self, Accountant};
+use super::server_opt::Server;
+use super::update::{self, Rejection, Schema};
+use super::{AVAILABLE_WINDOW, FederatedError, LONG_POLL, TASK_PATH, UPDATE_PATH, aggregate};
+use crate::checkpoint::{Checkpoint, CheckpointDir};
+use crate::config::{FederatedConfig, TrainerConfig, client_token};
+use crate::infer::{self, Predictor};
+use crate::model::SegNet;
+use crate::model::params::{self, Layout};
+use crate::protocol::{CheckpointMessage, ProgressMessage};
+use crate::tensorfile::{self, NamedTensor};
+use crate::train::Setup;
+use burn::module::Module;
+use burn::tensor::Device;
+
+/// How to run the aggregator beyond the config.
+pub struct AggregatorOptions {
+    /// Run directory (checkpoints, `metrics.jsonl`, `summary.json`).
+    pub out_dir: PathBuf,
+    /// Continue after the newest round checkpoint.
+    pub resume: bool,
+    /// Listen address of the federation endpoint.
+    pub bind: SocketAddr,
+    /// The federation secret client tokens derive from.
+    pub secret: String,
+    /// Progress to the operator.
+    pub report: Option<crate::report::Reporter>,
+    /// Raised on SIGTERM: stop after the current round with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Seconds to keep answering `410 Gone` after the last round, so polling
+    /// clients learn the job is over and exit cleanly.
+    pub linger: Duration,
+}
+
+/// What a finished federated run reports (`summary.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct FederatedSummary {
+    /// Rounds completed.
+    pub rounds: u64,
+    /// Validation mIoU after each evaluated round: (round, mIoU).
+    pub val_miou: Vec<(u64, f64)>,
+    /// Weighted mean client loss of the last round.
+    pub final_loss: Option<f64>,
+    /// Updates accepted over the run.
+    pub updates_accepted: u64,
+    /// Updates rejected, by reason.
+    pub updates_rejected: BTreeMap<String, u64>,
+    /// Sampled clients that did not answer in time, over the run.
+    pub dropped: u64,
+    /// Rounds retried for lack of clients.
+    pub retried_rounds: u64,
+    /// (ε, δ) spent, with privacy on.
+    pub epsilon: Option<f64>,
+    /// δ of `epsilon`.
+    pub delta: Option<f64>,
+    /// Parameters (and buffers) per update.
+    pub parameters: usize,
+    /// Mean seconds of aggregation (decode excluded) per round.
+    pub aggregate_seconds: f64,
+    /// Wall time.
+    pub wall_seconds: f64,
+}
+
+/// One `metrics.jsonl` row per round.
+#[derive(Debug, Serialize)]
+struct RoundRow {
+    kind: &'static str,
+    round: u64,
+    sampled: usize,
+    participants: usize,
+    dropped: usize,
+    rejected: u64,
+    loss: Option<f64>,
+    val_miou: Option<f64>,
+    seconds: f64,
+    aggregate_seconds: f64,
+    epsilon: Option<f64>,
+    clip_norm: Option<f64>,
+}
+
+/// Clients sampled, and the updates that arrived.
+type RoundResult = (usize, BTreeMap<usize, Received>);
+
+struct Received {
+    delta: Vec<f32>,
+    examples: u64,
+    loss: f64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Round in progress (0 between rounds).
+    round: u64,
+    /// Sampled clients that have not answered.
+    open: BTreeSet<usize>,
+    /// The global model of the round, encoded once.
+    task: Arc<Vec<u8>>,
+    received: BTreeMap<usize, Received>,
+    last_seen: Vec<Option<Instant>>,
+    done: bool,
+    rejected: BTreeMap<&'static str, u64>,
+    accepted: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    wake: tokio::sync::Notify,
+    schema: Schema,
+    tokens: Vec<String>,
+    max_bytes: usize,
+    max_norm: Option<f64>,
+}
+
+impl Shared {
+    fn reject(&self, r: Rejection) -> Rejection {
+        *self
+            .state
+            .lock()
+            .expect("state")
+            .rejected
+            .entry(r.reason())
+            .or_default() += 1;
+        tracing::warn!(reason = r.reason(), "rejected: {r}");
+        r
+    }
+
+    fn check_token(&self, client: usize, header: Option<&str>) -> Result<(), Rejection> {
+        let token = self
+            .tokens
+            .get(client)
+            .ok_or(Rejection::UnknownClient(client))?;
+        let given = header.and_then(|h| h.strip_prefix("Bearer ")).unwrap_or("");
+        // Constant-time comparison: the token is a secret.
+        let equal = given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if equal {
+            Ok(())
+        } else {
+            Err(Rejection::Token(client))
+        }
+    }
+
+    fn available(&self, now: Instant) -> Vec<usize> {
+        let s = self.state.lock().expect("state");
+        s.last_seen
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.is_some_and(|t| now.duration_since(t) < AVAILABLE_WINDOW))
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+/// Runs the aggregator until the last round (or a stop request).
+pub fn run(
+    config: &TrainerConfig,
+    opts: &AggregatorOptions,
+) -> Result<FederatedSummary, FederatedError> {
+    let started = Instant::now();
+    let fed = config.federated.clone().ok_or_else(|| {
+        FederatedError::Other("the aggregator needs a `federated` config section".into())
+    })?;
+    let setup = Setup::new(config)?;
+    let device = Device::flex().autodiff();
+    let model = SegNet::new(&config.model, config.train.seed, &device);
+    let schema = Schema::of(&Layout::of(&model));
+    let mut global: Vec<f32> = params::named_values(&model)
+        .into_iter()
+        .flat_map(|(_, v)| v)
+        .collect();
+    let mut server = Server::new(&fed.server_optimizer);
+    let mut accountant = fed.privacy.as_ref().map(Accountant::new);
+    let mut sampled_history: Vec<f32> = Vec::new();
+    std::fs::create_dir_all(&opts.out_dir).map_err(|source| crate::train::TrainError::Write {
+        path: opts.out_dir.clone(),
+        source,
+    })?;
+    let checkpoints = CheckpointDir::new(opts.out_dir.join(crate::run_dir::CHECKPOINTS_DIR));
+    let mut start_round = 1;
+    match (opts.resume, checkpoints.latest()?) {
+        (true, Some(path)) => {
+            let ck = Checkpoint::load(&path)?;
+            let by_name: HashMap<&str, &NamedTensor> =
+                ck.model.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            global.clear();
+            for (name, shape) in &schema.entries {
+                let t = by_name
+                    .get(name.as_str())
+                    .filter(|t| &t.shape == shape)
+                    .ok_or_else(|| {
+                        FederatedError::Other(format!(
+                            "{}: tensor `{name}` is missing or has another shape",
+                            path.display()
+                        ))
+                    })?;
+                global.extend_from_slice(&t.values);
+            }
+            let get = |slot: &str| {
+                ck.optimizer_state
+                    .iter()
+                    .find(|(n, _)| n == slot)
+                    .map(|(_, v)| v.clone())
+            };
+            server.load_state(ck.optimizer_step, get);
+            if let (Some(a), Some(p)) = (accountant.as_mut(), fed.privacy.as_ref()) {
+                sampled_history = get("privacy/sampled").unwrap_or_default();
+                let clip = get("privacy/clip_norm")
+                    .and_then(|v| v.first().copied())
+                    .map_or(p.clip_norm, f64::from);
+                let rounds: Vec<(f64, u64)> = sampled_history
+                    .iter()
+                    .map(|&m| (m as f64 / fed.clients as f64, 1))
+                    .collect();
+                *a = Accountant::restore(p, clip, &rounds);
+            }
+            start_round = ck.step + 1;
+            tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming after round");
+        }
+        (false, Some(_)) => {
+            return Err(crate::train::TrainError::Exists {
+                path: checkpoints.dir().to_owned(),
+            }
+            .into());
+        }
+        _ => {}
+    }
+    tensorfile::write_bytes_atomic(
+        &opts.out_dir.join("config.json"),
+        &serde_json::to_vec_pretty(config).expect("configs serialise"),
+    )?;
+
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            last_seen: vec![None; fed.clients],
+            ..Default::default()
+        }),
+        changed: Condvar::new(),
+        wake: tokio::sync::Notify::new(),
+        schema: schema.clone(),
+        tokens: (0..fed.clients)
+            .map(|i| client_token(&opts.secret, i))
+            .collect(),
+        max_bytes: (fed.max_update_mb * (1 << 20) as f64) as usize,
+        max_norm: fed.max_update_norm,
+    });
+    let server_addr = serve(shared.clone(), opts.bind)?;
+    tracing::info!(addr = %server_addr, clients = fed.clients, rounds = fed.rounds, "aggregator listening");
+
+    let mut metrics_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.out_dir.join(crate::run_dir::METRICS_FILE))
+        .map_err(|source| crate::train::TrainError::Write {
+            path: opts.out_dir.join(crate::run_dir::METRICS_FILE),
+            source,
+        })?;
+    let mut summary = FederatedSummary {
+        rounds: start_round - 1,
+        val_miou: Vec::new(),
+        final_loss: None,
+        updates_accepted: 0,
+        updates_rejected: BTreeMap::new(),
+        dropped: 0,
+        retried_rounds: 0,
+        epsilon: None,
+        delta: fed.privacy.as_ref().map(|p| p.delta),
+        parameters: schema.len,
+        aggregate_seconds: 0.0,
+        wall_seconds: 0.0,
+    };
+    let mut aggregate_total = 0.0;
+    let mut progress = ProgressMessage {
+        total_steps: fed.rounds,
+        ..Default::default()
+    };
+    for round in start_round..=fed.rounds {
+        let round_started = Instant::now();
+        let mut attempt = 0;
+        let (sampled, received) = loop {
+            attempt += 1;
+            match run_round(&shared, &fed, config.train.seed, round, attempt, &global)? {
+                Some(r) => break r,
+                None if attempt >= fed.round_attempts => {
+                    shared.state.lock().expect("state").done = true;
+                    shared.wake.notify_waiters();
+                    return Err(FederatedError::Quorum(format!(
+                        "round {round}: fewer than federated.min_clients ({}) clients answered in {attempt} attempts; check the clients' logs, or lower min_clients",
+                        fed.min_clients
+                    )));
+                }
+                None => summary.retried_rounds += 1,
+            }
+        };
+        let participants = received.len();
+        summary.dropped += (sampled - participants) as u64;
+        let weights: Vec<f64> = received.values().map(|r| r.examples as f64).collect();
+        let loss = Some(
+            received
+                .values()
+                .map(|r| r.loss * r.examples as f64)
+                .sum::<f64>()
+                / weights.iter().sum::<f64>().max(1.0),
+        );
+        let t = Instant::now();
+        let mut deltas: Vec<Vec<f32>> = received.into_values().map(|r| r.delta).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            config.train.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let delta = match (accountant.as_mut(), fed.privacy.as_ref()) {
+            (Some(acc), Some(p)) => {
+                let m = deltas.len();
+                let (sigma, count_sigma) = acc.noise(m).map_err(FederatedError::Other)?;
+                let c = acc.clip_norm;
+                let unclipped = deltas
+                    .iter_mut()
+                    .map(|d| privacy::clip(d, c))
+                    .filter(|&n| n <= c)
+                    .count();
+                let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+                let mut mean = aggregate::weighted_mean(&refs, &vec![1.0; m])
+                    .map_err(|e| FederatedError::Other(e.to_string()))?;
+                privacy::add_gaussian_noise(&mut mean, sigma, &mut rng);
+                if let (Some(adaptive), Some(sb)) = (p.adaptive.as_ref(), count_sigma) {
+                    let noisy = unclipped as f64
+                        + rand_distr::Distribution::sample(
+                            &rand_distr::Normal::new(0.0, sb).expect("finite σ"),
+                            &mut rng,
+                        );
+                    acc.adapt(adaptive, noisy, m);
+                }
+                // Sampling rate: sampled clients over the population.
+                acc.account(sampled as f64 / fed.clients as f64, 1);
+                sampled_history.push(sampled as f32);
+                mean
+            }
+            _ => {
+                let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
+                let (agg, used) = aggregate::aggregate(&fed.aggregation, &refs, &weights)
+                    .map_err(|e| FederatedError::Other(format!("round {round}: {e}")))?;
+                if used.len() < refs.len() {
+                    tracing::info!(
+                        round,
+                        kept = used.len(),
+                        of = refs.len(),
+                        "robust aggregation kept a subset"
+                    );
+                }
+                agg
+            }
+        };
+        server.step(&mut global, &delta);
+        let aggregate_seconds = t.elapsed().as_secs_f64();
+        aggregate_total += aggregate_seconds;
+
+        let evaluate = fed.eval_every > 0 && round % fed.eval_every == 0 || round == fed.rounds;
+        let val_miou = if evaluate && !setup.split.val.is_empty() {
+            let model = load(config, &schema, &global, &device)?;
+            let predictor =
+                Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
+            let report = infer::evaluate(
+                &predictor,
+                setup.dataset.as_ref(),
+                &setup.split.val,
+                config.train.batch_size,
+            );
+            summary.val_miou.push((round, report.scores.miou));
+            Some(report.scores.miou)
+        } else {
+            None
+        };
+        let (model_step, buffers) = server.state();
+        let mut optimizer_state: Vec<(String, Vec<f32>)> = buffers
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect();
+        if let Some(acc) = &accountant {
+            optimizer_state.push(("privacy/clip_norm".into(), vec![acc.clip_norm as f32]));
+            optimizer_state.push(("privacy/sampled".into(), sampled_history.clone()));
+        }
+        let ck = Checkpoint {
+            step: round,
+            data_position: 0,
+            model: schema.tensors(&global),
+            optimizer: server.kind().into(),
+            optimizer_step: model_step,
+            optimizer_state,
+            config: config.clone(),
+        };
+        let ck_path = checkpoints.save(&ck, config.checkpoint.keep_last)?;
+        let epsilon = accountant.as_ref().map(|a| a.epsilon().0);
+        let rejected: u64 = shared.state.lock().expect("state").rejected.values().sum();
+        let row = RoundRow {
+            kind: "round",
+            round,
+            sampled,
+            participants,
+            dropped: sampled - participants,
+            rejected,
+            loss,
+            val_miou,
+            seconds: round_started.elapsed().as_secs_f64(),
+            aggregate_seconds,
+            epsilon,
+            clip_norm: accountant.as_ref().map(|a| a.clip_norm),
+        };
+        use std::io::Write;
+        writeln!(
+            metrics_log,
+            "{}",
+            serde_json::to_string(&row).expect("rows serialise")
+        )
+        .and_then(|_| metrics_log.flush())
+        .map_err(|source| crate::train::TrainError::Write {
+            path: opts.out_dir.join(crate::run_dir::METRICS_FILE),
+            source,
+        })?;
+        tracing::info!(round, participants, sampled, loss = ?loss, val_miou = ?val_miou, epsilon = ?epsilon, "round done");
+        summary.rounds = round;
+        summary.final_loss = loss;
+        summary.epsilon = epsilon;
+        if let Some(r) = &opts.report {
+            progress.step = round;
+            progress.round = Some(round);
+            progress.loss = loss;
+            if val_miou.is_some() {
+                progress.metric = val_miou;
+            }
+            progress.checkpoint = Some(CheckpointMessage {
+                step: round,
+                path: ck_path.display().to_string(),
+            });
+            r.send(progress.clone());
+        }
+        if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) && round < fed.rounds {
+            shared.state.lock().expect("state").done = true;
+            shared.wake.notify_waiters();
+            return Err(FederatedError::Stopped(format!(
+                "stopped after round {round} on request; checkpoint {} written, continue with --resume",
+                ck_path.display()
+            )));
+        }
+    }
+    {
+        let mut s = shared.state.lock().expect("state");
+        s.done = true;
+        summary.updates_accepted = s.accepted;
+        summary.updates_rejected = s
+            .rejected
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect();
+    }
+    shared.wake.notify_waiters();
+    summary.aggregate_seconds = aggregate_total
+        / (summary.rounds.max(1) - start_round.saturating_sub(1).min(summary.rounds)).max(1) as f64;
+    summary.wall_seconds = started.elapsed().as_secs_f64();
+    tensorfile::write_bytes_atomic(
+        &opts.out_dir.join("summary.json"),
+        &serde_json::to_vec_pretty(&summary).expect("summaries serialise"),
+    )?;
+    // Let polling clients see `410 Gone` and exit on their own.
+    let deadline = Instant::now() + opts.linger;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(summary)
+}
+
+/// A model holding the flat `values` (layout order).
+fn load(
+    config: &TrainerConfig,
+    schema: &Schema,
+    values: &[f32],
+    device: &Device,
+) -> Result<SegNet, FederatedError> {
+    let tensors: HashMap<String, NamedTensor> = schema.tensors(values).into_iter().collect();
+    params::load_named(
+        SegNet::new(&config.model, config.train.seed, device),
+        |n| tensors.get(n),
+        device,
+    )
+    .map_err(|e| FederatedError::Other(e.to_string()))
+}
+
+/// One attempt at a round: sample, open, wait, close. `None` when too few
+/// clients were available or answered.
+fn run_round(
+    shared: &Shared,
+    fed: &FederatedConfig,
+    seed: u64,
+    round: u64,
+    attempt: u32,
+    global: &[f32],
+) -> Result<Option<RoundResult>, FederatedError> {
+    let wait_start = Instant::now();
+    let sampling_timeout = Duration::from_secs(fed.sampling_timeout_seconds);
+    let available = loop {
+        let available = shared.available(Instant::now());
+        if available.len() >= fed.min_available {
+            break available;
+        }
+        if wait_start.elapsed() >= sampling_timeout {
+            tracing::warn!(
+                round,
+                attempt,
+                available = available.len(),
+                needed = fed.min_available,
+                "too few clients available; retrying the round"
+            );
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Flower's rule: max(fraction·available, min_clients), at most available.
+    let k = ((fed.fraction * available.len() as f64).ceil() as usize)
+        .max(fed.min_clients)
+        .min(available.len());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (round << 8) ^ u64::from(attempt));
+    let chosen: BTreeSet<usize> = sample(&mut rng, available.len(), k)
+        .into_iter()
+        .map(|i| available[i])
+        .collect();
+    let metadata = HashMap::from([
+        ("round".to_string(), round.to_string()),
+        ("local_steps".to_string(), fed.local_steps.to_string()),
+        (
+            "step_offset".to_string(),
+            ((round - 1) * fed.local_steps).to_string(),
+        ),
+        ("proximal_mu".to_string(), fed.proximal_mu.to_string()),
+    ]);
+    let task = Arc::new(shared.schema.encode(global, metadata));
+    {
+        let mut s = shared.state.lock().expect("state");
+        s.round = round;
+        s.open = chosen.clone();
+        s.task = task;
+        s.received.clear();
+    }
+    shared.wake.notify_waiters();
+    tracing::info!(round, attempt, sampled = ?chosen, "round open");
+    let deadline = Instant::now() + Duration::from_secs(fed.round_timeout_seconds);
+    let mut s = shared.state.lock().expect("state");
+    while !s.open.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            tracing::warn!(round, missing = ?s.open, "round timed out; dropping clients that did not answer");
+            break;
+        }
+        s = shared.changed.wait_timeout(s, left).expect("state").0;
+    }
+    s.round = 0;
+    s.open.clear();
+    let received = std::mem::take(&mut s.received);
+    drop(s);
+    shared.wake.notify_waiters();
+    if received.len() < fed.min_clients {
+        tracing::warn!(
+            round,
+            attempt,
+            got = received.len(),
+            needed = fed.min_clients,
+            "too few updates; retrying the round"
+        );
+        return Ok(None);
+    }
+    Ok(Some((chosen.len(), received)))
+}
+
+/// Starts the HTTP endpoint on its own thread; returns the bound address.
+fn serve(shared: Arc<Shared>, bind: SocketAddr) -> Result<SocketAddr, FederatedError> {
+    let listener = std::net::TcpListener::bind(bind)
+        .and_then(|l| l.set_nonblocking(true).map(|_| l))
+        .map_err(|e| FederatedError::Other(format!("cannot listen on {bind}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| FederatedError::Other(e.to_string()))?;
+    std::thread::Builder::new()
+        .name("federation-http".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime builds");
+            runtime.block_on(async move {
+                let listener =
+                    tokio::net::TcpListener::from_std(listener).expect("a bound listener");
+                let app = router(shared);
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "the federation endpoint stopped");
+                }
+            });
+        })
+        .map_err(|e| FederatedError::Other(e.to_string()))?;
+    Ok(addr)
+}
+
+fn router(shared: Arc<Shared>) -> axum::Router {
+    use axum::extract::{Query, State as S};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, post};
+
+    #[derive(serde::Deserialize)]
+    struct TaskQuery {
+        client: usize,
+    }
+    #[derive(serde::Deserialize)]
+    struct UpdateQuery {
+        client: usize,
+        round: u64,
+    }
+    fn refuse(r: Rejection) -> Response {
+        (
+            StatusCode::from_u16(r.status()).expect("a valid status"),
+            r.to_string(),
+        )
+            .into_response()
+    }
+    fn auth(h: &HeaderMap) -> Option<&str> {
+        h.get("authorization").and_then(|v| v.to_str().ok())
+    }
+
+    async fn task(
+        S(shared): S<Arc<Shared>>,
+        Query(q): Query<TaskQuery>,
+        headers: HeaderMap,
+    ) -> Response {
+        if let Err(r) = shared.check_token(q.client, auth(&headers)) {
+            return refuse(shared.reject(r));
+        }
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        loop {
+            let notified = shared.wake.notified();
+            {
+                let mut s = shared.state.lock().expect("state");
+                s.last_seen[q.client] = Some(Instant::now());
+                if s.done {
+                    return (StatusCode::GONE, "the federated job is done").into_response();
+                }
+                if s.round > 0 && s.open.contains(&q.client) {
+                    let body = s.task.as_ref().clone();
+                    return ([("content-type", "application/octet-stream")], body).into_response();
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return StatusCode::NO_CONTENT.into_response(),
+            }
+        }
+    }
+
+    async fn update(
+        S(shared): S<Arc<Shared>>,
+        Query(q): Query<UpdateQuery>,
+        headers: HeaderMap,
+        body: axum::body::Body,
+    ) -> Response {
+        if let Err(r) = shared.check_token(q.client, auth(&headers)) {
+            return refuse(shared.reject(r));
+        }
+        {
+            let s = shared.state.lock().expect("state");
+            if q.round != s.round {
+                let r = Rejection::Stale {
+                    got: q.round,
+                    current: s.round,
+                };
+                drop(s);
+                return refuse(shared.reject(r));
+            }
+            if !s.open.contains(&q.client) {
+                let r = Rejection::NotExpected {
+                    client: q.client,
+                    round: q.round,
+                };
+                drop(s);
+                return refuse(shared.reject(r));
+            }
+        }
+        let bytes = match axum::body::to_bytes(body, shared.max_bytes).await {
+            Ok(b) => b,
+            Err(_) => {
+                let size = headers
+                    .get("content-length")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(shared.max_bytes + 1);
+                return refuse(shared.reject(Rejection::TooLarge {
+                    bytes: size,
+                    limit: shared.max_bytes,
+                }));
+            }
+        };
+        let checked = tokio::task::spawn_blocking({
+            let shared = shared.clone();
+            move || -> Result<Received, Rejection> {
+                let (delta, meta) = shared.schema.decode(&bytes)?;
+                let round: u64 = update::meta(&meta, "round")?;
+                if round != q.round {
+                    return Err(Rejection::Malformed(format!(
+                        "metadata round {round} differs from the query's {}",
+                        q.round
+                    )));
+                }
+                let examples: u64 = update::meta(&meta, "examples")?;
+                if examples == 0 {
+                    return Err(Rejection::Malformed(
+                        "metadata `examples` must be at least 1".into(),
+                    ));
+                }
+                let loss: f64 = update::meta(&meta, "loss")?;
+                if !loss.is_finite() {
+                    return Err(Rejection::Malformed("metadata `loss` is not finite".into()));
+                }
+                if let Some(bound) = shared.max_norm {
+                    let norm = privacy::l2_norm(&delta);
+                    if norm > bound {
+                        return Err(Rejection::Norm { norm, bound });
+                    }
+                }
+                Ok(Received {
+                    delta,
+                    examples,
+                    loss,
+                })
+            }
+        })
+        .await
+        .expect("the check does not panic");
+        let received = match checked {
+            Ok(r) => r,
+            Err(r) => return refuse(shared.reject(r)),
+        };
+        let mut s = shared.state.lock().expect("state");
+        // The round may have closed while the body was checked.
+        if s.round != q.round || !s.open.remove(&q.client) {
+            let r = Rejection::Stale {
+                got: q.round,
+                current: s.round,
+            };
+            drop(s);
+            return refuse(shared.reject(r));
+        }
+        s.received.insert(q.client, received);
+        s.accepted += 1;
+        drop(s);
+        shared.changed.notify_all();
+        StatusCode::OK.into_response()
+    }
+
+    axum::Router::new()
+        .route(TASK_PATH, get(task))
+        .route(UPDATE_PATH, post(update))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(shared)
+}
