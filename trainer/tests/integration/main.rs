@@ -8,6 +8,8 @@ mod gradients;
 mod collective;
 // Training runs: learning, exact resume, guarded output directories.
 mod training;
+// Federated rounds over loopback HTTP: hostile updates, resume, privacy.
+mod federated;
 // The binary: exit codes and messages on bad input, predict/eval/shapes.
 mod cli;
 

@@ -1,0 +1,367 @@
+//! Federated rounds over loopback HTTP: hostile updates are refused and
+//! counted, an aggregator resumes after its last round, and privacy is
+//! accounted.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use trainyard_trainer::config::{TrainerConfig, client_token};
+use trainyard_trainer::federated::aggregator::{self, AggregatorOptions, FederatedSummary};
+use trainyard_trainer::federated::client::{self, ClientOptions};
+use trainyard_trainer::federated::{FederatedError, TASK_PATH, UPDATE_PATH, privacy};
+use trainyard_trainer::tensorfile::{self, NamedTensor};
+
+use crate::util::tiny_config;
+
+const SECRET: &str = "test-secret";
+
+fn config(extra: &[&str]) -> TrainerConfig {
+    let mut all = vec![
+        "federated={clients: 3, rounds: 2, local_steps: 2, min_clients: 2, min_available: 2, sampling_timeout_seconds: 60, round_timeout_seconds: 60}",
+    ];
+    all.extend_from_slice(extra);
+    tiny_config(&all)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_aggregator(
+    config: &TrainerConfig,
+    out: &Path,
+    port: u16,
+    resume: bool,
+) -> JoinHandle<Result<FederatedSummary, FederatedError>> {
+    let (config, out) = (config.clone(), out.to_path_buf());
+    std::thread::spawn(move || {
+        aggregator::run(
+            &config,
+            &AggregatorOptions {
+                out_dir: out,
+                resume,
+                bind: ([127, 0, 0, 1], port).into(),
+                secret: SECRET.into(),
+                report: None,
+                stop: None,
+                linger: Duration::from_secs(2),
+            },
+        )
+    })
+}
+
+fn start_client(
+    config: &TrainerConfig,
+    index: usize,
+    port: u16,
+) -> JoinHandle<Result<client::ClientSummary, FederatedError>> {
+    let config = config.clone();
+    std::thread::spawn(move || {
+        client::run(
+            &config,
+            &ClientOptions {
+                index,
+                aggregator: format!("http://127.0.0.1:{port}"),
+                token: client_token(SECRET, index),
+                join_timeout: Duration::from_secs(60),
+                stop: None,
+            },
+        )
+    })
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn update_bytes(tensors: &[(String, NamedTensor)], round: u64) -> Vec<u8> {
+    tensorfile::to_bytes(
+        tensors,
+        HashMap::from([
+            ("round".to_string(), round.to_string()),
+            ("examples".to_string(), "10".to_string()),
+            ("loss".to_string(), "0.5".to_string()),
+        ]),
+    )
+}
+
+/// Client 2 is an attacker with a valid token: every malformed update it
+/// sends is refused with the right status and counted by reason, while the
+/// honest clients' rounds complete; its last, well-formed update counts.
+#[test]
+fn hostile_updates_are_refused_counted_and_never_aggregated() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let c = config(&[
+        "federated.rounds=1",
+        "federated.min_clients=3",
+        "federated.min_available=3",
+        "federated.max_update_norm=1000",
+        "federated.max_update_mb=0.2",
+    ]);
+    let agg = start_aggregator(&c, dir.path(), port, false);
+    let honest: Vec<_> = (0..2).map(|i| start_client(&c, i, port)).collect();
+    let base = format!("http://127.0.0.1:{port}");
+    let a = agent();
+    // The aggregator builds its dataset and model before it listens.
+    let start = std::time::Instant::now();
+    while a.get(format!("{base}/healthz")).call().is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the aggregator never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let token = format!("Bearer {}", client_token(SECRET, 2));
+    let status =
+        |r: Result<ureq::http::Response<ureq::Body>, ureq::Error>| r.unwrap().status().as_u16();
+
+    // A wrong token gets nothing.
+    assert_eq!(
+        status(
+            a.get(format!("{base}{TASK_PATH}?client=2"))
+                .header("Authorization", "Bearer nope")
+                .call()
+        ),
+        401
+    );
+    // The real token gets the round's global model once sampled.
+    let global = loop {
+        let mut r = a
+            .get(format!("{base}{TASK_PATH}?client=2"))
+            .header("Authorization", &token)
+            .call()
+            .unwrap();
+        if r.status().as_u16() == 200 {
+            break r
+                .body_mut()
+                .with_config()
+                .limit(u64::MAX)
+                .read_to_vec()
+                .unwrap();
+        }
+    };
+    let file = tensorfile::parse(Path::new("global"), &global).unwrap();
+    assert_eq!(file.metadata["round"], "1");
+    let mut names: Vec<&String> = file.tensors.keys().collect();
+    names.sort();
+    let zeros: Vec<(String, NamedTensor)> = names
+        .iter()
+        .map(|n| {
+            let t = &file.tensors[*n];
+            (
+                (*n).clone(),
+                NamedTensor {
+                    shape: t.shape.clone(),
+                    values: vec![0.0; t.values.len()],
+                },
+            )
+        })
+        .collect();
+    let post = |query: &str, auth: &str, body: Vec<u8>| {
+        status(
+            a.post(format!("{base}{UPDATE_PATH}?{query}"))
+                .header("Authorization", auth)
+                .send(&body[..]),
+        )
+    };
+    type Edit<'a> = &'a dyn Fn(&mut Vec<(String, NamedTensor)>);
+    let with = |f: Edit| {
+        let mut t = zeros.clone();
+        f(&mut t);
+        update_bytes(&t, 1)
+    };
+    assert_eq!(
+        post("client=2&round=1", "Bearer nope", update_bytes(&zeros, 1)),
+        401
+    );
+    assert_eq!(
+        post("client=7&round=1", &token, update_bytes(&zeros, 1)),
+        404
+    );
+    assert_eq!(
+        post("client=2&round=5", &token, update_bytes(&zeros, 5)),
+        409
+    );
+    assert_eq!(
+        post(
+            "client=2&round=1",
+            &token,
+            with(&|t| t[0].1.values[0] = f32::NAN)
+        ),
+        422
+    );
+    assert_eq!(
+        post(
+            "client=2&round=1",
+            &token,
+            with(&|t| {
+                t.pop();
+            })
+        ),
+        422
+    );
+    assert_eq!(
+        post(
+            "client=2&round=1",
+            &token,
+            with(&|t| t.push((
+                "backdoor.weight".into(),
+                NamedTensor {
+                    shape: vec![1],
+                    values: vec![1.0]
+                }
+            )))
+        ),
+        422
+    );
+    assert_eq!(
+        post(
+            "client=2&round=1",
+            &token,
+            with(&|t| {
+                let w = t.iter_mut().find(|(_, x)| x.shape.len() > 1).unwrap();
+                w.1.shape = vec![w.1.values.len()];
+            })
+        ),
+        422
+    );
+    assert_eq!(
+        post(
+            "client=2&round=1",
+            &token,
+            with(&|t| t[0].1.values.iter_mut().for_each(|v| *v = 1e6))
+        ),
+        422
+    );
+    assert_eq!(
+        post(
+            "client=2&round=1",
+            &token,
+            b"definitely not safetensors".to_vec()
+        ),
+        422
+    );
+    assert_eq!(post("client=2&round=1", &token, vec![0u8; 300 * 1024]), 413);
+    // A well-formed update is still taken, once.
+    assert_eq!(
+        post("client=2&round=1", &token, update_bytes(&zeros, 1)),
+        200
+    );
+    assert_eq!(
+        post("client=2&round=1", &token, update_bytes(&zeros, 1)),
+        409
+    );
+
+    let summary = agg.join().unwrap().unwrap();
+    for h in honest {
+        assert_eq!(h.join().unwrap().unwrap().rounds, 1);
+    }
+    assert_eq!(summary.updates_accepted, 3);
+    let rejected = &summary.updates_rejected;
+    for (reason, n) in [
+        ("token", 2),
+        ("unknown_client", 1),
+        ("stale_round", 1),
+        ("non_finite", 1),
+        ("names", 2),
+        ("shape", 1),
+        ("norm", 1),
+        ("malformed", 1),
+        ("too_large", 1),
+        ("not_expected", 1),
+    ] {
+        assert_eq!(
+            rejected.get(reason).copied(),
+            Some(n),
+            "{reason}: {rejected:?}"
+        );
+    }
+}
+
+/// Two rounds, then a new aggregator process resumes at round 3 with the
+/// same global model and server state, and runs to round 4.
+#[test]
+fn a_restarted_aggregator_resumes_after_its_last_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&["federated.clients=2"]);
+    let port = free_port();
+    let agg = start_aggregator(&c, dir.path(), port, false);
+    let clients: Vec<_> = (0..2).map(|i| start_client(&c, i, port)).collect();
+    assert_eq!(agg.join().unwrap().unwrap().rounds, 2);
+    clients
+        .into_iter()
+        .for_each(|h| assert!(h.join().unwrap().is_ok()));
+    // Without --resume the directory is guarded.
+    let e = aggregator::run(
+        &c,
+        &AggregatorOptions {
+            out_dir: dir.path().into(),
+            resume: false,
+            bind: ([127, 0, 0, 1], 0).into(),
+            secret: SECRET.into(),
+            report: None,
+            stop: None,
+            linger: Duration::ZERO,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("--resume"), "{e}");
+
+    let more = config(&["federated.clients=2", "federated.rounds=4"]);
+    let port = free_port();
+    let agg = start_aggregator(&more, dir.path(), port, true);
+    let clients: Vec<_> = (0..2).map(|i| start_client(&more, i, port)).collect();
+    let summary = agg.join().unwrap().unwrap();
+    clients
+        .into_iter()
+        .for_each(|h| assert!(h.join().unwrap().is_ok()));
+    assert_eq!(summary.rounds, 4);
+    let rounds: Vec<u64> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rounds, [1, 2, 3, 4], "no round ran twice");
+}
+
+/// With privacy on, the summary reports the ε the accountant gives for the
+/// rounds run (every client sampled: q = 1).
+#[test]
+fn private_rounds_report_the_epsilon_spent() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&[
+        "federated.clients=2",
+        "federated.privacy={clip_norm: 0.5, noise_multiplier: 1.5, delta: 1e-5}",
+    ]);
+    let port = free_port();
+    let agg = start_aggregator(&c, dir.path(), port, false);
+    let clients: Vec<_> = (0..2).map(|i| start_client(&c, i, port)).collect();
+    let summary = agg.join().unwrap().unwrap();
+    clients
+        .into_iter()
+        .for_each(|h| assert!(h.join().unwrap().is_ok()));
+    let orders = privacy::default_orders();
+    let rdp: Vec<f64> = orders
+        .iter()
+        .map(|&a| 2.0 * privacy::rdp_sampled_gaussian(1.0, 1.5, a))
+        .collect();
+    let (want, _) = privacy::epsilon(&orders, &rdp, 1e-5);
+    let got = summary.epsilon.expect("epsilon reported");
+    assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+    assert_eq!(summary.delta, Some(1e-5));
+}
