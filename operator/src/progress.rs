@@ -114,6 +114,10 @@ impl ProgressHub {
                 step: c.step,
                 path: c.path,
             }),
+            participants: message.participants,
+            rejected: message.rejected,
+            epsilon: message.epsilon,
+            round_seconds: message.round_seconds,
         };
         latest.insert(k, (report, Instant::now()));
         Ok(())

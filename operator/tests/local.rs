@@ -483,6 +483,9 @@ fn the_federated_example_survives_a_killed_client_and_improves() {
     assert_eq!(status["phase"], "Succeeded");
     assert_eq!(status["restarts"], 1);
     assert_eq!(status["progress"]["round"], 12);
+    assert_eq!(status["progress"]["totalRounds"], 12);
+    assert!(status["progress"]["participants"].as_u64().unwrap() >= 3);
+    assert_eq!(status["progress"]["updatesRejected"], 0);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(stderr.contains("ReplicaRestarted"), "{stderr}");
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&rounds)

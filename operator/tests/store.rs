@@ -232,6 +232,7 @@ async fn count(store: &Store, table: &'static str) -> i64 {
         "transitions" => "SELECT count(*) FROM transitions",
         "progress" => "SELECT count(*) FROM progress",
         "artifacts" => "SELECT count(*) FROM artifacts",
+        "rounds" => "SELECT count(*) FROM rounds",
         other => panic!("no table {other}"),
     };
     sqlx::query_scalar::<_, i64>(sql)
@@ -263,6 +264,56 @@ async fn history_is_written_once_even_when_replayed() {
     assert_eq!((phase.as_str(), restarts), ("Succeeded", 1));
     // Migrations are idempotent too: a second operator start is fine.
     Store::connect(&pg.url(), 10).await.unwrap();
+}
+
+/// Federated rounds: one row per round with participants, rejections, loss,
+/// metric, ε and duration; a round reported again (resumed aggregator)
+/// updates its row instead of adding one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_rounds_are_recorded_once_each() {
+    let pg = Postgres::start();
+    let store = Store::connect(&pg.url(), 1000).await.unwrap();
+    let j = job();
+    let t = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+    let round = |r: u64, eps: f64| {
+        let mut s = status(Phase::Running, r, 0);
+        let p = s.progress.as_mut().unwrap();
+        p.round = Some(r);
+        p.total_rounds = Some(5);
+        p.participants = Some(4);
+        p.updates_rejected = Some(1);
+        p.metric = Some(0.1 * r as f64);
+        p.epsilon = Some(eps);
+        p.round_seconds = Some(2.5);
+        s
+    };
+    let states = [round(1, 0.5), round(2, 0.8), round(2, 0.9), round(3, 1.1)];
+    let mut before: Option<TrainingJobStatus> = None;
+    for (i, s) in states.into_iter().enumerate() {
+        for r in history::records(&j, before.as_ref(), &s, t(i as i64)) {
+            store.record(r);
+        }
+        before = Some(s);
+    }
+    // A replay of round 2 with a newer ε.
+    let mut replay = history::records(&j, Some(&round(1, 0.5)), &round(2, 0.95), t(9));
+    replay.retain(|r| r.kind() == "round");
+    for r in replay {
+        store.record(r);
+    }
+    assert!(store.flush(Duration::from_secs(20)).await);
+    assert_eq!(count(&store, "rounds").await, 3);
+    let (participants, rejected, epsilon, seconds): (i32, i32, f64, f64) = sqlx::query_as(
+        "SELECT participants, rejected, epsilon, seconds FROM rounds WHERE job_uid = 'uid-1' AND round = 2",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((participants, rejected, seconds), (4, 1, 2.5));
+    assert!(
+        (epsilon - 0.95).abs() < 1e-12,
+        "the replay's ε wins: {epsilon}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,18 @@ pub struct ProgressMessage {
     /// Newest checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointMessage>,
+    /// Federated: clients whose updates made the last round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participants: Option<u32>,
+    /// Federated: updates rejected so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<u64>,
+    /// Federated with privacy: ε spent so far (for the configured δ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Federated: seconds the last round took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_seconds: Option<f64>,
 }
 
 /// A checkpoint in a progress report.

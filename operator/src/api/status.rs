@@ -155,6 +155,18 @@ pub struct Progress {
     /// Newest checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointRef>,
+    /// Federated: clients whose updates made the last round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub participants: Option<u32>,
+    /// Federated: client updates rejected so far (malformed, hostile, stale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updates_rejected: Option<u64>,
+    /// Federated with differential privacy: ε spent so far (δ as configured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// Federated: seconds the last round took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round_seconds: Option<f64>,
     /// When progress last advanced (the stall timeout counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_time: Option<Time>,

@@ -84,6 +84,13 @@ impl MetricsTail {
                 if let Some(m) = row.get("val_miou").and_then(|v| v.as_f64()) {
                     self.latest.metric = Some(m);
                 }
+                self.latest.participants = row
+                    .get("participants")
+                    .and_then(|v| v.as_u64())
+                    .map(|n| n as u32);
+                self.latest.rejected = row.get("rejected").and_then(|v| v.as_u64());
+                self.latest.epsilon = row.get("epsilon").and_then(|v| v.as_f64());
+                self.latest.round_seconds = row.get("seconds").and_then(|v| v.as_f64());
                 self.seen = true;
             }
             Some("val") => {

@@ -103,6 +103,14 @@ pub struct ProgressReport {
     pub samples_per_second: Option<f64>,
     /// Newest checkpoint.
     pub last_checkpoint: Option<CheckpointRef>,
+    /// Federated: participants of the last round.
+    pub participants: Option<u32>,
+    /// Federated: updates rejected so far.
+    pub rejected: Option<u64>,
+    /// Federated: ε spent so far.
+    pub epsilon: Option<f64>,
+    /// Federated: seconds of the last round.
+    pub round_seconds: Option<f64>,
 }
 
 /// Everything the planner is told about the world.
@@ -703,6 +711,10 @@ impl Planner<'_> {
         if self.job.spec.mode == crate::api::Mode::Federated {
             progress.round = Some(report.step);
             progress.total_rounds = Some(total);
+            progress.participants = report.participants.or(progress.participants);
+            progress.updates_rejected = report.rejected.or(progress.updates_rejected);
+            progress.epsilon = report.epsilon.or(progress.epsilon);
+            progress.round_seconds = report.round_seconds.or(progress.round_seconds);
         }
         progress.loss = report.loss.or(progress.loss);
         progress.metric = report.metric.or(progress.metric);

@@ -66,6 +66,27 @@ pub enum Record {
         /// When.
         at: Timestamp,
     },
+    /// A federated round.
+    Round {
+        /// Job uid.
+        uid: String,
+        /// Round number.
+        round: u64,
+        /// Updates aggregated.
+        participants: Option<u32>,
+        /// Updates rejected so far.
+        rejected: Option<u64>,
+        /// Mean client loss.
+        loss: Option<f64>,
+        /// Validation metric of the global model.
+        metric: Option<f64>,
+        /// ε spent after the round.
+        epsilon: Option<f64>,
+        /// Seconds the round took.
+        seconds: Option<f64>,
+        /// When.
+        at: Timestamp,
+    },
     /// A checkpoint written by the job.
     Checkpoint {
         /// Job uid.
@@ -88,6 +109,7 @@ impl Record {
             Self::Job { .. } => "job",
             Self::Transition { .. } => "transition",
             Self::Progress { .. } => "progress",
+            Self::Round { .. } => "round",
             Self::Checkpoint { .. } => "checkpoint",
         }
     }
@@ -150,6 +172,22 @@ pub fn records(
                 loss: p.loss,
                 metric: p.metric,
                 samples_per_second: p.samples_per_second,
+                at: p.updated_time.as_ref().map_or(now, |t| t.0),
+            });
+        }
+        if let Some(round) = p.round
+            && progress_before.and_then(|b| b.round) != Some(round)
+            && round > 0
+        {
+            out.push(Record::Round {
+                uid: uid.clone(),
+                round,
+                participants: p.participants,
+                rejected: p.updates_rejected,
+                loss: p.loss,
+                metric: p.metric,
+                epsilon: p.epsilon,
+                seconds: p.round_seconds,
                 at: p.updated_time.as_ref().map_or(now, |t| t.0),
             });
         }
@@ -272,6 +310,38 @@ pub async fn write(pool: &PgPool, record: &Record) -> Result<(), sqlx::Error> {
             .bind(loss)
             .bind(metric)
             .bind(samples_per_second)
+            .bind(ts(at))
+            .execute(pool)
+            .await?;
+        }
+        Record::Round {
+            uid,
+            round,
+            participants,
+            rejected,
+            loss,
+            metric,
+            epsilon,
+            seconds,
+            at,
+        } => {
+            // A resumed aggregator may report a round again: last word wins.
+            sqlx::query(
+                "INSERT INTO rounds (job_uid, round, participants, rejected, loss, metric, epsilon, seconds, at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::timestamptz)
+                 ON CONFLICT (job_uid, round) DO UPDATE SET
+                   participants = EXCLUDED.participants, rejected = EXCLUDED.rejected,
+                   loss = EXCLUDED.loss, metric = EXCLUDED.metric, epsilon = EXCLUDED.epsilon,
+                   seconds = EXCLUDED.seconds, at = EXCLUDED.at",
+            )
+            .bind(uid)
+            .bind(i64_of(*round))
+            .bind(participants.map_or(0, |p| i32::try_from(p).unwrap_or(i32::MAX)))
+            .bind(rejected.map_or(0, |r| i32::try_from(r).unwrap_or(i32::MAX)))
+            .bind(loss)
+            .bind(metric)
+            .bind(epsilon)
+            .bind(seconds)
             .bind(ts(at))
             .execute(pool)
             .await?;

@@ -449,6 +449,10 @@ pub fn run(
                 step: round,
                 path: ck_path.display().to_string(),
             });
+            progress.participants = Some(participants as u32);
+            progress.rejected = Some(rejected);
+            progress.epsilon = epsilon;
+            progress.round_seconds = Some(row.seconds);
             r.send(progress.clone());
         }
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) && round < fed.rounds {
