@@ -230,6 +230,35 @@ enum Command {
         #[arg(long)]
         default_malloc: bool,
     },
+    /// Aggregation time of one federated round over random updates (one
+    /// JSON line; bench/federated.sh compares it with Flower's aggregate()).
+    BenchAggregate {
+        /// Updates per round.
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// f32 values per update.
+        #[arg(long, default_value_t = 1_000_000)]
+        params: usize,
+        /// Rule: mean, median, trimmed-mean or krum.
+        #[arg(long, default_value = "mean")]
+        rule: String,
+        /// Timed repetitions.
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+    /// Round overhead of federated training (everything but local training):
+    /// an aggregator and clients that answer at once, on loopback.
+    BenchRound {
+        /// Config file with a federated section (the model sets the update size).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Rounds to run (the first and last are not timed).
+        #[arg(long, default_value_t = 12)]
+        rounds: u64,
+    },
     /// All-reduce bandwidth of the CPU ring. Run by every rank with the
     /// torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT);
     /// rank 0 prints one JSON line (nccl-tests' algbw and busbw).
@@ -559,6 +588,46 @@ fn run(command: Command) -> anyhow::Result<()> {
             init_threads(threads)?;
             let result =
                 trainyard_trainer::bench::step_throughput(&config, steps, warmup, default_malloc);
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Command::BenchAggregate {
+            clients,
+            params,
+            rule,
+            iters,
+        } => {
+            use trainyard_trainer::config::Aggregation;
+            let rule = match rule.as_str() {
+                "mean" => Aggregation::Mean,
+                "median" => Aggregation::Median,
+                "trimmed-mean" => Aggregation::TrimmedMean { beta: 0.2 },
+                "krum" => Aggregation::Krum {
+                    byzantine: clients.saturating_sub(3).min(clients / 4),
+                    keep: 1,
+                },
+                other => anyhow::bail!("--rule {other}: use mean, median, trimmed-mean or krum"),
+            };
+            if clients == 0 || params == 0 {
+                anyhow::bail!("--clients and --params must be at least 1");
+            }
+            let result = federated::bench::aggregate_time(&rule, clients, params, iters);
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Command::BenchRound {
+            config,
+            overrides,
+            rounds,
+        } => {
+            let config = match config {
+                Some(path) => TrainerConfig::load(&path, &overrides)?,
+                None => TrainerConfig::from_value(serde_yaml::Value::Null, &overrides)?,
+            };
+            if rounds < 3 {
+                anyhow::bail!("--rounds must be at least 3 (the first and last are not timed)");
+            }
+            let result = federated::bench::round_overhead(&config, rounds)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }

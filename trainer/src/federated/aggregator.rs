@@ -89,6 +89,7 @@ struct RoundRow {
     val_miou: Option<f64>,
     seconds: f64,
     aggregate_seconds: f64,
+    checkpoint_seconds: f64,
     epsilon: Option<f64>,
     clip_norm: Option<f64>,
 }
@@ -109,7 +110,7 @@ struct State {
     /// Sampled clients that have not answered.
     open: BTreeSet<usize>,
     /// The global model of the round, encoded once.
-    task: Arc<Vec<u8>>,
+    task: axum::body::Bytes,
     received: BTreeMap<usize, Received>,
     last_seen: Vec<Option<Instant>>,
     done: bool,
@@ -406,7 +407,9 @@ pub fn run(
             optimizer_state,
             config: config.clone(),
         };
+        let t = Instant::now();
         let ck_path = checkpoints.save(&ck, config.checkpoint.keep_last)?;
+        let checkpoint_seconds = t.elapsed().as_secs_f64();
         let epsilon = accountant.as_ref().map(|a| a.epsilon().0);
         let rejected: u64 = shared.state.lock().expect("state").rejected.values().sum();
         let row = RoundRow {
@@ -420,6 +423,7 @@ pub fn run(
             val_miou,
             seconds: round_started.elapsed().as_secs_f64(),
             aggregate_seconds,
+            checkpoint_seconds,
             epsilon,
             clip_norm: accountant.as_ref().map(|a| a.clip_norm),
         };
@@ -553,7 +557,7 @@ fn run_round(
         ),
         ("proximal_mu".to_string(), fed.proximal_mu.to_string()),
     ]);
-    let task = Arc::new(shared.schema.encode(global, metadata));
+    let task = axum::body::Bytes::from(shared.schema.encode(global, metadata));
     {
         let mut s = shared.state.lock().expect("state");
         s.round = round;
@@ -663,7 +667,7 @@ fn router(shared: Arc<Shared>) -> axum::Router {
                     return (StatusCode::GONE, "the federated job is done").into_response();
                 }
                 if s.round > 0 && s.open.contains(&q.client) {
-                    let body = s.task.as_ref().clone();
+                    let body = s.task.clone(); // a reference count, not a copy
                     return ([("content-type", "application/octet-stream")], body).into_response();
                 }
             }

@@ -28,6 +28,7 @@
 
 pub mod aggregate;
 pub mod aggregator;
+pub mod bench;
 pub mod client;
 pub mod partition;
 pub mod privacy;
