@@ -149,6 +149,16 @@ enum Command {
         /// Seconds to keep telling polling clients the job is done.
         #[arg(long, default_value_t = 10)]
         linger_seconds: u64,
+        /// Serve HTTPS with this certificate chain (PEM; with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Private key of --tls-cert (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Serve Prometheus metrics on this address (rounds, participants,
+        /// rejected updates by reason, privacy spent).
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
     },
     /// Federated client: trains on its own partition when sampled and sends
     /// back only the change to the global model.
@@ -171,6 +181,12 @@ enum Command {
         /// Seconds the aggregator may be unreachable before the client gives up (exit 75).
         #[arg(long, default_value_t = 300)]
         join_timeout: u64,
+        /// Reach the aggregator over HTTPS, trusting only this CA (PEM).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// Serve Prometheus metrics on this address.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
         /// Compute threads.
         #[arg(long)]
         threads: Option<usize>,
@@ -395,6 +411,17 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// Metrics served on `addr`, if given.
+fn serve_metrics(addr: Option<SocketAddr>) -> anyhow::Result<Option<TrainerMetrics>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let m = TrainerMetrics::new();
+    let bound = m
+        .serve(addr)
+        .with_context(|| format!("failed to serve metrics on {addr}"))?;
+    tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
+    Ok(Some(m))
+}
+
 fn env_var(name: &str, what: &str) -> anyhow::Result<String> {
     std::env::var(name).map_err(|_| anyhow::anyhow!("{name} is not set: it must hold {what}"))
 }
@@ -410,6 +437,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             bind,
             threads,
             linger_seconds,
+            tls_cert,
+            tls_key,
+            metrics_addr,
         } => {
             let config = load_config(config, &overrides)?;
             init_threads(threads.or(config.train.threads))?;
@@ -434,6 +464,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 report: trainyard_trainer::report::Reporter::from_env(),
                 stop: Some(stop_flag()?),
                 linger: std::time::Duration::from_secs(linger_seconds),
+                tls: match (tls_cert, tls_key) {
+                    (Some(cert), Some(key)) => Some(federated::tls::server_config(&cert, &key)?),
+                    _ => None,
+                },
+                metrics: serve_metrics(metrics_addr)?,
             };
             let summary = federated::aggregator::run(&config, &opts)?;
             println!("{}", serde_json::to_string(&summary)?);
@@ -447,6 +482,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             aggregator,
             join_timeout,
             threads,
+            tls_ca,
+            metrics_addr,
         } => {
             let config = load_config(config, &overrides)?;
             init_threads(threads.or(config.train.threads))?;
@@ -459,7 +496,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             let aggregator = match aggregator {
                 Some(a) => a,
                 None => format!(
-                    "http://{}:{}",
+                    "{}://{}:{}",
+                    if tls_ca.is_some() { "https" } else { "http" },
                     env_var(
                         env::MASTER_ADDR,
                         "the aggregator's host (or pass --aggregator)"
@@ -476,6 +514,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 token: env_var(env::CLIENT_TOKEN, "this client's token")?,
                 join_timeout: std::time::Duration::from_secs(join_timeout),
                 stop: Some(stop_flag()?),
+                tls: tls_ca
+                    .as_deref()
+                    .map(federated::tls::client_tls)
+                    .transpose()?,
+                metrics: serve_metrics(metrics_addr)?,
             };
             let summary = federated::client::run(&config, &opts)?;
             std::fs::create_dir_all(&out)

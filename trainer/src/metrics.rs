@@ -25,6 +25,18 @@ pub mod names {
     pub const VAL_PIXEL_ACCURACY: &str = "trainyard_trainer_val_pixel_accuracy";
     /// Checkpoints written (counter).
     pub const CHECKPOINTS_TOTAL: &str = "trainyard_trainer_checkpoints_total";
+    /// Federated rounds completed (aggregator).
+    pub const FEDERATED_ROUND: &str = "trainyard_federated_round";
+    /// Updates aggregated in the last round (aggregator).
+    pub const FEDERATED_PARTICIPANTS: &str = "trainyard_federated_participants";
+    /// Client updates accepted (aggregator, counter).
+    pub const FEDERATED_UPDATES_ACCEPTED_TOTAL: &str = "trainyard_federated_updates_accepted_total";
+    /// Client updates rejected, by reason (aggregator, counter).
+    pub const FEDERATED_UPDATES_REJECTED_TOTAL: &str = "trainyard_federated_updates_rejected_total";
+    /// Privacy spent so far, ε for the configured δ (aggregator).
+    pub const FEDERATED_EPSILON: &str = "trainyard_federated_epsilon";
+    /// Seconds the last round took (aggregator).
+    pub const FEDERATED_ROUND_SECONDS: &str = "trainyard_federated_round_seconds";
 }
 
 /// The trainer's metric handles.
@@ -49,6 +61,18 @@ pub struct TrainerMetrics {
     pub val_pixel_accuracy: Gauge,
     /// See [`names::CHECKPOINTS_TOTAL`].
     pub checkpoints_total: IntCounter,
+    /// See [`names::FEDERATED_ROUND`].
+    pub federated_round: IntGauge,
+    /// See [`names::FEDERATED_PARTICIPANTS`].
+    pub federated_participants: IntGauge,
+    /// See [`names::FEDERATED_UPDATES_ACCEPTED_TOTAL`].
+    pub federated_accepted: IntCounter,
+    /// See [`names::FEDERATED_UPDATES_REJECTED_TOTAL`] (label `reason`).
+    pub federated_rejected: prometheus::IntCounterVec,
+    /// See [`names::FEDERATED_EPSILON`].
+    pub federated_epsilon: Gauge,
+    /// See [`names::FEDERATED_ROUND_SECONDS`].
+    pub federated_round_seconds: Gauge,
 }
 
 impl TrainerMetrics {
@@ -84,6 +108,34 @@ impl TrainerMetrics {
             checkpoints_total: counter(
                 names::CHECKPOINTS_TOTAL,
                 "Checkpoints written by this process.",
+            ),
+            federated_round: int_gauge(names::FEDERATED_ROUND, "Federated rounds completed."),
+            federated_participants: int_gauge(
+                names::FEDERATED_PARTICIPANTS,
+                "Client updates aggregated in the last federated round.",
+            ),
+            federated_accepted: counter(
+                names::FEDERATED_UPDATES_ACCEPTED_TOTAL,
+                "Client updates the aggregator accepted.",
+            ),
+            federated_rejected: reg(
+                &registry,
+                prometheus::IntCounterVec::new(
+                    prometheus::Opts::new(
+                        names::FEDERATED_UPDATES_REJECTED_TOTAL,
+                        "Client updates the aggregator rejected, by reason.",
+                    ),
+                    &["reason"],
+                )
+                .expect("valid metric"),
+            ),
+            federated_epsilon: gauge(
+                names::FEDERATED_EPSILON,
+                "Differential privacy spent so far (epsilon for the configured delta).",
+            ),
+            federated_round_seconds: gauge(
+                names::FEDERATED_ROUND_SECONDS,
+                "Seconds the last federated round took.",
             ),
             registry,
         }

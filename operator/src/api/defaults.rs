@@ -187,6 +187,7 @@ impl Default for FederatedSpec {
             privacy: None,
             partition: PartitionSpec::default(),
             eval_every: f.eval_every,
+            tls: None,
         }
     }
 }

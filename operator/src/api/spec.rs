@@ -499,6 +499,21 @@ pub struct FederatedSpec {
     pub partition: PartitionSpec,
     /// Evaluate the global model every this many rounds (and at the end); 0 only at the end.
     pub eval_every: u64,
+    /// Serve the federation endpoint over HTTPS (on a cluster; local runs
+    /// stay on loopback HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<FederatedTlsSpec>,
+}
+
+/// TLS of the federation endpoint.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FederatedTlsSpec {
+    /// A Secret in the job's namespace with `tls.crt` and `tls.key` (the
+    /// aggregator's certificate, valid for `<job>-aggregator-0.<job>.<namespace>.svc`)
+    /// and `ca.crt` (what clients trust); cert-manager's Certificate writes this shape.
+    #[schemars(length(min = 1))]
+    pub secret_name: String,
 }
 
 /// Aggregation rule.

@@ -162,6 +162,23 @@ pub fn pod(
         mount_path: "/dev/shm".into(),
         ..Default::default()
     });
+    for (i, (secret, path)) in replica.secret_mounts.iter().enumerate() {
+        let name = format!("trainyard-secret-{i}");
+        volumes.push(Volume {
+            name: name.clone(),
+            secret: Some(k8s_openapi::api::core::v1::SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name,
+            mount_path: path.clone(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     let ports: Vec<ContainerPort> = replica
         .ports
         .iter()

@@ -115,6 +115,9 @@ pub fn check_local(job: &TrainingJob) -> anyhow::Result<Vec<String>> {
         "spec.checkpoints.location ({}) does not apply locally: run directories go under --out",
         job.spec.checkpoints.location
     ));
+    if job.spec.federated.as_ref().is_some_and(|f| f.tls.is_some()) {
+        notes.push("spec.federated.tls does not apply locally: the federation endpoint stays on loopback HTTP".into());
+    }
     if job.spec.run_policy.ttl_seconds_after_finished.is_some() {
         notes.push("spec.runPolicy.ttlSecondsAfterFinished does not apply locally: the run ends when the job does".into());
     }

@@ -83,7 +83,12 @@ pub struct Replica {
     pub ports: Vec<(String, u16)>,
     /// Its run directory, as it sees it.
     pub out_dir: String,
+    /// Secrets mounted read-only: (Secret name, mount path).
+    pub secret_mounts: Vec<(String, String)>,
 }
+
+/// Where a federated job's TLS Secret is mounted.
+pub const FEDERATION_TLS_DIR: &str = "/etc/trainyard/federation-tls";
 
 /// Port of the trainer's Prometheus endpoint in pods.
 pub const METRICS_PORT: u16 = 9400;
@@ -257,6 +262,36 @@ pub fn desired(
                 }
                 Placement::Local { .. } => {}
             }
+            let mut secret_mounts = Vec::new();
+            // TLS of the federation endpoint, on a cluster (loopback stays HTTP).
+            if let (Some(tls), Placement::Kubernetes) = (
+                spec.federated.as_ref().and_then(|f| f.tls.as_ref()),
+                placement,
+            ) {
+                let file = |f: &str| format!("{FEDERATION_TLS_DIR}/{f}");
+                match role {
+                    Role::Aggregator => {
+                        args.extend([
+                            "--tls-cert".into(),
+                            file("tls.crt"),
+                            "--tls-key".into(),
+                            file("tls.key"),
+                        ]);
+                    }
+                    Role::Client => {
+                        args.extend([
+                            "--tls-ca".into(),
+                            file("ca.crt"),
+                            "--aggregator".into(),
+                            format!("https://{leader_host}:{master_port}"),
+                        ]);
+                    }
+                    Role::Worker => {}
+                }
+                if role != Role::Worker {
+                    secret_mounts.push((tls.secret_name.clone(), FEDERATION_TLS_DIR.into()));
+                }
+            }
             Replica {
                 name: replica,
                 role,
@@ -271,6 +306,7 @@ pub fn desired(
                 },
                 ports,
                 out_dir,
+                secret_mounts,
             }
         })
         .collect();
@@ -386,6 +422,37 @@ mod tests {
         assert_eq!(
             key(&rs[2], env::CLIENT_TOKEN),
             Some(("seg-federation".into(), "client-1".into()))
+        );
+        assert!(rs.iter().all(|r| r.secret_mounts.is_empty()));
+        // With TLS, the Secret is mounted and the flags point at its files.
+        j.spec.federated.as_mut().unwrap().tls = Some(crate::api::FederatedTlsSpec {
+            secret_name: "fl-tls".into(),
+        });
+        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let has = |r: &Replica, pair: [&str; 2]| r.args.windows(2).any(|w| w == pair);
+        assert!(has(
+            &rs[0],
+            ["--tls-cert", "/etc/trainyard/federation-tls/tls.crt"]
+        ));
+        assert!(has(
+            &rs[1],
+            ["--tls-ca", "/etc/trainyard/federation-tls/ca.crt"]
+        ));
+        assert!(has(
+            &rs[1],
+            ["--aggregator", "https://seg-aggregator-0.seg.ml.svc:29600"]
+        ));
+        assert!(
+            rs.iter().all(
+                |r| r.secret_mounts == [("fl-tls".to_string(), FEDERATION_TLS_DIR.to_string())]
+            )
+        );
+        // Locally the endpoint stays on loopback HTTP.
+        assert!(
+            desired(&j, 0, &local)
+                .unwrap()
+                .iter()
+                .all(|r| !r.args.iter().any(|a| a.starts_with("--tls")))
         );
     }
 

@@ -45,6 +45,10 @@ pub struct AggregatorOptions {
     /// Seconds to keep answering `410 Gone` after the last round, so polling
     /// clients learn the job is over and exit cleanly.
     pub linger: Duration,
+    /// Serve HTTPS with this configuration ([`super::tls::server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Prometheus metrics to keep current.
+    pub metrics: Option<crate::metrics::TrainerMetrics>,
 }
 
 /// What a finished federated run reports (`summary.json`).
@@ -126,10 +130,14 @@ struct Shared {
     tokens: Vec<String>,
     max_bytes: usize,
     max_norm: Option<f64>,
+    metrics: Option<crate::metrics::TrainerMetrics>,
 }
 
 impl Shared {
     fn reject(&self, r: Rejection) -> Rejection {
+        if let Some(m) = &self.metrics {
+            m.federated_rejected.with_label_values(&[r.reason()]).inc();
+        }
         *self
             .state
             .lock()
@@ -263,8 +271,9 @@ pub fn run(
             .collect(),
         max_bytes: (fed.max_update_mb * (1 << 20) as f64) as usize,
         max_norm: fed.max_update_norm,
+        metrics: opts.metrics.clone(),
     });
-    let server_addr = serve(shared.clone(), opts.bind)?;
+    let server_addr = serve(shared.clone(), opts.bind, opts.tls.clone())?;
     tracing::info!(addr = %server_addr, clients = fed.clients, rounds = fed.rounds, "aggregator listening");
 
     let mut metrics_log = std::fs::OpenOptions::new()
@@ -442,6 +451,22 @@ pub fn run(
         summary.rounds = round;
         summary.final_loss = loss;
         summary.epsilon = epsilon;
+        if let Some(m) = &opts.metrics {
+            m.federated_round.set(round as i64);
+            m.step.set(round as i64);
+            m.federated_participants.set(participants as i64);
+            m.federated_round_seconds.set(row.seconds);
+            m.checkpoints_total.inc();
+            if let Some(l) = loss {
+                m.loss.set(l);
+            }
+            if let Some(v) = val_miou {
+                m.val_miou.set(v);
+            }
+            if let Some(e) = epsilon {
+                m.federated_epsilon.set(e);
+            }
+        }
         if let Some(r) = &opts.report {
             progress.step = round;
             progress.round = Some(round);
@@ -596,7 +621,11 @@ fn run_round(
 }
 
 /// Starts the HTTP endpoint on its own thread; returns the bound address.
-fn serve(shared: Arc<Shared>, bind: SocketAddr) -> Result<SocketAddr, FederatedError> {
+fn serve(
+    shared: Arc<Shared>,
+    bind: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<SocketAddr, FederatedError> {
     let listener = std::net::TcpListener::bind(bind)
         .and_then(|l| l.set_nonblocking(true).map(|_| l))
         .map_err(|e| FederatedError::Other(format!("cannot listen on {bind}: {e}")))?;
@@ -614,8 +643,13 @@ fn serve(shared: Arc<Shared>, bind: SocketAddr) -> Result<SocketAddr, FederatedE
                 let listener =
                     tokio::net::TcpListener::from_std(listener).expect("a bound listener");
                 let app = router(shared);
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::error!(error = %e, "the federation endpoint stopped");
+                match tls {
+                    Some(config) => super::tls::serve(listener, config, app).await,
+                    None => {
+                        if let Err(e) = axum::serve(listener, app).await {
+                            tracing::error!(error = %e, "the federation endpoint stopped");
+                        }
+                    }
                 }
             });
         })
@@ -771,6 +805,9 @@ fn router(shared: Arc<Shared>) -> axum::Router {
         }
         s.received.insert(q.client, received);
         s.accepted += 1;
+        if let Some(m) = &shared.metrics {
+            m.federated_accepted.inc();
+        }
         drop(s);
         shared.changed.notify_all();
         StatusCode::OK.into_response()

@@ -120,6 +120,8 @@ pub fn round_overhead(config: &TrainerConfig, rounds: u64) -> Result<RoundBench,
                     report: None,
                     stop: None,
                     linger: Duration::from_secs(1),
+                    tls: None,
+                    metrics: None,
                 },
             )
         })

@@ -30,6 +30,10 @@ pub struct ClientOptions {
     pub join_timeout: Duration,
     /// Raised on SIGTERM.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Trust for an HTTPS aggregator ([`super::tls::client_tls`]).
+    pub tls: Option<ureq::tls::TlsConfig>,
+    /// Prometheus metrics to keep current.
+    pub metrics: Option<crate::metrics::TrainerMetrics>,
 }
 
 /// What a client did.
@@ -80,11 +84,13 @@ pub fn run(config: &TrainerConfig, opts: &ClientOptions) -> Result<ClientSummary
     let device = Device::flex().autodiff();
     let template = SegNet::new(&config.model, config.train.seed, &device);
     let schema = Schema::of(&Layout::of(&template));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let mut agent = ureq::Agent::config_builder()
         .timeout_global(Some(LONG_POLL + Duration::from_secs(30)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+        .http_status_as_error(false);
+    if let Some(tls) = &opts.tls {
+        agent = agent.tls_config(tls.clone());
+    }
+    let agent: ureq::Agent = agent.build().into();
     let base = opts.aggregator.trim_end_matches('/');
     let auth = format!("Bearer {}", opts.token);
     let mut summary = ClientSummary {
@@ -190,6 +196,14 @@ pub fn run(config: &TrainerConfig, opts: &ClientOptions) -> Result<ClientSummary
         {
             Ok(r) if r.status().as_u16() == 200 => {
                 summary.rounds += 1;
+                if let Some(m) = &opts.metrics {
+                    m.step.set(summary.rounds as i64);
+                    m.steps_total.inc_by(steps);
+                    m.samples_total.inc_by(
+                        steps * (config.train.batch_size as u64) * config.train.accumulate_steps,
+                    );
+                    m.loss.set(loss);
+                }
                 tracing::info!(
                     client = opts.index,
                     round,

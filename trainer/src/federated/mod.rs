@@ -33,6 +33,7 @@ pub mod client;
 pub mod partition;
 pub mod privacy;
 pub mod server_opt;
+pub mod tls;
 pub mod update;
 
 use std::time::Duration;

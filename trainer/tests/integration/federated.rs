@@ -51,6 +51,8 @@ fn start_aggregator(
                 report: None,
                 stop: None,
                 linger: Duration::from_secs(2),
+                tls: None,
+                metrics: None,
             },
         )
     })
@@ -71,6 +73,8 @@ fn start_client(
                 token: client_token(SECRET, index),
                 join_timeout: Duration::from_secs(60),
                 stop: None,
+                tls: None,
+                metrics: None,
             },
         )
     })
@@ -313,6 +317,8 @@ fn a_restarted_aggregator_resumes_after_its_last_round() {
             report: None,
             stop: None,
             linger: Duration::ZERO,
+            tls: None,
+            metrics: None,
         },
     )
     .unwrap_err();
@@ -364,4 +370,69 @@ fn private_rounds_report_the_epsilon_spent() {
     let got = summary.epsilon.expect("epsilon reported");
     assert!((got - want).abs() < 1e-9, "{got} vs {want}");
     assert_eq!(summary.delta, Some(1e-5));
+}
+
+/// Over HTTPS: a client that trusts the test CA completes the rounds; a
+/// client without that trust never gets a task (the handshake fails) and
+/// gives up as unreachable.
+#[test]
+fn rounds_run_over_tls_and_untrusted_clients_are_refused() {
+    use trainyard_trainer::federated::tls;
+    let fixtures = crate::util::fixture("tls");
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&["federated.clients=2", "federated.rounds=1"]);
+    let port = free_port();
+    let (config, out) = (c.clone(), dir.path().to_path_buf());
+    let server = tls::server_config(&fixtures.join("tls.crt"), &fixtures.join("tls.key")).unwrap();
+    let agg = std::thread::spawn(move || {
+        aggregator::run(
+            &config,
+            &AggregatorOptions {
+                out_dir: out,
+                resume: false,
+                bind: ([127, 0, 0, 1], port).into(),
+                secret: SECRET.into(),
+                report: None,
+                stop: None,
+                linger: Duration::from_secs(2),
+                tls: Some(server),
+                metrics: None,
+            },
+        )
+    });
+    let client = |index: usize, tls: Option<ureq::tls::TlsConfig>, join: u64| {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            client::run(
+                &c,
+                &ClientOptions {
+                    index,
+                    aggregator: format!("https://localhost:{port}"),
+                    token: client_token(SECRET, index),
+                    join_timeout: Duration::from_secs(join),
+                    stop: None,
+                    tls,
+                    metrics: None,
+                },
+            )
+        })
+    };
+    let trust = tls::client_tls(&fixtures.join("ca.crt")).unwrap();
+    // Web PKI roots do not include the test CA.
+    let untrusted = client(1, None, 3).join().unwrap().unwrap_err();
+    assert!(
+        matches!(untrusted, FederatedError::Unreachable(_)),
+        "{untrusted}"
+    );
+    let honest: Vec<_> = (0..2).map(|i| client(i, Some(trust.clone()), 60)).collect();
+    let summary = agg.join().unwrap().unwrap();
+    assert_eq!(summary.rounds, 1);
+    for h in honest {
+        assert_eq!(h.join().unwrap().unwrap().rounds, 1);
+    }
+    // A missing or wrong file is a clear error naming it.
+    let e = tls::server_config(&fixtures.join("nope.crt"), &fixtures.join("tls.key")).unwrap_err();
+    assert!(e.to_string().contains("nope.crt"), "{e}");
+    let e = tls::client_tls(&fixtures.join("tls.key")).unwrap_err();
+    assert!(e.to_string().contains("tls.key"), "{e}");
 }
