@@ -12,12 +12,33 @@ use crate::kernels::op::bn_relu_train;
 /// A 2-D convolution with stride 1 and "same" zero padding.
 ///
 /// Parameter names are PyTorch's `nn.Conv2d`: `weight` `[out, in, k, k]` and `bias` `[out]`.
+/// With a LoRA adapter (see [`crate::peft`]) it also holds PEFT's
+/// `lora_A.weight` `[r, in, k, k]` (a conv like the base one) and
+/// `lora_B.weight` `[out, r, 1, 1]` (a 1x1 conv), and computes
+/// `conv(x; W) + s·B(A(dropout(x)))`.
 #[derive(Module, Debug)]
 pub struct Conv2d {
     /// `[out_channels, in_channels, kernel, kernel]`.
     pub weight: Param<Tensor<4>>,
     /// `[out_channels]`, absent when a batch norm follows.
     pub bias: Option<Param<Tensor<1>>>,
+    /// LoRA's down-projection, PEFT's `lora_A`.
+    pub lora_a: Option<ConvWeight>,
+    /// LoRA's up-projection, PEFT's `lora_B`.
+    pub lora_b: Option<ConvWeight>,
+    /// LoRA's scale s (α/r or α/√r).
+    #[module(skip)]
+    pub lora_scale: f32,
+    /// Dropout on the adapter's input while training.
+    #[module(skip)]
+    pub lora_dropout: f32,
+}
+
+/// A bare convolution weight (`<path>.weight`), as PEFT names LoRA's factors.
+#[derive(Module, Debug)]
+pub struct ConvWeight {
+    /// The weight.
+    pub weight: Param<Tensor<4>>,
 }
 
 impl Conv2d {
@@ -48,12 +69,28 @@ impl Conv2d {
         Self {
             weight: Param::from_data(weight, device),
             bias,
+            lora_a: None,
+            lora_b: None,
+            lora_scale: 0.0,
+            lora_dropout: 0.0,
         }
     }
 
     /// # Shapes
     /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let adapter = match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => Some(self.lora_branch(x.clone(), a, b)),
+            _ => None,
+        };
+        let y = self.base_forward(x);
+        match adapter {
+            Some(delta) => y.add(delta),
+            None => y,
+        }
+    }
+
+    fn base_forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [_, _, k, _] = self.weight.dims();
         if k == 3 && self.bias.is_none() && crate::kernels::native().conv {
             return crate::kernels::op::conv3x3(x, self.weight.val());
@@ -65,6 +102,34 @@ impl Conv2d {
             self.bias.as_ref().map(|b| b.val()),
             ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
         )
+    }
+
+    /// `s·B(A(dropout(x)))`: A is a conv like the base (same kernel and
+    /// padding), B a 1x1 conv.
+    fn lora_branch(&self, x: Tensor<4>, a: &ConvWeight, b: &ConvWeight) -> Tensor<4> {
+        // Inverted dropout, training only (as burn's and PyTorch's).
+        let x = if self.lora_dropout > 0.0 && x.device().is_autodiff() {
+            let keep = 1.0 - self.lora_dropout as f64;
+            let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+            x.mul(mask).div_scalar(keep)
+        } else {
+            x
+        };
+        let [_, _, k, _] = a.weight.dims();
+        let pad = k / 2;
+        let h = conv2d(
+            x,
+            a.weight.val(),
+            None,
+            ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
+        );
+        conv2d(
+            h,
+            b.weight.val(),
+            None,
+            ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
+        )
+        .mul_scalar(self.lora_scale)
     }
 }
 

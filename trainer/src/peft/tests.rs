@@ -1,0 +1,281 @@
+//! LoRA numerics: a zero B is the base model, merged equals unmerged,
+//! gradients equal finite differences, adapters survive the file round trip,
+//! and mismatches are errors that list what does not fit.
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::adapter::{self, CONFIG_FILE, WEIGHTS_FILE};
+use super::config::{InitLoraWeights, LoraConfig, TargetModules};
+use super::lora::{self, convs_mut};
+use crate::config::ModelConfig;
+use crate::model::SegNet;
+
+fn model_config() -> ModelConfig {
+    ModelConfig {
+        widths: vec![4, 8],
+        ..ModelConfig::default()
+    }
+}
+
+fn input(device: &Device) -> Tensor<4> {
+    let values: Vec<f32> = (0..2 * 3 * 8 * 8)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+        .collect();
+    Tensor::from_data(TensorData::new(values, [2, 3, 8, 8]), device)
+}
+
+fn logits(model: &SegNet, device: &Device) -> Vec<f32> {
+    model
+        .forward(input(device))
+        .logits
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
+}
+
+fn all_convs() -> LoraConfig {
+    let mut c = LoraConfig::new(2, 4.0, TargetModules::Names(vec!["conv".into()]));
+    c.modules_to_save = Some(vec!["head".into()]);
+    c
+}
+
+#[test]
+fn with_b_zero_the_adapted_model_is_the_base() {
+    let device = Device::flex();
+    let base = SegNet::new(&model_config(), 1, &device);
+    let want = logits(&base, &device);
+    let adapted = lora::attach(base, &all_convs(), 7, &device).unwrap();
+    assert_eq!(logits(&adapted, &device), want);
+}
+
+#[test]
+fn merged_equals_unmerged() {
+    let device = Device::flex();
+    let base = SegNet::new(&model_config(), 1, &device);
+    let base_logits = logits(&base, &device);
+    let adapted = lora::randomize_b(
+        lora::attach(base, &all_convs(), 7, &device).unwrap(),
+        3,
+        &device,
+    );
+    let unmerged = logits(&adapted, &device);
+    assert!(
+        unmerged
+            .iter()
+            .zip(&base_logits)
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "the adapter does something"
+    );
+    let merged = lora::merge(adapted);
+    assert!(
+        convs_mut(&mut merged.clone())
+            .iter()
+            .all(|(_, c)| c.lora_a.is_none())
+    );
+    for (m, u) in logits(&merged, &device).iter().zip(&unmerged) {
+        assert!((m - u).abs() <= 1e-4 * u.abs().max(1.0), "{m} vs {u}");
+    }
+}
+
+/// d(sum of logits)/d(lora_A) and d/d(lora_B) from autodiff against central
+/// finite differences, on a few entries of the last decoder convolution
+/// (after every unpooling, so a small step moves no argmax and the loss is
+/// smooth there; see `tests/integration/gradients.rs`).
+#[test]
+fn adapter_gradients_equal_finite_differences() {
+    let device = Device::flex().autodiff();
+    let base = SegNet::new(&model_config(), 1, &device);
+    let model = lora::randomize_b(
+        lora::attach(base, &all_convs(), 7, &device).unwrap(),
+        3,
+        &device,
+    );
+    // The same (training-mode) forward as the one differentiated: batch
+    // norm uses batch statistics in both.
+    let loss =
+        |m: &SegNet| -> f64 { m.forward(input(&device)).logits.sum().into_scalar::<f32>() as f64 };
+    let grads = model.forward(input(&device)).logits.sum().backward();
+    let conv = &model.decoder[1].convs[1].conv;
+    for which in ["lora_A", "lora_B"] {
+        let w = if which == "lora_A" {
+            conv.lora_a.as_ref()
+        } else {
+            conv.lora_b.as_ref()
+        }
+        .unwrap();
+        let g: Vec<f32> = w
+            .weight
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .unwrap();
+        let values: Vec<f32> = w
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .unwrap();
+        let dims = w.weight.dims();
+        for idx in [0, values.len() / 2, values.len() - 1] {
+            let eps = 1e-3f32;
+            let probe = |delta: f32| {
+                let mut m = model.clone();
+                let mut v = values.clone();
+                v[idx] += delta;
+                let c = &mut m.decoder[1].convs[1].conv;
+                let slot = if which == "lora_A" {
+                    c.lora_a.as_mut()
+                } else {
+                    c.lora_b.as_mut()
+                }
+                .unwrap();
+                slot.weight = Param::from_data(TensorData::new(v, dims), &device);
+                loss(&m)
+            };
+            let fd = (probe(eps) - probe(-eps)) / (2.0 * eps as f64);
+            let ad = g[idx] as f64;
+            // f32 forwards leave ~1e-3 of rounding noise in the quotient.
+            assert!(
+                (fd - ad).abs() <= 5e-3 + 0.02 * ad.abs(),
+                "{which}[{idx}]: autodiff {ad} vs finite difference {fd}"
+            );
+        }
+    }
+}
+
+#[test]
+fn adapters_round_trip_in_peft_format() {
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let base = SegNet::new(&model_config(), 1, &device);
+    let config = all_convs();
+    let mut adapted =
+        lora::randomize_b(lora::attach(base, &config, 7, &device).unwrap(), 3, &device);
+    let size = adapter::save(dir.path(), &mut adapted, &config).unwrap();
+    assert!(size > 0);
+    // The files are what PEFT writes.
+    let file = crate::tensorfile::read(&dir.path().join(WEIGHTS_FILE)).unwrap();
+    assert_eq!(file.metadata["format"], "pt");
+    assert_eq!(
+        file.tensors["base_model.model.encoder.0.convs.0.conv.lora_A.weight"].shape,
+        vec![2, 3, 3, 3]
+    );
+    assert_eq!(
+        file.tensors["base_model.model.encoder.0.convs.0.conv.lora_B.weight"].shape,
+        vec![4, 2, 1, 1]
+    );
+    assert!(file.tensors.contains_key("base_model.model.head.weight"));
+    assert!(file.tensors.contains_key("base_model.model.head.bias"));
+    assert!(
+        !file
+            .tensors
+            .keys()
+            .any(|k| k.ends_with("conv.weight") && !k.contains("lora")),
+        "the base is not saved"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap())
+            .unwrap();
+    for key in [
+        "peft_type",
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "modules_to_save",
+        "use_rslora",
+        "use_dora",
+        "bias",
+        "fan_in_fan_out",
+        "init_lora_weights",
+        "rank_pattern",
+        "alpha_pattern",
+        "base_model_name_or_path",
+        "task_type",
+        "inference_mode",
+        "peft_version",
+    ] {
+        assert!(json.get(key).is_some(), "adapter_config.json lacks {key}");
+    }
+    // A fresh base with the adapter loaded computes what the adapted one did.
+    let (loaded, back) = adapter::load(
+        dir.path(),
+        SegNet::new(&model_config(), 1, &device),
+        &device,
+    )
+    .unwrap();
+    assert_eq!(back.r, 2);
+    assert_eq!(logits(&loaded, &device), logits(&adapted, &device));
+}
+
+#[test]
+fn mismatches_are_listed() {
+    let device = Device::flex();
+    let base = || SegNet::new(&model_config(), 1, &device);
+    let none = LoraConfig::new(2, 4.0, TargetModules::Names(vec!["attention".into()]));
+    let e = lora::attach(base(), &none, 0, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("attention") && e.contains("encoder.0.convs.0.conv"),
+        "{e}"
+    );
+    let mut missing_save = all_convs();
+    missing_save.modules_to_save = Some(vec!["classifier".into()]);
+    let e = lora::attach(base(), &missing_save, 0, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("classifier"), "{e}");
+
+    // An adapter written for a wider model: every tensor of the wrong shape is named.
+    let dir = tempfile::tempdir().unwrap();
+    let wide = ModelConfig {
+        widths: vec![4, 16],
+        ..ModelConfig::default()
+    };
+    let mut other = lora::attach(SegNet::new(&wide, 1, &device), &all_convs(), 0, &device).unwrap();
+    adapter::save(dir.path(), &mut other, &all_convs()).unwrap();
+    let e = adapter::load(dir.path(), base(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("encoder.1.convs.0.conv.lora_B.weight") && e.contains("shape"),
+        "{e}"
+    );
+
+    // Gaussian init is accepted; DoRA is refused naming the field.
+    let mut g = all_convs();
+    g.init_lora_weights = InitLoraWeights::Named("gaussian".into());
+    assert!(lora::attach(base(), &g, 0, &device).is_ok());
+    g.use_dora = true;
+    assert!(
+        lora::attach(base(), &g, 0, &device)
+            .unwrap_err()
+            .to_string()
+            .contains("use_dora")
+    );
+}
+
+#[test]
+fn the_adapter_is_a_small_fraction_of_the_model() {
+    let device = Device::flex();
+    let config = ModelConfig {
+        widths: vec![16, 32, 64],
+        ..ModelConfig::default()
+    };
+    let mut adapted = lora::attach(
+        SegNet::new(&config, 1, &device),
+        &LoraConfig::new(4, 8.0, TargetModules::Names(vec!["conv".into()])),
+        0,
+        &device,
+    )
+    .unwrap();
+    let (adapter, all) = lora::parameter_counts(&mut adapted);
+    let fraction = adapter as f64 / all as f64;
+    assert!(fraction > 0.05 && fraction < 0.25, "{adapter} of {all}");
+}
