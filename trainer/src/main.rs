@@ -95,6 +95,82 @@ enum Dtype {
     Bf16,
 }
 
+/// The model a base checkpoint belongs to: `--config FILE` (a trainer
+/// config) and/or `--set model.widths=[...]` overrides.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Trainer config whose `model` section describes the base.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. --set 'model.widths=[4, 8]' (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<TrainerConfig> {
+        Ok(match &self.config {
+            Some(path) => TrainerConfig::load(path, &self.overrides)?,
+            None => TrainerConfig::from_value(serde_yaml::Value::Null, &self.overrides)?,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum AdapterCommand {
+    /// Write a new adapter for a base: B zero (the adapted model equals the
+    /// base), or seeded random B with --random-b (for interoperability checks).
+    Init {
+        /// Base weights: our checkpoint, or safetensors with our parameter names.
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter's adapter_config.json (PEFT's LoraConfig fields).
+        #[arg(long)]
+        peft_config: PathBuf,
+        /// Adapter directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Fill B with seeded uniform values instead of zeros.
+        #[arg(long)]
+        random_b: Option<u64>,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Logits of the base (with an adapter, if given) on the tensor `x` of a
+    /// safetensors file, in evaluation mode, written as `logits`.
+    Logits {
+        /// Base weights.
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapter directory (ours or PEFT's save_pretrained output).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// safetensors file with `x` of shape [batch, channels, h, w].
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+    /// Fold an adapter into its base and write a full checkpoint (usable by
+    /// `eval`, `predict` and as a base).
+    Merge {
+        /// Base weights.
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Checkpoint file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a model.
@@ -190,6 +266,12 @@ enum Command {
         /// Compute threads.
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// LoRA adapters in Hugging Face PEFT's format: create one for a base,
+    /// run a base with one, or merge one into a full checkpoint.
+    Adapter {
+        #[command(subcommand)]
+        action: AdapterCommand,
     },
     /// Write class masks and colour overlays (and instance masks, when the
     /// model has a boundary head) for every image in a directory.
@@ -409,6 +491,97 @@ fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
             .context("failed to install a signal handler")?;
     }
     Ok(stop)
+}
+
+fn run_adapter(action: AdapterCommand) -> anyhow::Result<()> {
+    use burn::tensor::{Device, Tensor, TensorData};
+    use trainyard_trainer::peft::{adapter, base, config::LoraConfig, lora};
+    use trainyard_trainer::tensorfile::{self, NamedTensor};
+    let device = Device::flex();
+    match action {
+        AdapterCommand::Init {
+            base: b,
+            peft_config,
+            out,
+            random_b,
+            model,
+        } => {
+            let config = model.load()?;
+            let text = std::fs::read_to_string(&peft_config)
+                .with_context(|| format!("failed to read {}", peft_config.display()))?;
+            let lora_config: LoraConfig = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a PEFT LoRA config", peft_config.display()))?;
+            let net = base::load_base(&b, &config, &device)?;
+            let mut net = lora::attach(net, &lora_config, config.train.seed, &device)?;
+            if let Some(seed) = random_b {
+                net = lora::randomize_b(net, seed, &device);
+            }
+            let bytes = adapter::save(&out, &mut net, &lora_config)?;
+            let (trainable, all) = lora::parameter_counts(&mut net);
+            tracing::info!(out = %out.display(), bytes, adapter_parameters = trainable, parameters = all, "adapter written");
+            Ok(())
+        }
+        AdapterCommand::Logits {
+            base: b,
+            adapter: a,
+            input,
+            out,
+            model,
+        } => {
+            let config = model.load()?;
+            let mut net = base::load_base(&b, &config, &device)?;
+            if let Some(dir) = a {
+                net = adapter::load(&dir, net, &device)?.0;
+            }
+            let file = tensorfile::read(&input)?;
+            let x = file
+                .tensors
+                .get("x")
+                .with_context(|| format!("{} has no tensor `x`", input.display()))?;
+            let dims: [usize; 4] = x
+                .shape
+                .clone()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("`x` must be [batch, channels, h, w]"))?;
+            let xt = Tensor::<4>::from_data(TensorData::new(x.values.clone(), dims), &device);
+            let logits = net.forward(xt).logits;
+            let shape = logits.dims().to_vec();
+            let values = logits
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32");
+            tensorfile::write_atomic(
+                &out,
+                &[("logits".into(), NamedTensor { shape, values })],
+                Default::default(),
+            )?;
+            Ok(())
+        }
+        AdapterCommand::Merge {
+            base: b,
+            adapter: a,
+            out,
+            model,
+        } => {
+            let config = model.load()?;
+            let net = base::load_base(&b, &config, &device)?;
+            let (net, _) = adapter::load(&a, net, &device)?;
+            let merged = lora::merge(net);
+            let ck = trainyard_trainer::checkpoint::Checkpoint {
+                step: 0,
+                data_position: 0,
+                model: train::model_tensors(&merged),
+                optimizer: "none".into(),
+                optimizer_step: 0,
+                optimizer_state: Vec::new(),
+                config,
+            };
+            ck.save(&out)?;
+            tracing::info!(out = %out.display(), "merged checkpoint written");
+            Ok(())
+        }
+    }
 }
 
 /// Metrics served on `addr`, if given.
@@ -634,6 +807,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
+        Command::Adapter { action } => run_adapter(action),
         Command::BenchAggregate {
             clients,
             params,

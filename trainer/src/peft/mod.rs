@@ -8,6 +8,7 @@
 //! `adapter_config.json` + `adapter_model.safetensors`.
 
 pub mod adapter;
+pub mod base;
 pub mod config;
 pub mod lora;
 
