@@ -124,6 +124,14 @@ pub struct TensorFile {
     pub metadata: HashMap<String, String>,
 }
 
+/// Little-endian f32 values of raw tensor bytes (safetensors' layout).
+pub fn le_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 /// Reads every tensor (all must be f32) and the metadata of `path`.
 pub fn read(path: &Path) -> Result<TensorFile, TensorFileError> {
     let bytes = std::fs::read(path).map_err(io("read", path))?;
@@ -147,11 +155,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<TensorFile, TensorFileError> {
                 dtype: format!("{:?}", view.dtype()),
             });
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = le_f32(view.data());
         tensors.insert(
             name,
             NamedTensor {

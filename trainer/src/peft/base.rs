@@ -52,11 +52,7 @@ pub fn load_base(
             problems.push(format!("`{name}` is {:?}, expected F32", view.dtype()));
             continue;
         }
-        let values = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values = crate::tensorfile::le_f32(view.data());
         tensors.insert(
             key,
             NamedTensor {

@@ -39,6 +39,16 @@ fn start_aggregator(
     port: u16,
     resume: bool,
 ) -> JoinHandle<Result<FederatedSummary, FederatedError>> {
+    start_aggregator_with(config, out, port, resume, None)
+}
+
+fn start_aggregator_with(
+    config: &TrainerConfig,
+    out: &Path,
+    port: u16,
+    resume: bool,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+) -> JoinHandle<Result<FederatedSummary, FederatedError>> {
     let (config, out) = (config.clone(), out.to_path_buf());
     std::thread::spawn(move || {
         aggregator::run(
@@ -51,7 +61,7 @@ fn start_aggregator(
                 report: None,
                 stop: None,
                 linger: Duration::from_secs(2),
-                tls: None,
+                tls,
                 metrics: None,
             },
         )
@@ -382,24 +392,8 @@ fn rounds_run_over_tls_and_untrusted_clients_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(&["federated.clients=2", "federated.rounds=1"]);
     let port = free_port();
-    let (config, out) = (c.clone(), dir.path().to_path_buf());
     let server = tls::server_config(&fixtures.join("tls.crt"), &fixtures.join("tls.key")).unwrap();
-    let agg = std::thread::spawn(move || {
-        aggregator::run(
-            &config,
-            &AggregatorOptions {
-                out_dir: out,
-                resume: false,
-                bind: ([127, 0, 0, 1], port).into(),
-                secret: SECRET.into(),
-                report: None,
-                stop: None,
-                linger: Duration::from_secs(2),
-                tls: Some(server),
-                metrics: None,
-            },
-        )
-    });
+    let agg = start_aggregator_with(&c, dir.path(), port, false, Some(server));
     let client = |index: usize, tls: Option<ureq::tls::TlsConfig>, join: u64| {
         let c = c.clone();
         std::thread::spawn(move || {
