@@ -104,13 +104,13 @@ fn tensor_values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
 
 /// Copies every tensor of `module` (trainable or not, per `select`) into one
 /// flat vector, in layout order.
-fn gather<M: Module>(module: &M, select: fn(&str) -> bool) -> Vec<f32> {
-    struct V {
+fn gather<M: Module>(module: &M, select: &dyn Fn(&str) -> bool) -> Vec<f32> {
+    struct V<'a> {
         path: PathTracker,
-        select: fn(&str) -> bool,
+        select: &'a dyn Fn(&str) -> bool,
         out: Vec<f32>,
     }
-    impl ModuleVisitor for V {
+    impl ModuleVisitor for V<'_> {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.path.enter(name);
         }
@@ -134,29 +134,28 @@ fn gather<M: Module>(module: &M, select: fn(&str) -> bool) -> Vec<f32> {
 
 /// The trainable parameters of `module`, flattened in layout order.
 pub fn trainable_values<M: Module>(module: &M) -> Vec<f32> {
-    gather(module, |n| !is_buffer(n))
+    trainable_values_of(module, &Trainable::All)
+}
+
+/// The parameters `selection` trains, flattened in layout order.
+pub fn trainable_values_of<M: Module>(module: &M, selection: &Trainable) -> Vec<f32> {
+    gather(module, &|n| selection.trains(n))
 }
 
 /// The buffers (running statistics) of `module`, flattened in layout order.
 pub fn buffer_values<M: Module>(module: &M) -> Vec<f32> {
-    gather(module, is_buffer)
+    gather(module, &is_buffer)
 }
 
 /// Every tensor of `module` by name, for checkpoints and exports.
 pub fn named_values<M: Module>(module: &M) -> Vec<(Entry, Vec<f32>)> {
     let layout = Layout::of(module);
-    let mut trainable = trainable_values(module).into_iter();
-    let mut buffers = buffer_values(module).into_iter();
+    let mut all = gather(module, &|_| true).into_iter();
     layout
         .entries
         .into_iter()
         .map(|e| {
-            let source = if e.trainable {
-                &mut trainable
-            } else {
-                &mut buffers
-            };
-            let values: Vec<f32> = source.by_ref().take(e.len).collect();
+            let values: Vec<f32> = all.by_ref().take(e.len).collect();
             (e, values)
         })
         .collect()
@@ -165,9 +164,19 @@ pub fn named_values<M: Module>(module: &M) -> Vec<(Entry, Vec<f32>)> {
 /// The gradient of every trainable parameter, flattened in layout order;
 /// parameters that did not take part in the loss get zeros.
 pub fn gradient_values<M: Module>(module: &M, grads: &Gradients) -> Vec<f32> {
+    gradient_values_of(module, grads, &Trainable::All)
+}
+
+/// [`gradient_values`] of the parameters `selection` trains.
+pub fn gradient_values_of<M: Module>(
+    module: &M,
+    grads: &Gradients,
+    selection: &Trainable,
+) -> Vec<f32> {
     struct V<'a> {
         path: PathTracker,
         grads: &'a Gradients,
+        selection: &'a Trainable,
         out: Vec<f32>,
     }
     impl ModuleVisitor for V<'_> {
@@ -178,7 +187,7 @@ pub fn gradient_values<M: Module>(module: &M, grads: &Gradients) -> Vec<f32> {
             self.path.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if is_buffer(&self.path.name()) {
+            if !self.selection.trains(&self.path.name()) {
                 return;
             }
             let value = param.val();
@@ -193,6 +202,7 @@ pub fn gradient_values<M: Module>(module: &M, grads: &Gradients) -> Vec<f32> {
     let mut v = V {
         path: PathTracker(Vec::new()),
         grads,
+        selection,
         out: Vec::new(),
     };
     module.visit(&mut v);
@@ -201,10 +211,15 @@ pub fn gradient_values<M: Module>(module: &M, grads: &Gradients) -> Vec<f32> {
 
 /// Returns `module` with the tensors chosen by `select` replaced, in layout
 /// order, by consecutive runs of `values`. Gradient tracking is preserved.
-fn scatter<M: Module>(module: M, values: &[f32], select: fn(&str) -> bool, device: &Device) -> M {
+fn scatter<M: Module>(
+    module: M,
+    values: &[f32],
+    select: &dyn Fn(&str) -> bool,
+    device: &Device,
+) -> M {
     struct Mp<'a> {
         path: PathTracker,
-        select: fn(&str) -> bool,
+        select: &'a dyn Fn(&str) -> bool,
         values: &'a [f32],
         offset: usize,
         device: &'a Device,
@@ -250,12 +265,82 @@ fn scatter<M: Module>(module: M, values: &[f32], select: fn(&str) -> bool, devic
 
 /// Returns `module` with its trainable parameters set from `values` (layout order).
 pub fn with_trainable_values<M: Module>(module: M, values: &[f32], device: &Device) -> M {
-    scatter(module, values, |n| !is_buffer(n), device)
+    with_trainable_values_of(module, values, &Trainable::All, device)
+}
+
+/// Returns `module` with the parameters `selection` trains set from `values`.
+pub fn with_trainable_values_of<M: Module>(
+    module: M,
+    values: &[f32],
+    selection: &Trainable,
+    device: &Device,
+) -> M {
+    scatter(module, values, &|n| selection.trains(n), device)
 }
 
 /// Returns `module` with its buffers set from `values` (layout order).
 pub fn with_buffer_values<M: Module>(module: M, values: &[f32], device: &Device) -> M {
-    scatter(module, values, is_buffer, device)
+    scatter(module, values, &is_buffer, device)
+}
+
+/// Which parameters an optimiser trains; buffers never are. Fine-tuning an
+/// adapter trains a few tensors and freezes the rest of the base.
+#[derive(Clone, Default)]
+pub enum Trainable {
+    /// Every parameter.
+    #[default]
+    All,
+    /// The parameters whose names the predicate accepts.
+    Matching(std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+impl std::fmt::Debug for Trainable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::All => f.write_str("All"),
+            Self::Matching(_) => f.write_str("Matching(..)"),
+        }
+    }
+}
+
+impl Trainable {
+    /// Whether the tensor `name` is trained.
+    pub fn trains(&self, name: &str) -> bool {
+        !is_buffer(name)
+            && match self {
+                Self::All => true,
+                Self::Matching(f) => f(name),
+            }
+    }
+}
+
+/// Stops gradient tracking of every parameter `selection` does not train, so
+/// backward passes neither compute nor keep their gradients.
+pub fn freeze<M: Module>(module: M, selection: &Trainable) -> M {
+    struct Mp<'a> {
+        path: PathTracker,
+        selection: &'a Trainable,
+    }
+    impl ModuleMapper for Mp<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let name = self.path.name();
+            if is_buffer(&name) || self.selection.trains(&name) {
+                param
+            } else {
+                param.set_require_grad(false)
+            }
+        }
+    }
+    module.map(&mut Mp {
+        path: PathTracker(Vec::new()),
+        selection,
+    })
 }
 
 /// A named tensor is missing or has the wrong shape.

@@ -156,6 +156,19 @@ pub fn merge(mut model: SegNet) -> SegNet {
     model
 }
 
+/// What fine-tuning with `config` trains: the LoRA factors and every
+/// parameter of the modules to save; the rest of the base is frozen.
+pub fn trainable(config: &LoraConfig) -> crate::model::params::Trainable {
+    let config = config.clone();
+    crate::model::params::Trainable::Matching(std::sync::Arc::new(move |name: &str| {
+        if name.contains(".lora_a.") || name.contains(".lora_b.") {
+            return true;
+        }
+        let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
+        config.saves(module)
+    }))
+}
+
 /// Trainable adapter parameters of `model`, and all parameters.
 pub fn parameter_counts(model: &mut SegNet) -> (usize, usize) {
     let layout = crate::model::params::Layout::of(&*model);
