@@ -5,6 +5,8 @@
 pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Where checkpoints live.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// The adapter a fine-tuning run writes (Hugging Face PEFT format).
+pub const ADAPTER_DIR: &str = "adapter";
 
 /// File name of the checkpoint of `step` (zero-padded, so names sort by step).
 pub fn checkpoint_file_name(step: u64) -> String {

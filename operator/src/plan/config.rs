@@ -179,6 +179,8 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
         train,
         checkpoint,
         federated,
+        // The planner does not run Peft jobs yet (validate refuses them).
+        peft: None,
     };
     // The trainer's own checks are the last word on what it can run; name
     // the spec field behind the trainer's.

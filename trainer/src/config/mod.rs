@@ -10,6 +10,7 @@
 //! errors naming the dotted path) and validated semantically ([`TrainerConfig::validate`]).
 
 mod federated;
+mod peft;
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,7 @@ pub use federated::{
     AdaptiveClipping, AdaptiveServer, Aggregation, FederatedConfig, Partition, PrivacyConfig,
     ServerOptimizer, client_token,
 };
+pub use peft::PeftConfig;
 
 /// Label value that marks a pixel to be ignored by the loss and the metrics.
 pub const IGNORE_INDEX: u8 = 255;
@@ -96,6 +98,8 @@ pub struct TrainerConfig {
     pub checkpoint: CheckpointConfig,
     /// Federated learning (aggregator and client roles); absent otherwise.
     pub federated: Option<FederatedConfig>,
+    /// Fine-tune a base with a LoRA adapter; absent trains every parameter.
+    pub peft: Option<PeftConfig>,
 }
 
 /// How the decoder upsamples.
@@ -810,6 +814,15 @@ impl TrainerConfig {
         }
         if let Some(f) = &self.federated {
             f.validate(m.classes)?;
+        }
+        if let Some(p) = &self.peft {
+            p.validate()?;
+            if self.federated.is_some() {
+                return Err(ConfigError::invalid(
+                    "peft",
+                    "cannot be combined with federated (yet); fine-tune in one place",
+                ));
+            }
         }
         Ok(())
     }

@@ -136,6 +136,23 @@ impl LoraConfig {
         }
     }
 
+    /// The adapter a trainer config's `peft` section describes.
+    pub fn from_section(p: &crate::config::PeftConfig) -> Self {
+        let targets = match &p.target_regex {
+            Some(r) => TargetModules::Regex(r.clone()),
+            None => TargetModules::Names(p.target_modules.clone()),
+        };
+        let mut c = Self::new(p.r, p.lora_alpha, targets);
+        c.lora_dropout = p.lora_dropout;
+        c.use_rslora = p.use_rslora;
+        c.modules_to_save = (!p.modules_to_save.is_empty()).then(|| p.modules_to_save.clone());
+        if p.init == "gaussian" {
+            c.init_lora_weights = InitLoraWeights::Named("gaussian".into());
+        }
+        c.base_model_name_or_path = Some(p.base.display().to_string());
+        c
+    }
+
     /// Refuses what we do not implement, naming the field.
     pub fn check(&self) -> Result<(), ConfigProblem> {
         let bad = |field: &str, message: &str| {

@@ -91,6 +91,9 @@ pub enum TrainError {
         /// The checkpoint holding it.
         checkpoint: PathBuf,
     },
+    /// The base or the adapter of a fine-tuning run does not fit.
+    #[error(transparent)]
+    Peft(#[from] crate::peft::PeftError),
     /// Talking to the other ranks failed.
     #[error(transparent)]
     Collective(#[from] CollectiveError),
@@ -156,6 +159,12 @@ pub struct Summary {
     pub bytes_communicated: u64,
     /// Seconds this rank spent in all-reduce.
     pub allreduce_seconds: f64,
+    /// Fine-tuning: the adapter directory written (PEFT format).
+    pub adapter: Option<PathBuf>,
+    /// Fine-tuning: bytes of `adapter_model.safetensors`.
+    pub adapter_bytes: Option<u64>,
+    /// Every tensor value of the model (trained, frozen and buffers).
+    pub model_values: usize,
 }
 
 /// One `metrics.jsonl` row.
@@ -356,10 +365,21 @@ pub fn loss_and_gradients(
     config: &TrainerConfig,
     device: &Device,
 ) -> (f32, Vec<f32>) {
+    loss_and_gradients_of(model, batch, config, device, &params::Trainable::All)
+}
+
+/// [`loss_and_gradients`] for the parameters `selection` trains.
+pub fn loss_and_gradients_of(
+    model: &SegNet,
+    batch: &Batch,
+    config: &TrainerConfig,
+    device: &Device,
+    selection: &params::Trainable,
+) -> (f32, Vec<f32>) {
     let loss = batch_loss(model, batch, config, device);
     let value = scalar(loss.clone());
     let grads = loss.backward();
-    (value, params::gradient_values(model, &grads))
+    (value, params::gradient_values_of(model, &grads, selection))
 }
 
 /// Validation across the group: each rank scores every `world`-th validation
@@ -492,6 +512,7 @@ fn restore(
     optimizer: &mut Optimizer,
     checkpoint: &Checkpoint,
     path: &Path,
+    selection: &params::Trainable,
     device: &Device,
 ) -> Result<(SegNet, Vec<f32>), TrainError> {
     let incompatible = |message: String| TrainError::Incompatible {
@@ -514,7 +535,7 @@ fn restore(
             optimizer.kind()
         )));
     }
-    let trainable = params::trainable_values(&model);
+    let trainable = params::trainable_values_of(&model, selection);
     optimizer
         .load_state(checkpoint.optimizer_step, trainable.len(), |slot| {
             checkpoint
@@ -566,9 +587,26 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         })?;
     }
     let device = Device::flex().autodiff();
-    let mut model = SegNet::new(&config.model, config.train.seed, &device);
-    let mut optimizer = Optimizer::new(&config.train.optimizer, Layout::of(&model).trainable_len());
-    let mut params = params::trainable_values(&model);
+    // Fine-tuning: the base with LoRA adapters, everything but the adapters
+    // (and the modules to save) frozen.
+    let lora = config
+        .peft
+        .as_ref()
+        .map(crate::peft::config::LoraConfig::from_section);
+    let (mut model, selection) = match (&config.peft, &lora) {
+        (Some(p), Some(lora)) => {
+            let base = crate::peft::base::load_base(&p.base, config, &device)?;
+            let adapted = crate::peft::lora::attach(base, lora, config.train.seed, &device)?;
+            let selection = crate::peft::lora::trainable(lora);
+            (params::freeze(adapted, &selection), selection)
+        }
+        _ => (
+            SegNet::new(&config.model, config.train.seed, &device),
+            params::Trainable::All,
+        ),
+    };
+    let mut params = params::trainable_values_of(&model, &selection);
+    let mut optimizer = Optimizer::new(&config.train.optimizer, params.len());
     let checkpoints = CheckpointDir::new(out.join(crate::run_dir::CHECKPOINTS_DIR));
     let local_sgd = config.train.local_sgd.as_ref();
     let bucket_len = ((config.train.bucket_mb * (1 << 20) as f64) as usize / 4).max(1);
@@ -601,7 +639,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                          the continued run will not match an uninterrupted one"
                     );
                 }
-                let (m, p) = restore(model, &mut optimizer, &ck, &path, &device)?;
+                let (m, p) = restore(model, &mut optimizer, &ck, &path, &selection, &device)?;
                 (model, params) = (m, p);
                 if let Some(outer) = outer.as_mut() {
                     outer.momentum = ck
@@ -639,6 +677,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             model,
             &mut params,
             &mut optimizer,
+            &selection,
             &device,
         )?;
         (start_step, model) = (step, m);
@@ -704,7 +743,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let (mut loss, mut grads, mut noisy) = (0.0f32, vec![0.0f32; params.len()], 0);
         for _ in 0..accumulate {
             let (batch, n) = prefetch.next();
-            let (l, g) = loss_and_gradients(&model, &batch, config, &device);
+            let (l, g) = loss_and_gradients_of(&model, &batch, config, &device, &selection);
             for (a, b) in grads.iter_mut().zip(&g) {
                 *a += b;
             }
@@ -769,7 +808,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             }
             comm.0 += t.elapsed();
         }
-        model = params::with_trainable_values(model, &params, &device);
+        model = params::with_trainable_values_of(model, &params, &selection, &device);
         let dt = t0.elapsed();
         if step >= start_step + config.train.throughput_warmup_steps {
             steady.0 += dt;
@@ -913,6 +952,14 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     if let Some(bar) = bar {
         bar.finish();
     }
+    // The adapter in PEFT's format; the checkpoints hold the whole model.
+    let mut adapter = None;
+    if let (true, Some(lora)) = (root, &lora) {
+        let dir = out.join(crate::run_dir::ADAPTER_DIR);
+        let bytes = crate::peft::adapter::save(&dir, &mut model, lora)?;
+        tracing::info!(dir = %dir.display(), bytes, "adapter written");
+        adapter = Some((dir, bytes));
+    }
     if root && last_scores.is_none() && !setup.split.val.is_empty() {
         // A resumed run that was already complete still reports its quality.
         last_scores = Some(validate_group(&model, config, &setup, None, &device)?.scores);
@@ -935,6 +982,9 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         world_size: world,
         bytes_communicated: comm.1,
         allreduce_seconds: comm.0.as_secs_f64(),
+        model_values: Layout::of(&model).entries.iter().map(|e| e.len).sum(),
+        adapter_bytes: adapter.as_ref().map(|(_, b)| *b),
+        adapter: adapter.map(|(d, _)| d),
     };
     if root {
         let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");

@@ -39,6 +39,7 @@ pub fn adopt_root_state(
     model: SegNet,
     trainable: &mut [f32],
     optimizer: &mut Optimizer,
+    selection: &params::Trainable,
     device: &Device,
 ) -> Result<(u64, SegNet), CollectiveError> {
     let (t, slots) = optimizer.state();
@@ -69,7 +70,7 @@ pub fn adopt_root_state(
     c.broadcast(trainable, 0)?;
     let mut buffers = params::buffer_values(&model);
     c.broadcast(&mut buffers, 0)?;
-    let model = params::with_trainable_values(model, trainable, device);
+    let model = params::with_trainable_values_of(model, trainable, selection, device);
     Ok((
         start_step,
         params::with_buffer_values(model, &buffers, device),
