@@ -118,6 +118,7 @@ impl ProgressHub {
             rejected: message.rejected,
             epsilon: message.epsilon,
             round_seconds: message.round_seconds,
+            adapter: message.adapter,
         };
         latest.insert(k, (report, Instant::now()));
         Ok(())

@@ -335,6 +335,52 @@ fn the_distributed_example_runs_unmodified() {
     assert_eq!(summary["world_size"], 2);
     let miou = summary["val_miou"].as_f64().unwrap();
     assert!(miou > 0.85, "validation mIoU {miou}");
+
+    // The PEFT example fine-tunes that very base on shifted data: only the
+    // base path differs from the file as shipped.
+    let ck = out.join("replicas/shapes-ddp-worker-0/checkpoints/step-00000750.safetensors");
+    assert!(
+        ck.is_file(),
+        "the base the PEFT example names: {}",
+        ck.display()
+    );
+    let manifest = std::fs::read_to_string(repo().join("examples/peft-shapes.yaml"))
+        .unwrap()
+        .replace(
+            "runs/shapes-ddp/replicas/shapes-ddp-worker-0/checkpoints/step-00000750.safetensors",
+            ck.to_str().unwrap(),
+        );
+    let file = dir.path().join("peft-shapes.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    let peft_out = dir.path().join("peft");
+    let result = local(&file, &peft_out).output().unwrap();
+    assert!(result.status.success(), "{}", explain(&result, &peft_out));
+    let run = peft_out.join("replicas/shapes-peft-worker-0");
+    let summary = json(&run.join("summary.json"));
+    let (base, adapted) = (
+        summary["base_val_miou"].as_f64().unwrap(),
+        summary["val_miou"].as_f64().unwrap(),
+    );
+    assert!(
+        adapted > base + 0.01,
+        "shifted data: base mIoU {base} → adapted {adapted}"
+    );
+    let (trainable, all) = (
+        summary["parameters"].as_u64().unwrap(),
+        summary["model_values"].as_u64().unwrap(),
+    );
+    assert!(trainable * 5 < all, "trainable {trainable} of {all}");
+    let adapter_bytes = summary["adapter_bytes"].as_u64().unwrap();
+    let full_bytes = std::fs::metadata(&ck).unwrap().len();
+    assert!(
+        adapter_bytes * 3 < full_bytes,
+        "adapter {adapter_bytes} B vs full {full_bytes} B"
+    );
+    assert!(run.join("adapter/adapter_config.json").is_file());
+    eprintln!(
+        "PEFT example: base mIoU {base:.3} -> adapted {adapted:.3}; trainable {trainable} of {all} values ({:.1}%); adapter {adapter_bytes} B vs full checkpoint {full_bytes} B",
+        100.0 * trainable as f64 / all as f64
+    );
 }
 
 fn free_port() -> u16 {

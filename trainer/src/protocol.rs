@@ -45,6 +45,9 @@ pub struct ProgressMessage {
     /// Federated: seconds the last round took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round_seconds: Option<f64>,
+    /// Fine-tuning: where the adapter (PEFT format) was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
 }
 
 /// A checkpoint in a progress report.

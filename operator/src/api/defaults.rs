@@ -14,6 +14,10 @@ pub(crate) fn lora_alpha() -> f64 {
     16.0
 }
 
+pub(crate) fn lora_targets() -> Vec<String> {
+    tc::PeftConfig::default().target_modules
+}
+
 pub(crate) fn one() -> u32 {
     1
 }
@@ -67,6 +71,8 @@ impl Default for ShapesData {
             image_size: count(s.image_size),
             max_shapes: count(s.max_shapes),
             seed: s.seed,
+            invert: s.invert,
+            sensor_noise: s.sensor_noise,
         }
     }
 }

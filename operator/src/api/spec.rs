@@ -197,6 +197,14 @@ pub struct ShapesData {
     pub max_shapes: u32,
     /// Generator seed: the same seed gives the same samples on every replica.
     pub seed: u64,
+    /// Photographic negatives of the same scenes (a domain shift for fine-tuning).
+    #[serde(default)]
+    pub invert: bool,
+    /// Gaussian sensor noise σ (0-255 units) on every pixel of every sample,
+    /// validation included: a noisier camera than the base was trained on.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 255.0))]
+    pub sensor_noise: f64,
 }
 
 /// A dataset directory: `images/*.png|jpg` and `masks/*.png` with equal file stems.
@@ -670,9 +678,20 @@ pub struct PeftSpec {
     #[serde(default = "d::lora_alpha")]
     #[schemars(range(min = 0.0))]
     pub alpha: f64,
-    /// Module names (exact or suffix) that get adapters.
-    #[serde(default)]
+    /// Module names (exact or dotted suffix, as PEFT matches them) that get
+    /// adapters; default every 3x3 convolution (`conv`).
+    #[serde(default = "d::lora_targets")]
     pub target_modules: Vec<String>,
+    /// Modules trained fully and saved with the adapter (e.g. `head` for new classes).
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
+    /// Dropout on the adapter's input.
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub dropout: f64,
+    /// Scale α/√r (rsLoRA) instead of α/r.
+    #[serde(default)]
+    pub use_rslora: bool,
     /// Worker replicas (data-parallel fine-tuning).
     #[serde(default = "d::one")]
     #[schemars(range(min = 1, max = 4096))]

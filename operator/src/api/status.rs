@@ -167,6 +167,9 @@ pub struct Progress {
     /// Federated: seconds the last round took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round_seconds: Option<f64>,
+    /// Fine-tuning: the adapter directory (Hugging Face PEFT format), once written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
     /// When progress last advanced (the stall timeout counts from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_time: Option<Time>,

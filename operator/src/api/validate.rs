@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use trainyard_trainer::env;
 
-use super::{GROUP, Mode, TrainingJob, VERSION, crd};
+use super::{GROUP, TrainingJob, VERSION, crd};
 use crate::plan::config as plan_config;
 
 /// One problem with a manifest.
@@ -233,13 +233,6 @@ fn check_name(job: &TrainingJob, problems: &mut Vec<Problem>) {
 
 fn check_spec(job: &TrainingJob, trainer_backstop: bool, problems: &mut Vec<Problem>) {
     let spec = &job.spec;
-    match spec.mode {
-        Mode::Distributed | Mode::Federated => {}
-        Mode::Peft => problems.push(Problem::new(
-            "spec.mode",
-            "Peft is planned but this release's trainer cannot run it yet (LoRA is missing); use Distributed",
-        )),
-    }
     if let Some(d) = &spec.distributed {
         if d.gpus_per_worker > 0 {
             problems.push(Problem::new(

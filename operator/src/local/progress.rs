@@ -53,6 +53,10 @@ impl MetricsTail {
                 }
             }
         }
+        let adapter = self.run_dir.join(run_dir::ADAPTER_DIR);
+        if adapter.join("adapter_model.safetensors").is_file() {
+            self.latest.adapter = Some(adapter.display().to_string());
+        }
         if let Some(ck) = latest_checkpoint(&self.run_dir) {
             self.latest.last_checkpoint = Some(ck);
             self.seen = true;

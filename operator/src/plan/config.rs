@@ -81,6 +81,8 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
             image_size: s.image_size as usize,
             max_shapes: s.max_shapes as usize,
             seed: s.seed,
+            invert: s.invert,
+            sensor_noise: s.sensor_noise,
         }),
         folder: d.folder.as_ref().map(|f| tc::FolderConfig {
             path: f.path.clone().into(),
@@ -179,8 +181,20 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
         train,
         checkpoint,
         federated,
-        // The planner does not run Peft jobs yet (validate refuses them).
-        peft: None,
+        peft: match (spec.mode, &spec.peft) {
+            (api::Mode::Peft, Some(p)) => Some(tc::PeftConfig {
+                base: p.base_checkpoint.clone().into(),
+                r: p.rank as usize,
+                lora_alpha: p.alpha,
+                lora_dropout: p.dropout,
+                target_modules: p.target_modules.clone(),
+                target_regex: None,
+                modules_to_save: p.modules_to_save.clone(),
+                use_rslora: p.use_rslora,
+                init: tc::PeftConfig::default().init,
+            }),
+            _ => None,
+        },
     };
     // The trainer's own checks are the last word on what it can run; name
     // the spec field behind the trainer's.
@@ -307,6 +321,12 @@ fn spec_path(trainer_field: &str) -> String {
         ("data.shapes.max_shapes", "spec.data.shapes.maxShapes"),
         ("data.val_fraction", "spec.data.validationFraction"),
         ("data", "spec.data"),
+        ("peft.base", "spec.peft.baseCheckpoint"),
+        ("peft.r", "spec.peft.rank"),
+        ("peft.lora_alpha", "spec.peft.alpha"),
+        ("peft.lora_dropout", "spec.peft.dropout"),
+        ("peft.target_modules", "spec.peft.targetModules"),
+        ("peft", "spec.peft"),
         ("train.steps", "spec.training.steps"),
         ("train.batch_size", "spec.training.batchSize"),
         ("train.accumulate_steps", "spec.distributed.accumulateSteps"),

@@ -111,6 +111,8 @@ pub struct ProgressReport {
     pub epsilon: Option<f64>,
     /// Federated: seconds of the last round.
     pub round_seconds: Option<f64>,
+    /// Fine-tuning: the adapter's location.
+    pub adapter: Option<String>,
 }
 
 /// Everything the planner is told about the world.
@@ -721,6 +723,9 @@ impl Planner<'_> {
         progress.samples_per_second = report.samples_per_second.or(progress.samples_per_second);
         if report.last_checkpoint.is_some() {
             progress.last_checkpoint = report.last_checkpoint.clone();
+        }
+        if report.adapter.is_some() {
+            progress.adapter = report.adapter.clone();
         }
     }
 

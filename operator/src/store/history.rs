@@ -87,10 +87,12 @@ pub enum Record {
         /// When.
         at: Timestamp,
     },
-    /// A checkpoint written by the job.
+    /// A checkpoint (or adapter) written by the job.
     Checkpoint {
         /// Job uid.
         uid: String,
+        /// `checkpoint` or `adapter` (the artifacts table's kinds).
+        kind: &'static str,
         /// Where.
         location: String,
         /// Step it holds.
@@ -195,9 +197,22 @@ pub fn records(
             && progress_before.and_then(|b| b.last_checkpoint.as_ref()) != Some(ck)
         {
             out.push(Record::Checkpoint {
-                uid,
+                uid: uid.clone(),
+                kind: "checkpoint",
                 location: ck.path.clone(),
                 step: ck.step,
+                size_bytes: None,
+                at: now,
+            });
+        }
+        if let Some(dir) = &p.adapter
+            && progress_before.and_then(|b| b.adapter.as_ref()) != Some(dir)
+        {
+            out.push(Record::Checkpoint {
+                uid,
+                kind: "adapter",
+                location: dir.clone(),
+                step: p.step,
                 size_bytes: None,
                 at: now,
             });
@@ -348,6 +363,7 @@ pub async fn write(pool: &PgPool, record: &Record) -> Result<(), sqlx::Error> {
         }
         Record::Checkpoint {
             uid,
+            kind,
             location,
             step,
             size_bytes,
@@ -355,10 +371,11 @@ pub async fn write(pool: &PgPool, record: &Record) -> Result<(), sqlx::Error> {
         } => {
             sqlx::query(
                 "INSERT INTO artifacts (job_uid, kind, location, step, size_bytes, at)
-                 VALUES ($1, 'checkpoint', $2, $3, $4, $5::timestamptz)
+                 VALUES ($1, $2, $3, $4, $5, $6::timestamptz)
                  ON CONFLICT DO NOTHING",
             )
             .bind(uid)
+            .bind(kind)
             .bind(location)
             .bind(i64_of(*step))
             .bind(opt_i64(*size_bytes))
@@ -368,4 +385,48 @@ pub async fn write(pool: &PgPool, record: &Record) -> Result<(), sqlx::Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_written_adapter_is_recorded_once_as_an_adapter_artifact() {
+        let job = crate::api::validate::parse_manifests(
+            "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: ft, namespace: ml, uid: u1}\nspec:\n  mode: Peft\n  image: t:1\n  peft: {baseCheckpoint: /b.safetensors}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let now = Timestamp::from_second(1_800_000_000).unwrap();
+        let before = TrainingJobStatus {
+            progress: Some(crate::api::Progress {
+                step: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut after = before.clone();
+        after.progress.as_mut().unwrap().adapter = Some("/out/adapter".into());
+        let adapters = |records: Vec<Record>| {
+            records
+                .into_iter()
+                .filter(|r| {
+                    matches!(
+                        r,
+                        Record::Checkpoint {
+                            kind: "adapter",
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(adapters(records(&job, Some(&before), &after, now)), 1);
+        assert_eq!(
+            adapters(records(&job, Some(&after), &after, now)),
+            0,
+            "not again"
+        );
+    }
 }

@@ -187,6 +187,13 @@ pub struct ShapesConfig {
     pub max_shapes: usize,
     /// Generator seed: the same seed gives byte-identical samples everywhere.
     pub seed: u64,
+    /// Photographic negatives (every intensity v becomes 255 − v): the same
+    /// scenes in another domain, for fine-tuning a model trained on positives.
+    pub invert: bool,
+    /// Sensor noise: zero-mean Gaussian noise of this standard deviation
+    /// (intensity units, 0-255) on every pixel of every sample, validation
+    /// included, deterministic by seed; 0 is none.
+    pub sensor_noise: f64,
 }
 
 impl Default for ShapesConfig {
@@ -196,6 +203,8 @@ impl Default for ShapesConfig {
             image_size: 64,
             max_shapes: 4,
             seed: 7,
+            invert: false,
+            sensor_noise: 0.0,
         }
     }
 }
@@ -606,6 +615,7 @@ impl TrainerConfig {
                         ),
                     ));
                 }
+                check_non_negative("data.shapes.sensor_noise", s.sensor_noise)?;
                 if s.max_shapes == 0 {
                     return Err(ConfigError::invalid(
                         "data.shapes.max_shapes",

@@ -153,6 +153,17 @@ impl Dataset for Shapes {
                 }
             }
         }
+        if self.config.sensor_noise > 0.0 {
+            let normal =
+                rand_distr::Normal::new(0.0, self.config.sensor_noise).expect("a finite σ");
+            for v in image.iter_mut() {
+                let n: f64 = rand_distr::Distribution::sample(&normal, &mut rng);
+                *v = clamp_u8(*v as i64 + n.round() as i64);
+            }
+        }
+        if self.config.invert {
+            image.iter_mut().for_each(|v| *v = 255 - *v);
+        }
         Sample {
             image,
             mask,
@@ -171,7 +182,27 @@ mod tests {
             image_size: 32,
             max_shapes: 4,
             seed,
+            invert: false,
+            sensor_noise: 0.0,
         })
+    }
+
+    #[test]
+    fn inverted_samples_are_negatives_of_the_same_scenes() {
+        let plain = shapes(3).get(5);
+        let negative = Shapes::new(ShapesConfig {
+            invert: true,
+            ..shapes(3).config
+        })
+        .get(5);
+        assert_eq!(negative.mask, plain.mask);
+        assert!(
+            negative
+                .image
+                .iter()
+                .zip(&plain.image)
+                .all(|(n, p)| *n == 255 - *p)
+        );
     }
 
     #[test]

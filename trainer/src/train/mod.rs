@@ -159,6 +159,8 @@ pub struct Summary {
     pub bytes_communicated: u64,
     /// Seconds this rank spent in all-reduce.
     pub allreduce_seconds: f64,
+    /// Fine-tuning: validation mIoU of the base before training (absent on resume).
+    pub base_val_miou: Option<f64>,
     /// Fine-tuning: the adapter directory written (PEFT format).
     pub adapter: Option<PathBuf>,
     /// Fine-tuning: bytes of `adapter_model.safetensors`.
@@ -736,6 +738,29 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut steady = (Duration::ZERO, 0u64);
     let mut comm = (Duration::ZERO, 0u64);
     let mut last_scores: Option<metrics::SegmentationScores> = None;
+    // Fine-tuning starts from the base itself (B = 0): scoring it first gives
+    // the base's quality on this data, the baseline the adapter must beat.
+    let mut base_val_miou = None;
+    if lora.is_some() && start_step == 0 && !setup.split.val.is_empty() {
+        let report = validate_group(
+            &model,
+            config,
+            &setup,
+            group.as_mut().map(|g| &mut g.ring as &mut dyn Collective),
+            &device,
+        )?;
+        if let Some(log) = log.as_mut() {
+            log.write(&Row::Val {
+                step: 0,
+                report: &report,
+            })?;
+        }
+        tracing::info!(
+            miou = report.scores.miou,
+            "the base on this data, before fine-tuning"
+        );
+        base_val_miou = Some(report.scores.miou);
+    }
     for step in start_step..steps {
         let t0 = Instant::now();
         let lr = schedule::learning_rate(&config.train, step);
@@ -958,6 +983,10 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let dir = out.join(crate::run_dir::ADAPTER_DIR);
         let bytes = crate::peft::adapter::save(&dir, &mut model, lora)?;
         tracing::info!(dir = %dir.display(), bytes, "adapter written");
+        if let Some(r) = reporter {
+            progress.adapter = Some(dir.display().to_string());
+            r.send(progress.clone());
+        }
         adapter = Some((dir, bytes));
     }
     if root && last_scores.is_none() && !setup.split.val.is_empty() {
@@ -984,6 +1013,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         allreduce_seconds: comm.0.as_secs_f64(),
         model_values: Layout::of(&model).entries.iter().map(|e| e.len).sum(),
         adapter_bytes: adapter.as_ref().map(|(_, b)| *b),
+        base_val_miou,
         adapter: adapter.map(|(d, _)| d),
     };
     if root {
