@@ -109,11 +109,19 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<TrainerConfig> {
-        Ok(match &self.config {
-            Some(path) => TrainerConfig::load(path, &self.overrides)?,
-            None => TrainerConfig::from_value(serde_yaml::Value::Null, &self.overrides)?,
-        })
+        config_or_defaults(self.config.as_deref(), &self.overrides)
     }
+}
+
+/// The config from `--config`, else the defaults; `--set` overrides either.
+fn config_or_defaults(
+    config: Option<&std::path::Path>,
+    overrides: &[String],
+) -> anyhow::Result<TrainerConfig> {
+    Ok(match config {
+        Some(path) => TrainerConfig::load(path, overrides)?,
+        None => TrainerConfig::from_value(serde_yaml::Value::Null, overrides)?,
+    })
 }
 
 #[derive(Subcommand)]
@@ -414,6 +422,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    // train.threads is validated with the config; only the flag can be 0 here.
+    if threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
     if let Some(n) = threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -517,7 +529,7 @@ fn run_adapter(action: AdapterCommand) -> anyhow::Result<()> {
                 net = lora::randomize_b(net, seed, &device);
             }
             let bytes = adapter::save(&out, &mut net, &lora_config)?;
-            let (trainable, all) = lora::parameter_counts(&mut net);
+            let (trainable, all) = lora::parameter_counts(&net);
             tracing::info!(out = %out.display(), bytes, adapter_parameters = trainable, parameters = all, "adapter written");
             Ok(())
         }
@@ -713,42 +725,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             group,
         } => {
             let (dist, timeouts) = group.resolve()?;
-            let config = match config {
-                Some(path) => TrainerConfig::load(&path, &overrides)?,
-                None => {
-                    let var = trainyard_trainer::env::CONFIG;
-                    let text = std::env::var(var).map_err(|_| {
-                        anyhow::anyhow!(
-                            "no config: pass --config FILE or set {var} to the config as JSON"
-                        )
-                    })?;
-                    TrainerConfig::parse(&text, var.as_ref(), &overrides)?
-                }
-            };
-            if threads == Some(0) {
-                anyhow::bail!("--threads must be at least 1");
-            }
+            let config = load_config(config, &overrides)?;
             init_threads(threads.or(config.train.threads))?;
-            let metrics = match metrics_addr {
-                Some(addr) => {
-                    let m = TrainerMetrics::new();
-                    let bound = m
-                        .serve(addr)
-                        .with_context(|| format!("failed to serve metrics on {addr}"))?;
-                    tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
-                    Some(m)
-                }
-                None => None,
-            };
+            let metrics = serve_metrics(metrics_addr)?;
             // SIGTERM (pod eviction, `kill`) and SIGINT (Ctrl-C) finish the
             // current step, checkpoint it and exit; a second signal kills at once.
-            let stop = Arc::new(AtomicBool::new(false));
-            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
-                    .context("failed to install a signal handler")?;
-                signal_hook::flag::register(signal, stop.clone())
-                    .context("failed to install a signal handler")?;
-            }
+            let stop = stop_flag()?;
             let opts = RunOptions {
                 out_dir: out,
                 resume,
@@ -794,10 +776,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 bn_relu: !burn_bn,
                 pooling: !burn_pooling,
             });
-            let config = match config {
-                Some(path) => TrainerConfig::load(&path, &overrides)?,
-                None => TrainerConfig::from_value(serde_yaml::Value::Null, &overrides)?,
-            };
+            let config = config_or_defaults(config.as_deref(), &overrides)?;
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }
@@ -837,10 +816,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             overrides,
             rounds,
         } => {
-            let config = match config {
-                Some(path) => TrainerConfig::load(&path, &overrides)?,
-                None => TrainerConfig::from_value(serde_yaml::Value::Null, &overrides)?,
-            };
+            let config = config_or_defaults(config.as_deref(), &overrides)?;
             if rounds < 3 {
                 anyhow::bail!("--rounds must be at least 3 (the first and last are not timed)");
             }

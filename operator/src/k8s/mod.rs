@@ -278,11 +278,6 @@ pub async fn reconcile(
         }
         None => None,
     };
-    if let (crate::api::Mode::Federated, Some(f)) = (job.spec.mode, &job.spec.federated)
-        && !job.status.as_ref().is_some_and(|s| s.phase.is_terminal())
-    {
-        ensure_federation_secret(&ctx.client, &job, &ns, &name, f.clients as usize).await?;
-    }
     let observation = Observation {
         replicas: pods.iter().filter_map(observe::replica).collect(),
         progress: ctx.progress.as_ref().and_then(|p| p.hub.latest(&ns, &name)),
@@ -318,6 +313,16 @@ pub async fn reconcile(
     // Gates hold a starting gang together; a replica recreated alone in a
     // running job (federated) has no gang to wait for.
     let gated = resources::gang_gated(&job) && decision.status.phase == Phase::Pending;
+    // Pods read their tokens from the federation Secret: it must exist before
+    // any pod is created, and is not needed (nor fetched) otherwise.
+    if let (crate::api::Mode::Federated, Some(f)) = (job.spec.mode, &job.spec.federated)
+        && decision
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Create(_)))
+    {
+        ensure_federation_secret(&ctx.client, &job, &ns, &name, f.clients as usize).await?;
+    }
     for action in &decision.actions {
         match action {
             Action::Create(replica) => {

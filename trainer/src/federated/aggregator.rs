@@ -504,8 +504,9 @@ pub fn run(
             .collect();
     }
     shared.wake.notify_waiters();
-    summary.aggregate_seconds = aggregate_total
-        / (summary.rounds.max(1) - start_round.saturating_sub(1).min(summary.rounds)).max(1) as f64;
+    // Rounds this process ran (a resumed run skips those before start_round).
+    let rounds_run = (summary.rounds + 1).saturating_sub(start_round).max(1);
+    summary.aggregate_seconds = aggregate_total / rounds_run as f64;
     summary.wall_seconds = started.elapsed().as_secs_f64();
     tensorfile::write_bytes_atomic(
         &opts.out_dir.join("summary.json"),

@@ -170,8 +170,8 @@ pub fn trainable(config: &LoraConfig) -> crate::model::params::Trainable {
 }
 
 /// Trainable adapter parameters of `model`, and all parameters.
-pub fn parameter_counts(model: &mut SegNet) -> (usize, usize) {
-    let layout = crate::model::params::Layout::of(&*model);
+pub fn parameter_counts(model: &SegNet) -> (usize, usize) {
+    let layout = crate::model::params::Layout::of(model);
     let all: usize = layout.trainable().map(|e| e.len).sum();
     let adapter: usize = layout
         .trainable()

@@ -102,6 +102,15 @@ fn bad_input_exits_non_zero_naming_the_field_or_file() {
             ],
             "/nonexistent/ds/images",
         ),
+        (
+            vec![
+                "--config".into(),
+                write(dir.path(), "h.yaml", ""),
+                "--threads".into(),
+                "0".into(),
+            ],
+            "--threads",
+        ),
     ];
     for (args, needle) in cases {
         let mut all = vec!["train", "--out", out];

@@ -68,22 +68,30 @@ fn start_aggregator_with(
     })
 }
 
-fn start_client(
+type ClientRun = JoinHandle<Result<client::ClientSummary, FederatedError>>;
+
+fn start_client(config: &TrainerConfig, index: usize, port: u16) -> ClientRun {
+    start_client_with(config, index, format!("http://127.0.0.1:{port}"), None, 60)
+}
+
+fn start_client_with(
     config: &TrainerConfig,
     index: usize,
-    port: u16,
-) -> JoinHandle<Result<client::ClientSummary, FederatedError>> {
+    aggregator: String,
+    tls: Option<ureq::tls::TlsConfig>,
+    join_seconds: u64,
+) -> ClientRun {
     let config = config.clone();
     std::thread::spawn(move || {
         client::run(
             &config,
             &ClientOptions {
                 index,
-                aggregator: format!("http://127.0.0.1:{port}"),
+                aggregator,
                 token: client_token(SECRET, index),
-                join_timeout: Duration::from_secs(60),
+                join_timeout: Duration::from_secs(join_seconds),
                 stop: None,
-                tls: None,
+                tls,
                 metrics: None,
             },
         )
@@ -395,21 +403,7 @@ fn rounds_run_over_tls_and_untrusted_clients_are_refused() {
     let server = tls::server_config(&fixtures.join("tls.crt"), &fixtures.join("tls.key")).unwrap();
     let agg = start_aggregator_with(&c, dir.path(), port, false, Some(server));
     let client = |index: usize, tls: Option<ureq::tls::TlsConfig>, join: u64| {
-        let c = c.clone();
-        std::thread::spawn(move || {
-            client::run(
-                &c,
-                &ClientOptions {
-                    index,
-                    aggregator: format!("https://localhost:{port}"),
-                    token: client_token(SECRET, index),
-                    join_timeout: Duration::from_secs(join),
-                    stop: None,
-                    tls,
-                    metrics: None,
-                },
-            )
-        })
+        start_client_with(&c, index, format!("https://localhost:{port}"), tls, join)
     };
     let trust = tls::client_tls(&fixtures.join("ca.crt")).unwrap();
     // Web PKI roots do not include the test CA.
