@@ -4,7 +4,8 @@ Run through bench/peft_interop.sh (it builds the trainer and installs peft).
 
 1. A PyTorch SegNet (bench/torch_segnet.py, the trainer's parameter names)
    gets random weights and BatchNorm statistics; its state dict is the base.
-2. PEFT -> ours: PEFT wraps it with LoRA on every `conv` (plus the head in
+2. PEFT -> ours: PEFT wraps it with LoRA on every `conv` and on the
+   squeeze-excitation block's nn.Linear `fc1`/`fc2` (plus the head in
    modules_to_save), init_lora_weights=False so B is not zero, and
    save_pretrained() writes the adapter; PEFT's logits on a fixed input are
    compared with `trainyard-trainer adapter logits` on the same base+adapter.
@@ -33,12 +34,14 @@ from torch_segnet import SegNet  # noqa: E402
 
 TRAINER = sys.argv[1]
 WIDTHS = (4, 8)
-MODEL = ["--set", "model.widths=[4, 8]", "--set", "model.classes=4"]
+MODEL = ["--set", "model.widths=[4, 8]", "--set", "model.classes=4",
+         "--set", "model.squeeze_excitation=true"]
+TARGETS = ["conv", "fc1", "fc2"]
 torch.manual_seed(0)
 
 
 def base_net():
-    net = SegNet(widths=WIDTHS, convs_per_stage=2, classes=4, decoder="unpool")
+    net = SegNet(widths=WIDTHS, convs_per_stage=2, classes=4, decoder="unpool", squeeze_excitation=True)
     net.load_state_dict(base_state, strict=False)
     return net.eval()
 
@@ -54,7 +57,7 @@ def ours_logits(adapter_dir):
 
 
 work = tempfile.mkdtemp()
-net = SegNet(widths=WIDTHS, convs_per_stage=2, classes=4, decoder="unpool").eval()
+net = SegNet(widths=WIDTHS, convs_per_stage=2, classes=4, decoder="unpool", squeeze_excitation=True).eval()
 with torch.no_grad():
     for name, buf in net.named_buffers():
         if name.endswith("running_mean"):
@@ -64,12 +67,14 @@ with torch.no_grad():
 base_state = {k: v.clone() for k, v in net.state_dict().items()}
 base_path = os.path.join(work, "base.safetensors")
 save_file({k: v.contiguous() for k, v in base_state.items()}, base_path)
-x = torch.randn(2, 3, 16, 16)
+# Large inputs, so that every adapter (the small squeeze-excitation ones too)
+# moves the logits far above float rounding.
+x = torch.randn(2, 3, 16, 16) * 20
 x_path = os.path.join(work, "x.safetensors")
 save_file({"x": x}, x_path)
 
 # PEFT -> ours.
-config = LoraConfig(r=2, lora_alpha=4, target_modules=["conv"], modules_to_save=["head"],
+config = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, modules_to_save=["head"],
                     init_lora_weights=False)
 peft_model = get_peft_model(base_net(), config).eval()
 with torch.no_grad():
@@ -83,11 +88,16 @@ peft_to_ours = (ours_logits(peft_dir) - want).abs().max().item()
 # ours -> PEFT.
 cfg_path = os.path.join(work, "adapter_config.json")
 with open(cfg_path, "w") as f:
-    json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["conv"],
+    json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": TARGETS,
                "modules_to_save": ["head"]}, f)
 ours_dir = os.path.join(work, "our-adapter")
 run("init", "--base", base_path, "--peft-config", cfg_path, "--out", ours_dir, "--random-b", "7")
 loaded = PeftModel.from_pretrained(base_net(), ours_dir).eval()
+# PEFT really wrapped the linear layers and filled them from our file.
+for name in ("se.fc1", "se.fc2"):
+    layer = loaded.base_model.model.get_submodule(name)
+    assert type(layer).__name__ == "Linear" and hasattr(layer, "lora_B"), (name, type(layer))
+    assert layer.lora_B["default"].weight.abs().sum() > 0, f"{name}: B not loaded"
 with torch.no_grad():
     theirs = loaded(x)
 ours_to_peft = (ours_logits(ours_dir) - theirs).abs().max().item()
@@ -96,7 +106,7 @@ ours_to_peft = (ours_logits(ours_dir) - theirs).abs().max().item()
 merged_path = os.path.join(work, "merged.safetensors")
 run("merge", "--base", base_path, "--adapter", ours_dir, "--out", merged_path)
 merged = {k.removeprefix("model."): v for k, v in load_file(merged_path).items() if k.startswith("model.")}
-plain = SegNet(widths=WIDTHS, convs_per_stage=2, classes=4, decoder="unpool")
+plain = SegNet(widths=WIDTHS, convs_per_stage=2, classes=4, decoder="unpool", squeeze_excitation=True)
 plain.load_state_dict(merged, strict=False)
 with torch.no_grad():
     merged_gap = (plain.eval()(x) - loaded.merge_and_unload()(x)).abs().max().item()

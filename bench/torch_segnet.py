@@ -32,9 +32,24 @@ class Stage(nn.Module):
         return x
 
 
+class SqueezeExcitation(nn.Module):
+    """Channel re-weighting from global context, with nn.Linear layers."""
+
+    def __init__(self, channels):
+        super().__init__()
+        hidden = max(channels // 4, 1)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, x):
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3))))))
+        return x * gate[:, :, None, None]
+
+
 class SegNet(nn.Module):
     def __init__(self, widths=(16, 32, 64), convs_per_stage=2, classes=4,
-                 in_channels=3, decoder="unpool", boundary_head=False):
+                 in_channels=3, decoder="unpool", boundary_head=False,
+                 squeeze_excitation=False):
         super().__init__()
         k = convs_per_stage
         enc, cin = [], in_channels
@@ -50,6 +65,7 @@ class SegNet(nn.Module):
         self.decoder = nn.ModuleList(dec)
         self.head = nn.Conv2d(widths[0], classes, 1)
         self.boundary_head = nn.Conv2d(widths[0], 1, 1) if boundary_head else None
+        self.se = SqueezeExcitation(widths[-1]) if squeeze_excitation else None
         self.decoder_kind = decoder
 
     def forward(self, x):
@@ -62,6 +78,8 @@ class SegNet(nn.Module):
             else:
                 x, idx = F.max_pool2d(x, 2, 2), None
             skips.append((idx, size))
+        if self.se is not None:
+            x = self.se(x)
         for stage in self.decoder:
             idx, size = skips.pop()
             if self.decoder_kind == "unpool":

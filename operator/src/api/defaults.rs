@@ -46,6 +46,7 @@ impl Default for ModelSpec {
             in_channels: count(m.in_channels),
             boundary_head: m.boundary_head,
             boundary_loss_weight: m.boundary_loss_weight,
+            squeeze_excitation: m.squeeze_excitation,
         }
     }
 }

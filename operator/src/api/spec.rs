@@ -140,6 +140,9 @@ pub struct ModelSpec {
     /// Weight of the boundary loss relative to the segmentation loss.
     #[schemars(range(min = 0.0))]
     pub boundary_loss_weight: f64,
+    /// A squeeze-excitation block (two linear layers) re-weights the
+    /// bottleneck's channels; PEFT can target its `fc1`/`fc2`.
+    pub squeeze_excitation: bool,
 }
 
 /// Network family.

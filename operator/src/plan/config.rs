@@ -73,6 +73,7 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
         in_channels: m.in_channels as usize,
         boundary_head: m.boundary_head,
         boundary_loss_weight: m.boundary_loss_weight,
+        squeeze_excitation: m.squeeze_excitation,
     };
     let d = &spec.data;
     let data = tc::DataConfig {

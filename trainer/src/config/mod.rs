@@ -131,6 +131,8 @@ pub struct ModelConfig {
     pub boundary_head: bool,
     /// Weight of the boundary loss relative to the segmentation loss.
     pub boundary_loss_weight: f64,
+    /// A squeeze-excitation block (two linear layers) on the bottleneck.
+    pub squeeze_excitation: bool,
 }
 
 impl Default for ModelConfig {
@@ -143,6 +145,7 @@ impl Default for ModelConfig {
             in_channels: 3,
             boundary_head: false,
             boundary_loss_weight: 1.0,
+            squeeze_excitation: false,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The building blocks of the SegNet family: 3x3 convolution, batch norm and
-//! the conv → BN → ReLU unit, with PyTorch's parameter names and semantics.
+//! The building blocks of the SegNet family: 3x3 convolution, batch norm,
+//! the conv → BN → ReLU unit, linear layers and squeeze-excitation, with
+//! PyTorch's parameter names and semantics.
 
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::module::{batch_norm, batch_norm_train, conv2d};
@@ -107,29 +108,28 @@ impl Conv2d {
     /// `s·B(A(dropout(x)))`: A is a conv like the base (same kernel and
     /// padding), B a 1x1 conv.
     fn lora_branch(&self, x: Tensor<4>, a: &ConvWeight, b: &ConvWeight) -> Tensor<4> {
-        // Inverted dropout, training only (as burn's and PyTorch's).
-        let x = if self.lora_dropout > 0.0 && x.device().is_autodiff() {
-            let keep = 1.0 - self.lora_dropout as f64;
-            let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
-            x.mul(mask).div_scalar(keep)
-        } else {
-            x
-        };
+        let x = dropout(x, self.lora_dropout);
         let [_, _, k, _] = a.weight.dims();
-        let pad = k / 2;
-        let h = conv2d(
-            x,
-            a.weight.val(),
-            None,
-            ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
-        );
-        conv2d(
-            h,
-            b.weight.val(),
-            None,
-            ConvOptions::new([1, 1], [0, 0], [1, 1], 1),
-        )
-        .mul_scalar(self.lora_scale)
+        let h = if k == 3 && crate::kernels::native().conv {
+            // A is a bias-free 3x3 conv like the base: our kernel runs it
+            // several times faster than burn's generic convolution.
+            crate::kernels::op::conv3x3(x, a.weight.val())
+        } else {
+            let pad = k / 2;
+            conv2d(
+                x,
+                a.weight.val(),
+                None,
+                ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
+            )
+        };
+        // B, a 1x1 conv, is a matmul over the channels: [out, r] @ [n, r, h·w].
+        let [n, r, hh, ww] = h.dims();
+        let [out, _, _, _] = b.weight.dims();
+        let b2: Tensor<3> = b.weight.val().reshape([1, out, r]);
+        b2.matmul(h.reshape([n, r, hh * ww]))
+            .reshape([n, out, hh, ww])
+            .mul_scalar(self.lora_scale)
     }
 }
 
@@ -249,5 +249,135 @@ impl ConvBnRelu {
             return out.output;
         }
         activation::relu(self.bn.forward(y))
+    }
+}
+
+/// A fully connected layer, PyTorch's `nn.Linear`: `y = x·Wᵀ + b`.
+///
+/// With a LoRA adapter it also holds PEFT's `lora_A.weight` `[r, in]` and
+/// `lora_B.weight` `[out, r]`, and computes `x·Wᵀ + b + s·B(A(dropout(x)))`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[out_features, in_features]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out_features]`.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// LoRA's down-projection, PEFT's `lora_A`.
+    pub lora_a: Option<LinearWeight>,
+    /// LoRA's up-projection, PEFT's `lora_B`.
+    pub lora_b: Option<LinearWeight>,
+    /// LoRA's scale s (α/r or α/√r).
+    #[module(skip)]
+    pub lora_scale: f32,
+    /// Dropout on the adapter's input while training.
+    #[module(skip)]
+    pub lora_dropout: f32,
+}
+
+/// A bare linear weight (`<path>.weight`), as PEFT names LoRA's factors.
+#[derive(Module, Debug)]
+pub struct LinearWeight {
+    /// The weight, `[out, in]`.
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Linear {
+    /// PyTorch's default initialisation: U(±1/√in) for weight and bias.
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        rng: &mut impl Rng,
+        device: &Device,
+    ) -> Self {
+        let bound = 1.0 / (in_features as f32).sqrt();
+        let mut uniform =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+        let weight = TensorData::new(
+            uniform(out_features * in_features),
+            [out_features, in_features],
+        );
+        let bias = bias.then(|| {
+            Param::from_data(
+                TensorData::new(uniform(out_features), [out_features]),
+                device,
+            )
+        });
+        Self {
+            weight: Param::from_data(weight, device),
+            bias,
+            lora_a: None,
+            lora_b: None,
+            lora_scale: 0.0,
+            lora_dropout: 0.0,
+        }
+    }
+
+    /// # Shapes
+    /// - input `[batch, in]` → output `[batch, out]`
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let adapter = match (&self.lora_a, &self.lora_b) {
+            (Some(a), Some(b)) => {
+                let x = dropout(x.clone(), self.lora_dropout);
+                Some(
+                    x.matmul(a.weight.val().transpose())
+                        .matmul(b.weight.val().transpose())
+                        .mul_scalar(self.lora_scale),
+                )
+            }
+            _ => None,
+        };
+        let mut y = x.matmul(self.weight.val().transpose());
+        if let Some(b) = &self.bias {
+            y = y.add(b.val().unsqueeze_dim(0));
+        }
+        match adapter {
+            Some(delta) => y.add(delta),
+            None => y,
+        }
+    }
+}
+
+/// Inverted dropout with drop probability `p`, while training only (as
+/// burn's and PyTorch's): evaluation leaves `x` as it is.
+fn dropout<const D: usize>(x: Tensor<D>, p: f32) -> Tensor<D> {
+    if p > 0.0 && x.device().is_autodiff() {
+        let keep = 1.0 - p as f64;
+        let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
+        x.mul(mask).div_scalar(keep)
+    } else {
+        x
+    }
+}
+
+/// Squeeze-and-excitation (Hu et al., 2018) on the bottleneck: global
+/// context re-weights the channels, `x · σ(fc2(relu(fc1(mean_hw(x)))))`.
+/// `fc1` narrows the channels 4x.
+#[derive(Module, Debug)]
+pub struct SqueezeExcitation {
+    /// Squeeze, `channels → max(channels/4, 1)`.
+    pub fc1: Linear,
+    /// Excite, back to `channels`.
+    pub fc2: Linear,
+}
+
+impl SqueezeExcitation {
+    /// A block over `channels` channels.
+    pub fn new(channels: usize, rng: &mut impl Rng, device: &Device) -> Self {
+        let hidden = (channels / 4).max(1);
+        Self {
+            fc1: Linear::new(channels, hidden, true, rng, device),
+            fc2: Linear::new(hidden, channels, true, rng, device),
+        }
+    }
+
+    /// # Shapes
+    /// - input `[batch, channels, h, w]` → output of the same shape
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = x.dims();
+        let pooled: Tensor<2> = x.clone().reshape([b, c, h * w]).mean_dim(2).reshape([b, c]);
+        let gate =
+            activation::sigmoid(self.fc2.forward(activation::relu(self.fc1.forward(pooled))));
+        x.mul(gate.reshape([b, c, 1, 1]))
     }
 }

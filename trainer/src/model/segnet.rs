@@ -5,7 +5,7 @@ use burn::tensor::{Device, Int, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::layers::{Conv2d, ConvBnRelu};
+use super::layers::{Conv2d, ConvBnRelu, SqueezeExcitation};
 use super::pool::{max_pool2x2, max_pool2x2_values, max_unpool2d, upsample_nearest};
 use crate::config::{DecoderKind, ModelConfig};
 
@@ -36,11 +36,14 @@ pub struct SegNetOutput {
 
 /// SegNet: an encoder of stages, each followed by a 2x2 max-pool that keeps its
 /// argmax indices, and a mirrored decoder that upsamples with those indices
-/// (or nearest-neighbour), then a 1x1 classification head.
+/// (or nearest-neighbour), then a 1x1 classification head; optionally a
+/// squeeze-excitation block (two linear layers) re-weights the bottleneck's
+/// channels.
 ///
 /// Parameter paths equal those of the PyTorch reference model in
 /// `bench/torch_segnet.py`, e.g. `encoder.0.convs.1.conv.weight`,
-/// `decoder.2.convs.0.bn.running_var`, `head.weight`, `boundary_head.bias`.
+/// `decoder.2.convs.0.bn.running_var`, `head.weight`, `boundary_head.bias`,
+/// `se.fc1.weight`.
 #[derive(Module, Debug)]
 pub struct SegNet {
     /// Encoder stages, shallow to deep.
@@ -51,6 +54,8 @@ pub struct SegNet {
     pub head: Conv2d,
     /// 1x1 conv to instance-boundary scores.
     pub boundary_head: Option<Conv2d>,
+    /// Squeeze-excitation between encoder and decoder, when configured.
+    pub se: Option<SqueezeExcitation>,
     #[module(skip)]
     decoder_kind: DecoderKind,
 }
@@ -85,11 +90,16 @@ impl SegNet {
         let boundary_head = config
             .boundary_head
             .then(|| Conv2d::new(widths[0], 1, 1, true, &mut rng, device));
+        // Drawn last, so that turning it on leaves every other weight as it was.
+        let se = config
+            .squeeze_excitation
+            .then(|| SqueezeExcitation::new(*widths.last().expect("validated"), &mut rng, device));
         Self {
             encoder,
             decoder,
             head,
             boundary_head,
+            se,
             decoder_kind: config.decoder,
         }
     }
@@ -122,6 +132,9 @@ impl SegNet {
                     x = max_pool2x2_values(x);
                 }
             }
+        }
+        if let Some(se) = &self.se {
+            x = se.forward(x);
         }
         for stage in &self.decoder {
             let (indices, hw) = skips.pop().expect("one skip per encoder stage");

@@ -8,12 +8,11 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use burn::module::Param;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 
 use super::PeftError;
 use super::config::LoraConfig;
-use super::lora::{attach, convs_mut};
+use super::lora::{TENSOR_NAMES, attach, layers_mut};
 use crate::model::SegNet;
 use crate::tensorfile::{self, NamedTensor};
 
@@ -23,48 +22,27 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
-fn values<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    t.to_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 after convert")
-}
-
-/// The adapter's tensors under PEFT's keys.
+/// The adapter's tensors under PEFT's keys: every LoRA factor, and every
+/// tensor of the modules to save.
 pub fn adapter_tensors(model: &mut SegNet, config: &LoraConfig) -> Vec<(String, NamedTensor)> {
     let mut out = Vec::new();
-    for (path, conv) in convs_mut(model) {
-        for (name, w) in [("lora_A", &conv.lora_a), ("lora_B", &conv.lora_b)] {
-            if let Some(w) = w {
-                out.push((
-                    format!("{PREFIX}{path}.{name}.weight"),
-                    NamedTensor {
-                        shape: w.weight.dims().to_vec(),
-                        values: values(&w.weight.val()),
-                    },
-                ));
-            }
-        }
-        if config.saves(&path) {
-            out.push((
-                format!("{PREFIX}{path}.weight"),
-                NamedTensor {
-                    shape: conv.weight.dims().to_vec(),
-                    values: values(&conv.weight.val()),
-                },
-            ));
-            if let Some(b) = &conv.bias {
-                out.push((
-                    format!("{PREFIX}{path}.bias"),
-                    NamedTensor {
-                        shape: b.dims().to_vec(),
-                        values: values(&b.val()),
-                    },
-                ));
+    for (path, layer) in layers_mut(model) {
+        for name in kept(config, &path) {
+            if let Some(t) = layer.tensor(name) {
+                out.push((format!("{PREFIX}{path}.{name}"), t));
             }
         }
     }
     out
+}
+
+/// Which of a layer's tensors an adapter file holds.
+fn kept(config: &LoraConfig, path: &str) -> &'static [&'static str] {
+    if config.saves(path) {
+        &TENSOR_NAMES[2..]
+    } else {
+        &TENSOR_NAMES[..2]
+    }
 }
 
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors`
@@ -123,29 +101,12 @@ pub fn load(dir: &Path, model: SegNet, device: &Device) -> Result<(SegNet, LoraC
             }
         }
     };
-    for (path, conv) in convs_mut(&mut model) {
-        for (name, slot) in [("lora_A", &mut conv.lora_a), ("lora_B", &mut conv.lora_b)] {
-            if let Some(w) = slot {
-                let dims = w.weight.dims();
-                if let Some(v) = take(
-                    format!("{PREFIX}{path}.{name}.weight"),
-                    &dims,
-                    &mut problems,
-                ) {
-                    w.weight = Param::from_data(TensorData::new(v, dims), device);
-                }
-            }
-        }
-        if config.saves(&path) {
-            let dims = conv.weight.dims();
-            if let Some(v) = take(format!("{PREFIX}{path}.weight"), &dims, &mut problems) {
-                conv.weight = Param::from_data(TensorData::new(v, dims), device);
-            }
-            if let Some(b) = conv.bias.as_mut() {
-                let dims = b.dims();
-                if let Some(v) = take(format!("{PREFIX}{path}.bias"), &dims, &mut problems) {
-                    *b = Param::from_data(TensorData::new(v, dims), device);
-                }
+    for (path, layer) in layers_mut(&mut model) {
+        for name in kept(&config, &path) {
+            if let Some(shape) = layer.shape_of(name)
+                && let Some(v) = take(format!("{PREFIX}{path}.{name}"), &shape, &mut problems)
+            {
+                layer.set_tensor(name, v, device);
             }
         }
     }

@@ -1,5 +1,6 @@
-//! Attaching LoRA adapters to a SegNet's convolutions, and merging them
-//! back into the base weights (`W + s·ΔW`, PEFT's `merge_and_unload`).
+//! Attaching LoRA adapters to a SegNet's convolutions and linear layers,
+//! and merging them back into the base weights (`W + s·ΔW`, PEFT's
+//! `merge_and_unload`).
 
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
@@ -10,12 +11,156 @@ use rand_distr::Normal;
 use super::PeftError;
 use super::config::{InitLoraWeights, LoraConfig};
 use crate::model::SegNet;
-use crate::model::layers::{Conv2d, ConvWeight};
+use crate::model::layers::{Conv2d, ConvWeight, Linear, LinearWeight};
+use crate::tensorfile::NamedTensor;
 
-/// Every convolution of `model` with its module path (PyTorch's
-/// `named_modules()` path, e.g. `encoder.0.convs.1.conv`, `head`).
-pub fn convs_mut(model: &mut SegNet) -> Vec<(String, &mut Conv2d)> {
-    let mut out = Vec::new();
+/// A layer that can carry a LoRA adapter: [`Conv2d`] and [`Linear`]. The
+/// tensor names are PEFT's (`weight`, `bias`, `lora_A.weight`, `lora_B.weight`).
+pub trait LoraLayer {
+    /// Inputs per output (`in·k·k` for a conv, `in` for a linear layer):
+    /// Kaiming-uniform's fan-in for A.
+    fn fan_in(&self) -> usize;
+    /// Shapes of A and B for rank `r`.
+    fn lora_shapes(&self, r: usize) -> (Vec<usize>, Vec<usize>);
+    /// Installs A and B (flat values in the shapes of [`Self::lora_shapes`]).
+    fn set_lora(&mut self, a: TensorData, b: TensorData, scale: f32, dropout: f32, device: &Device);
+    /// `s·ΔW` in the base weight's shape, when an adapter is attached.
+    fn delta(&self) -> Option<TensorData>;
+    /// Folds `s·ΔW` into the base weight and removes the adapter.
+    fn merge(&mut self);
+    /// The shape of a named tensor, when the layer has it.
+    fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
+    /// A named tensor's values, when the layer has it.
+    fn tensor(&self, name: &str) -> Option<NamedTensor>;
+    /// Replaces a named tensor (values in the shape of [`Self::shape_of`]).
+    fn set_tensor(&mut self, name: &str, values: Vec<f32>, device: &Device);
+}
+
+/// Names of a LoRA layer's tensors, in file order.
+pub const TENSOR_NAMES: [&str; 4] = ["lora_A.weight", "lora_B.weight", "weight", "bias"];
+
+fn named<const D: usize>(p: &Param<Tensor<D>>) -> NamedTensor {
+    NamedTensor {
+        shape: p.dims().to_vec(),
+        values: p
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32 after convert"),
+    }
+}
+
+fn refill<const D: usize>(p: &mut Param<Tensor<D>>, values: Vec<f32>, device: &Device) {
+    *p = Param::from_data(TensorData::new(values, p.dims()), device);
+}
+
+// The two impls differ only in tensor rank; burn's Param<Tensor<D>> has no
+// rank-erased handle, so each spells out its four tensors.
+macro_rules! lora_layer {
+    ($layer:ty, $factor:ident, $rank:literal, $fan_in:expr, $shapes:expr) => {
+        impl LoraLayer for $layer {
+            fn fan_in(&self) -> usize {
+                ($fan_in)(self.weight.dims())
+            }
+            fn lora_shapes(&self, r: usize) -> (Vec<usize>, Vec<usize>) {
+                ($shapes)(self.weight.dims(), r)
+            }
+            fn set_lora(
+                &mut self,
+                a: TensorData,
+                b: TensorData,
+                scale: f32,
+                dropout: f32,
+                device: &Device,
+            ) {
+                self.lora_a = Some($factor {
+                    weight: Param::from_data(a, device),
+                });
+                self.lora_b = Some($factor {
+                    weight: Param::from_data(b, device),
+                });
+                self.lora_scale = scale;
+                self.lora_dropout = dropout;
+            }
+            fn delta(&self) -> Option<TensorData> {
+                let (a, b) = (self.lora_a.as_ref()?, self.lora_b.as_ref()?);
+                let dims = self.weight.dims();
+                let [r, rest @ ..] = a.weight.dims();
+                let a2: Tensor<2> = a.weight.val().reshape([r, rest.iter().product()]);
+                let b2: Tensor<2> = b.weight.val().reshape([dims[0], r]);
+                let d: Tensor<$rank> = b2.matmul(a2).mul_scalar(self.lora_scale).reshape(dims);
+                Some(d.into_data())
+            }
+            fn merge(&mut self) {
+                if let Some(delta) = self.delta() {
+                    let device = self.weight.device();
+                    let w = self.weight.val().add(Tensor::from_data(delta, &device));
+                    self.weight = Param::from_tensor(w);
+                    self.lora_a = None;
+                    self.lora_b = None;
+                    self.lora_scale = 0.0;
+                    self.lora_dropout = 0.0;
+                }
+            }
+            fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+                match name {
+                    "lora_A.weight" => self.lora_a.as_ref().map(|w| w.weight.dims().to_vec()),
+                    "lora_B.weight" => self.lora_b.as_ref().map(|w| w.weight.dims().to_vec()),
+                    "weight" => Some(self.weight.dims().to_vec()),
+                    "bias" => self.bias.as_ref().map(|b| b.dims().to_vec()),
+                    _ => None,
+                }
+            }
+            fn tensor(&self, name: &str) -> Option<NamedTensor> {
+                match name {
+                    "lora_A.weight" => self.lora_a.as_ref().map(|w| named(&w.weight)),
+                    "lora_B.weight" => self.lora_b.as_ref().map(|w| named(&w.weight)),
+                    "weight" => Some(named(&self.weight)),
+                    "bias" => self.bias.as_ref().map(named),
+                    _ => None,
+                }
+            }
+            fn set_tensor(&mut self, name: &str, values: Vec<f32>, device: &Device) {
+                match name {
+                    "lora_A.weight" => self
+                        .lora_a
+                        .as_mut()
+                        .map(|w| refill(&mut w.weight, values, device)),
+                    "lora_B.weight" => self
+                        .lora_b
+                        .as_mut()
+                        .map(|w| refill(&mut w.weight, values, device)),
+                    "weight" => Some(refill(&mut self.weight, values, device)),
+                    "bias" => self.bias.as_mut().map(|b| refill(b, values, device)),
+                    _ => None,
+                };
+            }
+        }
+    };
+}
+
+lora_layer!(
+    Conv2d,
+    ConvWeight,
+    4,
+    |[_, i, k, _]: [usize; 4]| i * k * k,
+    // A is a conv like the base one, B a 1x1 conv.
+    |[o, i, k, _]: [usize; 4], r| (vec![r, i, k, k], vec![o, r, 1, 1])
+);
+lora_layer!(
+    Linear,
+    LinearWeight,
+    2,
+    |[_, i]: [usize; 2]| i,
+    |[o, i]: [usize; 2], r| (vec![r, i], vec![o, r])
+);
+
+/// Every layer of `model` that can carry an adapter, with its module path
+/// (PyTorch's `named_modules()` path, e.g. `encoder.0.convs.1.conv`, `head`,
+/// `se.fc1`).
+pub fn layers_mut(model: &mut SegNet) -> Vec<(String, &mut dyn LoraLayer)> {
+    let mut out: Vec<(String, &mut dyn LoraLayer)> = Vec::new();
     for (side, stages) in [
         ("encoder", &mut model.encoder),
         ("decoder", &mut model.decoder),
@@ -30,15 +175,19 @@ pub fn convs_mut(model: &mut SegNet) -> Vec<(String, &mut Conv2d)> {
     if let Some(b) = model.boundary_head.as_mut() {
         out.push(("boundary_head".into(), b));
     }
+    if let Some(se) = model.se.as_mut() {
+        out.push(("se.fc1".into(), &mut se.fc1));
+        out.push(("se.fc2".into(), &mut se.fc2));
+    }
     out
 }
 
-/// The module paths of every convolution (see [`convs_mut`]).
-pub fn conv_paths(model: &mut SegNet) -> Vec<String> {
-    convs_mut(model).into_iter().map(|(p, _)| p).collect()
+/// The module paths of every adaptable layer (see [`layers_mut`]).
+pub fn layer_paths(model: &mut SegNet) -> Vec<String> {
+    layers_mut(model).into_iter().map(|(p, _)| p).collect()
 }
 
-/// Adds an adapter to every convolution `config` targets, initialised as
+/// Adds an adapter to every layer `config` targets, initialised as
 /// `init_lora_weights` says (by default A Kaiming-uniform and B zero, so the
 /// adapted network computes exactly what the base does). A target that
 /// matches no module, and a module to save that does not exist, are errors
@@ -50,7 +199,7 @@ pub fn attach(
     device: &Device,
 ) -> Result<SegNet, PeftError> {
     config.check()?;
-    let paths = conv_paths(&mut model);
+    let paths = layer_paths(&mut model);
     let targeted: Vec<&String> = paths.iter().filter(|p| config.targets(p)).collect();
     if targeted.is_empty() {
         return Err(PeftError::Mismatch(format!(
@@ -83,7 +232,7 @@ pub fn attach(
         }
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    for (path, conv) in convs_mut(&mut model) {
+    for (path, layer) in layers_mut(&mut model) {
         if !config.targets(&path) {
             continue;
         }
@@ -93,7 +242,8 @@ pub fn attach(
             )));
         }
         let (r, scale) = config.rank_and_scale(&path);
-        let [out, inp, k, _] = conv.weight.dims();
+        let (a_shape, b_shape) = layer.lora_shapes(r);
+        let (a_len, b_len) = (a_shape.iter().product(), b_shape.iter().product());
         let kaiming = |rng: &mut ChaCha8Rng, fan_in: usize, n: usize| -> Vec<f32> {
             let bound = 1.0 / (fan_in as f32).sqrt();
             (0..n).map(|_| rng.random_range(-bound..bound)).collect()
@@ -102,56 +252,35 @@ pub fn attach(
             InitLoraWeights::Named(_) => {
                 // "gaussian": A ~ N(0, 1/r) (PEFT's std is 1/r).
                 let normal = Normal::new(0.0f32, 1.0 / r as f32).expect("finite");
-                (0..r * inp * k * k)
+                (0..a_len)
                     .map(|_| rand_distr::Distribution::sample(&normal, &mut rng))
                     .collect()
             }
-            InitLoraWeights::Bool(_) => kaiming(&mut rng, inp * k * k, r * inp * k * k),
+            InitLoraWeights::Bool(_) => kaiming(&mut rng, layer.fan_in(), a_len),
         };
         let b = match &config.init_lora_weights {
             // PEFT leaves both factors at PyTorch's default initialisation.
-            InitLoraWeights::Bool(false) => kaiming(&mut rng, r, out * r),
-            _ => vec![0.0; out * r],
+            InitLoraWeights::Bool(false) => kaiming(&mut rng, r, b_len),
+            _ => vec![0.0; b_len],
         };
-        conv.lora_a = Some(ConvWeight {
-            weight: Param::from_data(TensorData::new(a, [r, inp, k, k]), device),
-        });
-        conv.lora_b = Some(ConvWeight {
-            weight: Param::from_data(TensorData::new(b, [out, r, 1, 1]), device),
-        });
-        conv.lora_scale = scale as f32;
-        conv.lora_dropout = config.lora_dropout as f32;
+        layer.set_lora(
+            TensorData::new(a, a_shape),
+            TensorData::new(b, b_shape),
+            scale as f32,
+            config.lora_dropout as f32,
+            device,
+        );
     }
     Ok(model)
 }
 
-/// `s·ΔW` of an adapted convolution: `ΔW[o,i,:,:] = s·Σ_r B[o,r]·A[r,i,:,:]`
-/// (PEFT's `conv2d(A.transpose(0,1), B).transpose(0,1)·s`, written as a matmul).
-pub fn delta_weight(conv: &Conv2d) -> Option<Tensor<4>> {
-    let (a, b) = (conv.lora_a.as_ref()?, conv.lora_b.as_ref()?);
-    let [r, inp, k, _] = a.weight.dims();
-    let [out, _, _, _] = b.weight.dims();
-    let a2: Tensor<2> = a.weight.val().reshape([r, inp * k * k]);
-    let b2: Tensor<2> = b.weight.val().reshape([out, r]);
-    Some(
-        b2.matmul(a2)
-            .reshape([out, inp, k, k])
-            .mul_scalar(conv.lora_scale),
-    )
-}
-
-/// Folds every adapter into its base weight and removes it: a plain model
-/// that computes what the adapted one did.
+/// Folds every adapter into its base weight and removes it (PEFT's
+/// `merge_and_unload`): a plain model that computes what the adapted one
+/// did. `ΔW = s·B@A` with A flattened to `[r, in·k·k]`, which for a conv is
+/// PEFT's `conv2d(A.transpose(0,1), B).transpose(0,1)·s`.
 pub fn merge(mut model: SegNet) -> SegNet {
-    for (_, conv) in convs_mut(&mut model) {
-        if let Some(delta) = delta_weight(conv) {
-            let w = conv.weight.val().add(delta);
-            conv.weight = Param::from_tensor(w);
-            conv.lora_a = None;
-            conv.lora_b = None;
-            conv.lora_scale = 0.0;
-            conv.lora_dropout = 0.0;
-        }
+    for (_, layer) in layers_mut(&mut model) {
+        layer.merge();
     }
     model
 }
@@ -185,13 +314,12 @@ pub fn parameter_counts(model: &SegNet) -> (usize, usize) {
 /// adapter that does something.
 pub fn randomize_b(mut model: SegNet, seed: u64, device: &Device) -> SegNet {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    for (_, conv) in convs_mut(&mut model) {
-        if let Some(b) = conv.lora_b.as_mut() {
-            let dims = b.weight.dims();
-            let values: Vec<f32> = (0..dims.iter().product::<usize>())
+    for (_, layer) in layers_mut(&mut model) {
+        if let Some(shape) = layer.shape_of("lora_B.weight") {
+            let values: Vec<f32> = (0..shape.iter().product::<usize>())
                 .map(|_| rng.random_range(-0.5f32..0.5))
                 .collect();
-            b.weight = Param::from_data(TensorData::new(values, dims), device);
+            layer.set_tensor("lora_B.weight", values, device);
         }
     }
     model

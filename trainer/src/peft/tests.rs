@@ -7,13 +7,15 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::adapter::{self, CONFIG_FILE, WEIGHTS_FILE};
 use super::config::{InitLoraWeights, LoraConfig, TargetModules};
-use super::lora::{self, convs_mut};
+use super::lora::{self, layers_mut};
 use crate::config::ModelConfig;
 use crate::model::SegNet;
+use crate::model::layers::{Conv2d, Linear};
 
 fn model_config() -> ModelConfig {
     ModelConfig {
         widths: vec![4, 8],
+        squeeze_excitation: true,
         ..ModelConfig::default()
     }
 }
@@ -26,8 +28,12 @@ fn input(device: &Device) -> Tensor<4> {
 }
 
 fn logits(model: &SegNet, device: &Device) -> Vec<f32> {
+    logits_at(model, input(device))
+}
+
+fn logits_at(model: &SegNet, x: Tensor<4>) -> Vec<f32> {
     model
-        .forward(input(device))
+        .forward(x)
         .logits
         .into_data()
         .convert::<f32>()
@@ -35,8 +41,13 @@ fn logits(model: &SegNet, device: &Device) -> Vec<f32> {
         .unwrap()
 }
 
-fn all_convs() -> LoraConfig {
-    let mut c = LoraConfig::new(2, 4.0, TargetModules::Names(vec!["conv".into()]));
+/// LoRA on every conv block and on both linear layers, the head saved.
+fn all_layers() -> LoraConfig {
+    let mut c = LoraConfig::new(
+        2,
+        4.0,
+        TargetModules::Names(vec!["conv".into(), "fc1".into(), "fc2".into()]),
+    );
     c.modules_to_save = Some(vec!["head".into()]);
     c
 }
@@ -46,7 +57,7 @@ fn with_b_zero_the_adapted_model_is_the_base() {
     let device = Device::flex();
     let base = SegNet::new(&model_config(), 1, &device);
     let want = logits(&base, &device);
-    let adapted = lora::attach(base, &all_convs(), 7, &device).unwrap();
+    let adapted = lora::attach(base, &all_layers(), 7, &device).unwrap();
     assert_eq!(logits(&adapted, &device), want);
 }
 
@@ -54,13 +65,17 @@ fn with_b_zero_the_adapted_model_is_the_base() {
 fn merged_equals_unmerged() {
     let device = Device::flex();
     let base = SegNet::new(&model_config(), 1, &device);
-    let base_logits = logits(&base, &device);
+    // At initialisation, with identity batch-norm statistics, the signal
+    // shrinks layer by layer until the head's bias dominates the logits; a
+    // larger input keeps the adapters' effect well above f32 rounding.
+    let x = || input(&device).mul_scalar(20.0);
+    let base_logits = logits_at(&base, x());
     let adapted = lora::randomize_b(
-        lora::attach(base, &all_convs(), 7, &device).unwrap(),
+        lora::attach(base, &all_layers(), 7, &device).unwrap(),
         3,
         &device,
     );
-    let unmerged = logits(&adapted, &device);
+    let unmerged = logits_at(&adapted, x());
     assert!(
         unmerged
             .iter()
@@ -70,11 +85,11 @@ fn merged_equals_unmerged() {
     );
     let merged = lora::merge(adapted);
     assert!(
-        convs_mut(&mut merged.clone())
+        layers_mut(&mut merged.clone())
             .iter()
-            .all(|(_, c)| c.lora_a.is_none())
+            .all(|(_, l)| l.shape_of("lora_A.weight").is_none())
     );
-    for (m, u) in logits(&merged, &device).iter().zip(&unmerged) {
+    for (m, u) in logits_at(&merged, x()).iter().zip(&unmerged) {
         assert!((m - u).abs() <= 1e-4 * u.abs().max(1.0), "{m} vs {u}");
     }
 }
@@ -88,63 +103,70 @@ fn adapter_gradients_equal_finite_differences() {
     let device = Device::flex().autodiff();
     let base = SegNet::new(&model_config(), 1, &device);
     let model = lora::randomize_b(
-        lora::attach(base, &all_convs(), 7, &device).unwrap(),
+        lora::attach(base, &all_layers(), 7, &device).unwrap(),
         3,
         &device,
     );
+    fn conv(m: &mut SegNet) -> &mut Conv2d {
+        &mut m.decoder[1].convs[1].conv
+    }
+    fn fc1(m: &mut SegNet) -> &mut Linear {
+        &mut m.se.as_mut().unwrap().fc1
+    }
+    check_gradient(&model, "conv lora_A", &device, |m| {
+        &mut conv(m).lora_a.as_mut().unwrap().weight
+    });
+    check_gradient(&model, "conv lora_B", &device, |m| {
+        &mut conv(m).lora_b.as_mut().unwrap().weight
+    });
+    check_gradient(&model, "linear lora_A", &device, |m| {
+        &mut fc1(m).lora_a.as_mut().unwrap().weight
+    });
+    check_gradient(&model, "linear lora_B", &device, |m| {
+        &mut fc1(m).lora_b.as_mut().unwrap().weight
+    });
+}
+
+/// Autodiff's gradient of `sum(logits)` with respect to the tensor `param`
+/// picks out, against central differences at three entries.
+fn check_gradient<const D: usize>(
+    model: &SegNet,
+    what: &str,
+    device: &Device,
+    param: impl Fn(&mut SegNet) -> &mut Param<Tensor<D>>,
+) {
     // The same (training-mode) forward as the one differentiated: batch
     // norm uses batch statistics in both.
     let loss =
-        |m: &SegNet| -> f64 { m.forward(input(&device)).logits.sum().into_scalar::<f32>() as f64 };
-    let grads = model.forward(input(&device)).logits.sum().backward();
-    let conv = &model.decoder[1].convs[1].conv;
-    for which in ["lora_A", "lora_B"] {
-        let w = if which == "lora_A" {
-            conv.lora_a.as_ref()
-        } else {
-            conv.lora_b.as_ref()
-        }
+        |m: &SegNet| -> f64 { m.forward(input(device)).logits.sum().into_scalar::<f32>() as f64 };
+    let grads = model.forward(input(device)).logits.sum().backward();
+    let mut probe_model = model.clone();
+    let w = param(&mut probe_model);
+    let g: Vec<f32> = w
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
         .unwrap();
-        let g: Vec<f32> = w
-            .weight
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .unwrap();
-        let values: Vec<f32> = w
-            .weight
-            .val()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec()
-            .unwrap();
-        let dims = w.weight.dims();
-        for idx in [0, values.len() / 2, values.len() - 1] {
-            let eps = 1e-3f32;
-            let probe = |delta: f32| {
-                let mut m = model.clone();
-                let mut v = values.clone();
-                v[idx] += delta;
-                let c = &mut m.decoder[1].convs[1].conv;
-                let slot = if which == "lora_A" {
-                    c.lora_a.as_mut()
-                } else {
-                    c.lora_b.as_mut()
-                }
-                .unwrap();
-                slot.weight = Param::from_data(TensorData::new(v, dims), &device);
-                loss(&m)
-            };
-            let fd = (probe(eps) - probe(-eps)) / (2.0 * eps as f64);
-            let ad = g[idx] as f64;
-            // f32 forwards leave ~1e-3 of rounding noise in the quotient.
-            assert!(
-                (fd - ad).abs() <= 5e-3 + 0.02 * ad.abs(),
-                "{which}[{idx}]: autodiff {ad} vs finite difference {fd}"
-            );
-        }
+    let values: Vec<f32> = w.val().into_data().convert::<f32>().try_into_vec().unwrap();
+    let dims = w.dims();
+    for idx in [0, values.len() / 2, values.len() - 1] {
+        let eps = 1e-3f32;
+        let probe = |delta: f32| {
+            let mut m = model.clone();
+            let mut v = values.clone();
+            v[idx] += delta;
+            *param(&mut m) = Param::from_data(TensorData::new(v, dims), device);
+            loss(&m)
+        };
+        let fd = (probe(eps) - probe(-eps)) / (2.0 * eps as f64);
+        let ad = g[idx] as f64;
+        // f32 forwards leave ~1e-3 of rounding noise in the quotient.
+        assert!(
+            (fd - ad).abs() <= 5e-3 + 0.02 * ad.abs(),
+            "{what}[{idx}]: autodiff {ad} vs finite difference {fd}"
+        );
     }
 }
 
@@ -153,7 +175,7 @@ fn adapters_round_trip_in_peft_format() {
     let device = Device::flex();
     let dir = tempfile::tempdir().unwrap();
     let base = SegNet::new(&model_config(), 1, &device);
-    let config = all_convs();
+    let config = all_layers();
     let mut adapted =
         lora::randomize_b(lora::attach(base, &config, 7, &device).unwrap(), 3, &device);
     let size = adapter::save(dir.path(), &mut adapted, &config).unwrap();
@@ -168,6 +190,14 @@ fn adapters_round_trip_in_peft_format() {
     assert_eq!(
         file.tensors["base_model.model.encoder.0.convs.0.conv.lora_B.weight"].shape,
         vec![4, 2, 1, 1]
+    );
+    assert_eq!(
+        file.tensors["base_model.model.se.fc1.lora_A.weight"].shape,
+        vec![2, 8]
+    );
+    assert_eq!(
+        file.tensors["base_model.model.se.fc2.lora_B.weight"].shape,
+        vec![8, 2]
     );
     assert!(file.tensors.contains_key("base_model.model.head.weight"));
     assert!(file.tensors.contains_key("base_model.model.head.bias"));
@@ -225,7 +255,7 @@ fn mismatches_are_listed() {
         e.contains("attention") && e.contains("encoder.0.convs.0.conv"),
         "{e}"
     );
-    let mut missing_save = all_convs();
+    let mut missing_save = all_layers();
     missing_save.modules_to_save = Some(vec!["classifier".into()]);
     let e = lora::attach(base(), &missing_save, 0, &device)
         .unwrap_err()
@@ -236,10 +266,11 @@ fn mismatches_are_listed() {
     let dir = tempfile::tempdir().unwrap();
     let wide = ModelConfig {
         widths: vec![4, 16],
-        ..ModelConfig::default()
+        ..model_config()
     };
-    let mut other = lora::attach(SegNet::new(&wide, 1, &device), &all_convs(), 0, &device).unwrap();
-    adapter::save(dir.path(), &mut other, &all_convs()).unwrap();
+    let mut other =
+        lora::attach(SegNet::new(&wide, 1, &device), &all_layers(), 0, &device).unwrap();
+    adapter::save(dir.path(), &mut other, &all_layers()).unwrap();
     let e = adapter::load(dir.path(), base(), &device)
         .unwrap_err()
         .to_string();
@@ -249,7 +280,7 @@ fn mismatches_are_listed() {
     );
 
     // Gaussian init is accepted; DoRA is refused naming the field.
-    let mut g = all_convs();
+    let mut g = all_layers();
     g.init_lora_weights = InitLoraWeights::Named("gaussian".into());
     assert!(lora::attach(base(), &g, 0, &device).is_ok());
     g.use_dora = true;
@@ -304,7 +335,7 @@ fn fine_tuning_moves_only_the_adapter_and_the_saved_modules() {
     let samples: Vec<_> = (0..8).map(|i| shapes.get(i)).collect();
     let batch = Batch::collate(&samples, 3, [16, 16]);
 
-    let lora_config = all_convs();
+    let lora_config = all_layers();
     let selection = lora::trainable(&lora_config);
     let base = SegNet::new(&model_config(), 1, &device);
     let frozen_before = params::named_values(&base);
