@@ -445,6 +445,76 @@ async fn a_federated_job_gets_its_secret_and_restarts_a_client_alone() {
     );
 }
 
+/// A fine-tuning job on a cluster: the replica gets the LoRA section in its
+/// config (base, rank, targets, saved modules), reports the adapter's
+/// location, and the status carries it to the end.
+#[tokio::test]
+async fn a_peft_job_runs_to_success_and_reports_its_adapter() {
+    use tower::ServiceExt;
+    use trainyard::k8s::ProgressEndpoint;
+    use trainyard::progress::{ProgressHub, router};
+    let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: ft, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Peft\n  image: reg/trainer:1\n  model: {squeezeExcitation: true}\n  training: {steps: 100}\n  peft: {baseCheckpoint: /models/base.safetensors, rank: 8, alpha: 16, targetModules: [conv, fc1, fc2], modulesToSave: [head]}\n";
+    let job = trainyard::api::validate::parse_manifests(manifest)
+        .unwrap()
+        .remove(0);
+    let world = Arc::new(Mutex::new(World {
+        job: serde_json::to_value(&job).unwrap(),
+        ..Default::default()
+    }));
+    let hub = Arc::new(ProgressHub::new(None));
+    let endpoint = ProgressEndpoint {
+        url: "http://trainyard-operator.trainyard.svc:8081".into(),
+        hub: hub.clone(),
+    };
+    let h = Harness::with(world, |ctx| ctx.with_progress(endpoint));
+    h.reconcile().await;
+    assert_eq!(h.pods(), ["ft-worker-0"]);
+    let (config, token) = {
+        let w = h.world.lock().unwrap();
+        let env = w.pods["ft-worker-0"]["spec"]["containers"][0]["env"].clone();
+        let config = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "TRAINYARD_CONFIG")
+            .and_then(|e| e["value"].as_str())
+            .map(|v| serde_json::from_str::<Value>(v).unwrap())
+            .unwrap();
+        let token = w.secrets["ft-progress"]["stringData"]["token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        (config, token)
+    };
+    let peft = &config["peft"];
+    assert_eq!(peft["base"], "/models/base.safetensors");
+    assert_eq!(peft["r"], 8);
+    assert_eq!(peft["lora_alpha"], 16.0);
+    assert_eq!(peft["target_modules"], json!(["conv", "fc1", "fc2"]));
+    assert_eq!(peft["modules_to_save"], json!(["head"]));
+    assert_eq!(config["model"]["squeeze_excitation"], true);
+
+    h.reconcile().await;
+    h.set_pod("ft-worker-0", running());
+    h.reconcile().await;
+    assert_eq!(h.status()["phase"], "Running");
+    let adapter = "/checkpoints/ml/ft/adapter";
+    let report = json!({"step": 100, "total_steps": 100, "loss": 0.3, "adapter": adapter});
+    let post = http::Request::post("/v1/progress/ml/ft")
+        .header("authorization", format!("Bearer {token}"))
+        .body(axum::body::Body::from(report.to_string()))
+        .unwrap();
+    let answer = router(hub.clone()).oneshot(post).await.unwrap();
+    assert_eq!(answer.status(), http::StatusCode::NO_CONTENT);
+    h.reconcile().await;
+    assert_eq!(h.status()["progress"]["adapter"], adapter);
+    h.set_pod("ft-worker-0", exited(0));
+    h.reconcile().await;
+    let status = h.status();
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(status["progress"]["adapter"], adapter, "kept after the end");
+}
+
 #[tokio::test]
 async fn with_caches_a_steady_running_job_costs_no_requests() {
     let h = Harness::cached("");
