@@ -25,6 +25,12 @@ pub mod names {
     pub const VAL_PIXEL_ACCURACY: &str = "trainyard_trainer_val_pixel_accuracy";
     /// Checkpoints written (counter).
     pub const CHECKPOINTS_TOTAL: &str = "trainyard_trainer_checkpoints_total";
+    /// Seconds to write a checkpoint (histogram).
+    pub const CHECKPOINT_SECONDS: &str = "trainyard_trainer_checkpoint_seconds";
+    /// Seconds spent in all-reduce (data-parallel synchronisation; counter).
+    pub const ALLREDUCE_SECONDS_TOTAL: &str = "trainyard_trainer_allreduce_seconds_total";
+    /// Bytes this rank put into all-reduce (after compression; counter).
+    pub const ALLREDUCE_BYTES_TOTAL: &str = "trainyard_trainer_allreduce_bytes_total";
     /// Federated rounds completed (aggregator).
     pub const FEDERATED_ROUND: &str = "trainyard_federated_round";
     /// Updates aggregated in the last round (aggregator).
@@ -61,6 +67,12 @@ pub struct TrainerMetrics {
     pub val_pixel_accuracy: Gauge,
     /// See [`names::CHECKPOINTS_TOTAL`].
     pub checkpoints_total: IntCounter,
+    /// See [`names::CHECKPOINT_SECONDS`].
+    pub checkpoint_seconds: prometheus::Histogram,
+    /// See [`names::ALLREDUCE_SECONDS_TOTAL`].
+    pub allreduce_seconds_total: prometheus::Counter,
+    /// See [`names::ALLREDUCE_BYTES_TOTAL`].
+    pub allreduce_bytes_total: IntCounter,
     /// See [`names::FEDERATED_ROUND`].
     pub federated_round: IntGauge,
     /// See [`names::FEDERATED_PARTICIPANTS`].
@@ -108,6 +120,31 @@ impl TrainerMetrics {
             checkpoints_total: counter(
                 names::CHECKPOINTS_TOTAL,
                 "Checkpoints written by this process.",
+            ),
+            checkpoint_seconds: reg(
+                &registry,
+                prometheus::Histogram::with_opts(
+                    prometheus::HistogramOpts::new(
+                        names::CHECKPOINT_SECONDS,
+                        "Seconds to write a checkpoint.",
+                    )
+                    .buckets(vec![
+                        0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+            allreduce_seconds_total: reg(
+                &registry,
+                prometheus::Counter::new(
+                    names::ALLREDUCE_SECONDS_TOTAL,
+                    "Seconds spent in all-reduce.",
+                )
+                .expect("valid metric"),
+            ),
+            allreduce_bytes_total: counter(
+                names::ALLREDUCE_BYTES_TOTAL,
+                "Bytes this rank put into all-reduce (after compression).",
             ),
             federated_round: int_gauge(names::FEDERATED_ROUND, "Federated rounds completed."),
             federated_participants: int_gauge(

@@ -737,6 +737,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut final_loss = log.as_ref().and_then(|l| l.last_loss).unwrap_or(f64::NAN);
     let mut steady = (Duration::ZERO, 0u64);
     let mut comm = (Duration::ZERO, 0u64);
+    // What the metrics have been told of `comm` so far.
+    let mut comm_reported = comm;
     let mut last_scores: Option<metrics::SegmentationScores> = None;
     // Fine-tuning starts from the base itself (B = 0): scoring it first gives
     // the base's quality on this data, the baseline the adapter must beat.
@@ -864,6 +866,10 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             m.learning_rate.set(lr);
             m.samples_per_second.set(sps);
             m.samples_total.inc_by(batch_size as u64 * accumulate);
+            m.allreduce_seconds_total
+                .inc_by((comm.0 - comm_reported.0).as_secs_f64());
+            m.allreduce_bytes_total.inc_by(comm.1 - comm_reported.1);
+            comm_reported = comm;
         }
         match &bar {
             Some(bar) => {
@@ -947,6 +953,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                     optimizer_state,
                     config: config.clone(),
                 };
+                let started = Instant::now();
                 checkpoints.save(&ck, config.checkpoint.keep_last)?;
                 if let Some(r) = reporter {
                     progress.checkpoint = Some(crate::protocol::CheckpointMessage {
@@ -957,6 +964,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                 }
                 if let Some(m) = &opts.metrics {
                     m.checkpoints_total.inc();
+                    m.checkpoint_seconds
+                        .observe(started.elapsed().as_secs_f64());
                 }
                 tracing::debug!(path = %path.display(), "checkpoint written");
             }
