@@ -359,6 +359,11 @@ pub async fn reconcile(
                 }
             }
             Action::DeleteJob => {
+                // The final status first, so that watchers see how the job
+                // ended even when a TTL of 0 deletes it in the same pass.
+                if job.status.as_ref() != Some(&decision.status) {
+                    write_status(&ctx.client, &ns, &name, &decision.status).await?;
+                }
                 Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns)
                     .delete(&name, &DeleteParams::background())
                     .await?;
@@ -398,14 +403,7 @@ pub async fn reconcile(
         }
     }
     if job.status.as_ref() != Some(&decision.status) {
-        let body = serde_json::json!({
-            "apiVersion": TrainingJob::api_version(&()),
-            "kind": TrainingJob::kind(&()),
-            "status": decision.status,
-        });
-        Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(&name, &apply, &Patch::Apply(&body))
-            .await?;
+        write_status(&ctx.client, &ns, &name, &decision.status).await?;
     }
     // Reports arrive without a Kubernetes event: look again soon while
     // running, so progress reaches the status at a bounded rate.
@@ -415,6 +413,28 @@ pub async fn reconcile(
         Some(after) => Requeue::requeue(after.max(Duration::from_millis(500))),
         None => Requeue::await_change(),
     })
+}
+
+/// Server-side applies the job's status subresource.
+async fn write_status(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &crate::api::TrainingJobStatus,
+) -> Result<(), ReconcileError> {
+    let body = serde_json::json!({
+        "apiVersion": TrainingJob::api_version(&()),
+        "kind": TrainingJob::kind(&()),
+        "status": status,
+    });
+    Api::<TrainingJob>::namespaced(client.clone(), ns)
+        .patch_status(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    Ok(())
 }
 
 /// How often a running job's status takes in its progress reports.
