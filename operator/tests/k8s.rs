@@ -30,6 +30,54 @@ struct World {
     job_deleted: bool,
 }
 
+/// Every (API group, resource, verb) any fake API server in this file was
+/// asked for, as RBAC authorises it.
+static ACCESS: Mutex<std::collections::BTreeSet<(String, String, String)>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// Records a request as the API server's authoriser sees it: a collection
+/// GET is `list` (`watch` with ?watch), a named GET `get`, POST `create`,
+/// PUT `update`, DELETE `delete`, and PATCH `patch` (a server-side apply can
+/// create its object, which is authorised as `create` too).
+fn record_access(method: &http::Method, query: &str, path: &str, content_type: &str) {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("not an API path: {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => panic!("unexpected API path {path}"),
+    };
+    let verbs: &[&str] = match (method.as_str(), named) {
+        ("GET", false) if query.contains("watch=") => &["watch"],
+        ("GET", false) => &["list"],
+        ("GET", true) => &["get"],
+        ("POST", _) => &["create"],
+        ("PUT", _) => &["update"],
+        ("DELETE", _) => &["delete"],
+        // A subresource (status) cannot be created by an apply.
+        ("PATCH", _)
+            if content_type.starts_with("application/apply-patch") && !resource.contains('/') =>
+        {
+            &["patch", "create"]
+        }
+        ("PATCH", _) => &["patch"],
+        (m, _) => panic!("unexpected method {m}"),
+    };
+    let mut access = ACCESS.lock().unwrap();
+    for verb in verbs {
+        access.insert((group.to_string(), resource.clone(), verb.to_string()));
+    }
+}
+
 fn respond(code: StatusCode, body: &Value) -> Response<Body> {
     Response::builder()
         .status(code)
@@ -49,12 +97,20 @@ fn not_found(name: &str) -> Response<Body> {
 async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or_default().to_string();
+    let content_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let body = req.into_body().collect_bytes().await.unwrap();
     let body: Value = if body.is_empty() {
         Value::Null
     } else {
         serde_json::from_slice(&body).unwrap()
     };
+    record_access(&method, &query, &path, &content_type);
     let mut w = world.lock().unwrap();
     w.requests.push(format!("{method} {path}"));
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -101,6 +157,17 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
         ("PATCH", ["api", "v1", "namespaces", _, "services", name]) => {
             w.services.insert(name.to_string(), body.clone());
             respond(StatusCode::OK, &body)
+        }
+        ("PATCH", ["api", "v1", "namespaces", _, "secrets", name]) => {
+            // A JSON merge patch of stringData, as the operator sends.
+            let Some(secret) = w.secrets.get_mut(*name) else {
+                return not_found(name);
+            };
+            for (k, v) in body["stringData"].as_object().cloned().unwrap_or_default() {
+                secret["stringData"][k] = v;
+            }
+            let secret = secret.clone();
+            respond(StatusCode::OK, &secret)
         }
         ("POST" | "PATCH", ["apis", "events.k8s.io", "v1", "namespaces", _, "events", ..]) => {
             w.events.push(body.clone());
@@ -380,6 +447,10 @@ async fn whole_life(h: Harness, lists: bool) {
 
 #[tokio::test]
 async fn a_federated_job_gets_its_secret_and_restarts_a_client_alone() {
+    federated_life().await
+}
+
+async fn federated_life() {
     let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: fl, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Federated\n  image: reg/trainer:1\n  federated: {clients: 3, minClients: 2, rounds: 5}\n";
     let job = trainyard::api::validate::parse_manifests(manifest)
         .unwrap()
@@ -450,6 +521,10 @@ async fn a_federated_job_gets_its_secret_and_restarts_a_client_alone() {
 /// location, and the status carries it to the end.
 #[tokio::test]
 async fn a_peft_job_runs_to_success_and_reports_its_adapter() {
+    peft_life().await
+}
+
+async fn peft_life() {
     use tower::ServiceExt;
     use trainyard::k8s::ProgressEndpoint;
     use trainyard::progress::{ProgressHub, router};
@@ -602,6 +677,10 @@ async fn a_restarted_operator_creates_no_duplicates() {
 
 #[tokio::test]
 async fn trainers_report_progress_with_the_jobs_own_token() {
+    progress_reports().await
+}
+
+async fn progress_reports() {
     use tower::ServiceExt;
     use trainyard::k8s::ProgressEndpoint;
     use trainyard::progress::{ProgressHub, router};
@@ -672,6 +751,7 @@ fn lease_api(store: Arc<Mutex<Option<Value>>>) -> Client {
         let store = store.clone();
         async move {
             let method = req.method().clone();
+            record_access(&method, "", req.uri().path(), "");
             let body = req.into_body().collect_bytes().await.unwrap();
             let mut lease = store.lock().unwrap();
             let response = match method.as_str() {
@@ -715,6 +795,10 @@ fn lease_api(store: Arc<Mutex<Option<Value>>>) -> Client {
 
 #[tokio::test]
 async fn one_leader_at_a_time_and_takeover_after_expiry() {
+    leader_election().await
+}
+
+async fn leader_election() {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
     use trainyard::k8s::leader::{Elector, LEASE_DURATION, Standing};
     let store = Arc::new(Mutex::new(None));
@@ -751,4 +835,114 @@ async fn one_leader_at_a_time_and_takeover_after_expiry() {
     let lease = store.lock().unwrap().clone().unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
+}
+
+/// The chart's RBAC rules (`charts/trainyard/files/rbac/`) grant exactly
+/// what the operator asks the API server for: every request of the
+/// scenarios below (and of every other test in this file) is allowed, and
+/// every granted verb is used by one of them or by the controller's watches.
+#[tokio::test]
+async fn the_charts_rbac_allows_exactly_what_the_operator_does() {
+    whole_life(Harness::new(""), true).await;
+    federated_life().await;
+    federated_secret_gains_keys_for_new_clients().await;
+    peft_life().await;
+    progress_reports().await;
+    leader_election().await;
+    finished_job_is_deleted_after_its_ttl().await;
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Rule {
+        api_groups: Vec<String>,
+        resources: Vec<String>,
+        verbs: Vec<String>,
+    }
+    let chart =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/trainyard/files/rbac");
+    let mut granted = std::collections::BTreeSet::new();
+    for file in ["cluster-rules.yaml", "leader-election-rules.yaml"] {
+        let text = std::fs::read_to_string(chart.join(file)).unwrap();
+        let rules: Vec<Rule> = serde_yaml::from_str(&text).unwrap();
+        for r in rules {
+            for g in &r.api_groups {
+                for res in &r.resources {
+                    for v in &r.verbs {
+                        granted.insert((g.clone(), res.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+    }
+    let mut used = ACCESS.lock().unwrap().clone();
+    // k8s::run: the CRD check lists TrainingJobs once; the Controller lists
+    // and watches TrainingJobs, and the pods and Services it owns.
+    for (group, resource) in [
+        ("trainyard.dev", "trainingjobs"),
+        ("", "pods"),
+        ("", "services"),
+    ] {
+        for verb in ["list", "watch"] {
+            used.insert((group.into(), resource.into(), verb.into()));
+        }
+    }
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(missing.is_empty(), "the chart does not grant {missing:?}");
+    let unused: Vec<_> = granted.difference(&used).collect();
+    assert!(
+        unused.is_empty(),
+        "the chart grants what the operator never uses: {unused:?}"
+    );
+}
+
+/// A federated job whose Secret predates a larger `clients`: the missing
+/// client keys are merged in, the existing secret kept.
+async fn federated_secret_gains_keys_for_new_clients() {
+    let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: fl, namespace: ml, uid: job-uid, generation: 2}\nspec:\n  mode: Federated\n  image: reg/trainer:1\n  federated: {clients: 3, minClients: 2, rounds: 5}\n";
+    let job = trainyard::api::validate::parse_manifests(manifest)
+        .unwrap()
+        .remove(0);
+    let master = "ab".repeat(32);
+    let world = Arc::new(Mutex::new(World {
+        job: serde_json::to_value(&job).unwrap(),
+        secrets: BTreeMap::from([(
+            "fl-federation".to_string(),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fl-federation"},
+                   "stringData": {"secret": master, "client-0": "kept"}}),
+        )]),
+        ..Default::default()
+    }));
+    let h = Harness::over(world);
+    h.reconcile().await;
+    let w = h.world.lock().unwrap();
+    let data = &w.secrets["fl-federation"]["stringData"];
+    assert_eq!(data["secret"], master.as_str());
+    assert_eq!(data["client-0"], "kept", "existing keys are not rewritten");
+    assert_eq!(
+        data["client-2"],
+        trainyard_trainer::config::client_token(&master, 2).as_str()
+    );
+}
+
+/// `ttlSecondsAfterFinished: 0`: a succeeded job is deleted by the operator,
+/// its final status written first.
+async fn finished_job_is_deleted_after_its_ttl() {
+    let h = Harness::new("  runPolicy: {ttlSecondsAfterFinished: 0}\n");
+    h.reconcile().await;
+    h.reconcile().await;
+    for p in h.pods() {
+        h.set_pod(&p, running());
+    }
+    h.reconcile().await;
+    assert_eq!(h.status()["phase"], "Running");
+    for p in h.pods() {
+        h.set_pod(&p, exited(0));
+    }
+    h.reconcile().await;
+    assert_eq!(
+        h.status()["phase"],
+        "Succeeded",
+        "the final status is written before the job is deleted"
+    );
+    assert!(h.world.lock().unwrap().job_deleted, "deleted after its TTL");
 }
