@@ -109,7 +109,10 @@ impl OperatorMetrics {
         let job_gauge = |name: &str, help: &str| {
             reg(
                 &r,
-                GaugeVec::new(Opts::new(name, help), &["namespace", "job"]).expect("valid metric"),
+                // Not `namespace`/`job`: Prometheus gives those to every scraped
+                // target, and a clash would rename ours to `exported_*`.
+                GaugeVec::new(Opts::new(name, help), &["job_namespace", "job_name"])
+                    .expect("valid metric"),
             )
         };
         let metrics = Self {
@@ -447,7 +450,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("trainyard_jobs{mode=\"Distributed\",phase=\"Running\"} 1"));
-        assert!(text.contains("trainyard_job_step{job=\"a\",namespace=\"n\"} 7"));
+        assert!(text.contains("trainyard_job_step{job_name=\"a\",job_namespace=\"n\"} 7"));
         assert!(
             text.contains("trainyard_job_time_to_running_seconds_sum{mode=\"Distributed\"} 12")
         );

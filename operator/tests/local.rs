@@ -460,7 +460,7 @@ fn a_local_run_serves_job_and_trainer_metrics_that_promtool_accepts() {
         || {
             job = scrape(job_port).unwrap_or_default();
             trainer = scrape(trainer_port).unwrap_or_default();
-            sample(&job, r#"trainyard_job_step{job="scraped""#).is_some_and(|s| s >= 1.0)
+            sample(&job, r#"trainyard_job_step{job_name="scraped""#).is_some_and(|s| s >= 1.0)
                 && sample(&trainer, "trainyard_trainer_step ").is_some_and(|s| s >= 1.0)
         },
     );
