@@ -695,6 +695,9 @@ pub struct PeftSpec {
     /// Scale α/√r (rsLoRA) instead of α/r.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: also train a magnitude per output channel of each adapted layer.
+    #[serde(default)]
+    pub use_dora: bool,
     /// Worker replicas (data-parallel fine-tuning).
     #[serde(default = "d::one")]
     #[schemars(range(min = 1, max = 4096))]

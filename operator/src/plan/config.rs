@@ -192,6 +192,7 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
                 target_regex: None,
                 modules_to_save: p.modules_to_save.clone(),
                 use_rslora: p.use_rslora,
+                use_dora: p.use_dora,
                 init: tc::PeftConfig::default().init,
             }),
             _ => None,

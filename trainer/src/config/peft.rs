@@ -27,6 +27,9 @@ pub struct PeftConfig {
     pub modules_to_save: Vec<String>,
     /// Scale by α/√r.
     pub use_rslora: bool,
+    /// DoRA: also train a magnitude per output channel of each adapted
+    /// layer (weight-decomposed LoRA, Liu et al. 2024).
+    pub use_dora: bool,
     /// `kaiming` (A Kaiming-uniform, B zero: PEFT's default) or `gaussian`.
     pub init: String,
 }
@@ -42,6 +45,7 @@ impl Default for PeftConfig {
             target_regex: None,
             modules_to_save: Vec::new(),
             use_rslora: false,
+            use_dora: false,
             init: "kaiming".into(),
         }
     }

@@ -16,7 +16,8 @@ use crate::kernels::op::bn_relu_train;
 /// With a LoRA adapter (see [`crate::peft`]) it also holds PEFT's
 /// `lora_A.weight` `[r, in, k, k]` (a conv like the base one) and
 /// `lora_B.weight` `[out, r, 1, 1]` (a 1x1 conv), and computes
-/// `conv(x; W) + s·B(A(dropout(x)))`.
+/// `conv(x; W) + s·B(A(dropout(x)))`; with DoRA also a magnitude `m` per
+/// output channel, and the adapted weight is `m·(W + s·BA)/‖W + s·BA‖`.
 #[derive(Module, Debug)]
 pub struct Conv2d {
     /// `[out_channels, in_channels, kernel, kernel]`.
@@ -27,6 +28,8 @@ pub struct Conv2d {
     pub lora_a: Option<ConvWeight>,
     /// LoRA's up-projection, PEFT's `lora_B`.
     pub lora_b: Option<ConvWeight>,
+    /// DoRA's magnitude `[out]`, PEFT's `lora_magnitude_vector`.
+    pub lora_magnitude: Option<Param<Tensor<1>>>,
     /// LoRA's scale s (α/r or α/√r).
     #[module(skip)]
     pub lora_scale: f32,
@@ -72,6 +75,7 @@ impl Conv2d {
             bias,
             lora_a: None,
             lora_b: None,
+            lora_magnitude: None,
             lora_scale: 0.0,
             lora_dropout: 0.0,
         }
@@ -80,35 +84,61 @@ impl Conv2d {
     /// # Shapes
     /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let adapter = match (&self.lora_a, &self.lora_b) {
-            (Some(a), Some(b)) => Some(self.lora_branch(x.clone(), a, b)),
-            _ => None,
+        let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) else {
+            return self.base_forward(x, true);
         };
-        let y = self.base_forward(x);
-        match adapter {
-            Some(delta) => y.add(delta),
-            None => y,
-        }
+        let y = self.base_forward(x.clone(), true);
+        let Some(m) = &self.lora_magnitude else {
+            return y.add(self.lora_branch(dropout(x, self.lora_dropout), a, b));
+        };
+        // DoRA, as PEFT computes it: y + (g − 1)·(W∗x) + g·s·B(A(x)) with
+        // g = m / ‖W + s·BA‖ per output channel, the norm held constant.
+        let (x, base) = if dropout_active(&x, self.lora_dropout) {
+            let x = dropout(x, self.lora_dropout);
+            (x.clone(), self.base_forward(x, false))
+        } else {
+            let base = match &self.bias {
+                Some(bias) => y.clone().sub(bias.val().reshape([1, -1, 1, 1])),
+                None => y.clone(),
+            };
+            (x, base)
+        };
+        let out = self.weight.dims()[0];
+        let g: Tensor<4> = m
+            .val()
+            .div(dora_norm(self.weight.val(), self.delta_weight(a, b)))
+            .reshape([1, out, 1, 1]);
+        let lora = self.lora_branch(x, a, b);
+        y.add(base.mul(g.clone().sub_scalar(1.0))).add(lora.mul(g))
     }
 
-    fn base_forward(&self, x: Tensor<4>) -> Tensor<4> {
+    /// `s·B@A` in the base weight's shape: what merging adds.
+    pub fn delta_weight(&self, a: &ConvWeight, b: &ConvWeight) -> Tensor<4> {
+        let dims = self.weight.dims();
+        let [r, i, k, _] = a.weight.dims();
+        let a2: Tensor<2> = a.weight.val().reshape([r, i * k * k]);
+        let b2: Tensor<2> = b.weight.val().reshape([dims[0], r]);
+        b2.matmul(a2).mul_scalar(self.lora_scale).reshape(dims)
+    }
+
+    fn base_forward(&self, x: Tensor<4>, with_bias: bool) -> Tensor<4> {
         let [_, _, k, _] = self.weight.dims();
-        if k == 3 && self.bias.is_none() && crate::kernels::native().conv {
+        let bias = self.bias.as_ref().filter(|_| with_bias);
+        if k == 3 && bias.is_none() && crate::kernels::native().conv {
             return crate::kernels::op::conv3x3(x, self.weight.val());
         }
         let pad = k / 2;
         conv2d(
             x,
             self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
+            bias.map(|b| b.val()),
             ConvOptions::new([1, 1], [pad, pad], [1, 1], 1),
         )
     }
 
-    /// `s·B(A(dropout(x)))`: A is a conv like the base (same kernel and
-    /// padding), B a 1x1 conv.
+    /// `s·B(A(x))` (dropout already applied): A is a conv like the base
+    /// (same kernel and padding), B a 1x1 conv.
     fn lora_branch(&self, x: Tensor<4>, a: &ConvWeight, b: &ConvWeight) -> Tensor<4> {
-        let x = dropout(x, self.lora_dropout);
         let [_, _, k, _] = a.weight.dims();
         let h = if k == 3 && crate::kernels::native().conv {
             // A is a bias-free 3x3 conv like the base: our kernel runs it
@@ -255,7 +285,8 @@ impl ConvBnRelu {
 /// A fully connected layer, PyTorch's `nn.Linear`: `y = x·Wᵀ + b`.
 ///
 /// With a LoRA adapter it also holds PEFT's `lora_A.weight` `[r, in]` and
-/// `lora_B.weight` `[out, r]`, and computes `x·Wᵀ + b + s·B(A(dropout(x)))`.
+/// `lora_B.weight` `[out, r]`, and computes `x·Wᵀ + b + s·B(A(dropout(x)))`
+/// (with DoRA, as [`Conv2d`] does).
 #[derive(Module, Debug)]
 pub struct Linear {
     /// `[out_features, in_features]`.
@@ -266,6 +297,8 @@ pub struct Linear {
     pub lora_a: Option<LinearWeight>,
     /// LoRA's up-projection, PEFT's `lora_B`.
     pub lora_b: Option<LinearWeight>,
+    /// DoRA's magnitude `[out]`, PEFT's `lora_magnitude_vector`.
+    pub lora_magnitude: Option<Param<Tensor<1>>>,
     /// LoRA's scale s (α/r or α/√r).
     #[module(skip)]
     pub lora_scale: f32,
@@ -308,6 +341,7 @@ impl Linear {
             bias,
             lora_a: None,
             lora_b: None,
+            lora_magnitude: None,
             lora_scale: 0.0,
             lora_dropout: 0.0,
         }
@@ -316,32 +350,63 @@ impl Linear {
     /// # Shapes
     /// - input `[batch, in]` → output `[batch, out]`
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let adapter = match (&self.lora_a, &self.lora_b) {
-            (Some(a), Some(b)) => {
-                let x = dropout(x.clone(), self.lora_dropout);
-                Some(
-                    x.matmul(a.weight.val().transpose())
-                        .matmul(b.weight.val().transpose())
-                        .mul_scalar(self.lora_scale),
-                )
-            }
-            _ => None,
+        let base = x.clone().matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(b) => base.clone().add(b.val().unsqueeze_dim(0)),
+            None => base.clone(),
         };
-        let mut y = x.matmul(self.weight.val().transpose());
-        if let Some(b) = &self.bias {
-            y = y.add(b.val().unsqueeze_dim(0));
-        }
-        match adapter {
-            Some(delta) => y.add(delta),
-            None => y,
-        }
+        let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) else {
+            return y;
+        };
+        let lora = |x: Tensor<2>| {
+            x.matmul(a.weight.val().transpose())
+                .matmul(b.weight.val().transpose())
+                .mul_scalar(self.lora_scale)
+        };
+        let Some(m) = &self.lora_magnitude else {
+            return y.add(lora(dropout(x, self.lora_dropout)));
+        };
+        // DoRA; see Conv2d::forward.
+        let (x, base) = if dropout_active(&x, self.lora_dropout) {
+            let x = dropout(x, self.lora_dropout);
+            (x.clone(), x.matmul(self.weight.val().transpose()))
+        } else {
+            (x, base)
+        };
+        let g: Tensor<2> = m
+            .val()
+            .div(dora_norm(self.weight.val(), self.delta_weight(a, b)))
+            .unsqueeze_dim(0);
+        y.add(base.mul(g.clone().sub_scalar(1.0)))
+            .add(lora(x).mul(g))
     }
+
+    /// `s·B@A`: what merging adds to the weight.
+    pub fn delta_weight(&self, a: &LinearWeight, b: &LinearWeight) -> Tensor<2> {
+        b.weight
+            .val()
+            .matmul(a.weight.val())
+            .mul_scalar(self.lora_scale)
+    }
+}
+
+/// DoRA's ‖W + ΔW‖ per output channel (the L2 norm over all other
+/// dimensions), detached from the graph as the DoRA paper (§4.3) and PEFT do.
+pub fn dora_norm<const D: usize>(weight: Tensor<D>, delta: Tensor<D>) -> Tensor<1> {
+    let dims = weight.dims();
+    let rest: usize = dims[1..].iter().product();
+    let w: Tensor<2> = weight.add(delta).detach().reshape([dims[0], rest]);
+    w.powi_scalar(2).sum_dim(1).sqrt().reshape([dims[0]])
+}
+
+fn dropout_active<const D: usize>(x: &Tensor<D>, p: f32) -> bool {
+    p > 0.0 && x.device().is_autodiff()
 }
 
 /// Inverted dropout with drop probability `p`, while training only (as
 /// burn's and PyTorch's): evaluation leaves `x` as it is.
 fn dropout<const D: usize>(x: Tensor<D>, p: f32) -> Tensor<D> {
-    if p > 0.0 && x.device().is_autodiff() {
+    if dropout_active(&x, p) {
         let keep = 1.0 - p as f64;
         let mask = x.random_like(burn::tensor::Distribution::Bernoulli(keep));
         x.mul(mask).div_scalar(keep)

@@ -12,7 +12,7 @@ use burn::tensor::Device;
 
 use super::PeftError;
 use super::config::LoraConfig;
-use super::lora::{TENSOR_NAMES, attach, layers_mut};
+use super::lora::{ADAPTER_TENSORS, TENSOR_NAMES, attach, layers_mut};
 use crate::model::SegNet;
 use crate::tensorfile::{self, NamedTensor};
 
@@ -39,9 +39,9 @@ pub fn adapter_tensors(model: &mut SegNet, config: &LoraConfig) -> Vec<(String, 
 /// Which of a layer's tensors an adapter file holds.
 fn kept(config: &LoraConfig, path: &str) -> &'static [&'static str] {
     if config.saves(path) {
-        &TENSOR_NAMES[2..]
+        &TENSOR_NAMES[ADAPTER_TENSORS..]
     } else {
-        &TENSOR_NAMES[..2]
+        &TENSOR_NAMES[..ADAPTER_TENSORS]
     }
 }
 

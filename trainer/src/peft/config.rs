@@ -145,6 +145,7 @@ impl LoraConfig {
         let mut c = Self::new(p.r, p.lora_alpha, targets);
         c.lora_dropout = p.lora_dropout;
         c.use_rslora = p.use_rslora;
+        c.use_dora = p.use_dora;
         c.modules_to_save = (!p.modules_to_save.is_empty()).then(|| p.modules_to_save.clone());
         if p.init == "gaussian" {
             c.init_lora_weights = InitLoraWeights::Named("gaussian".into());
@@ -169,9 +170,6 @@ impl LoraConfig {
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad("lora_dropout", "must be in [0, 1)");
-        }
-        if self.use_dora {
-            return bad("use_dora", "DoRA is not supported yet; use plain LoRA");
         }
         if self.bias != "none" {
             return bad("bias", "only \"none\" is supported (biases stay frozen)");
@@ -292,9 +290,9 @@ mod tests {
     #[test]
     fn unsupported_settings_name_their_field_and_unknown_keys_survive() {
         let json = r#"{"peft_type":"LORA","r":4,"lora_alpha":8,"target_modules":["conv"],
-                       "use_dora":true,"layers_pattern":null,"megatron_core":"megatron.core"}"#;
+                       "bias":"all","layers_pattern":null,"megatron_core":"megatron.core"}"#;
         let c: LoraConfig = serde_json::from_str(json).unwrap();
-        assert_eq!(c.check().unwrap_err().field, "use_dora");
+        assert_eq!(c.check().unwrap_err().field, "bias");
         assert!(c.other.contains_key("megatron_core"));
         let back = serde_json::to_value(&c).unwrap();
         assert_eq!(back["megatron_core"], "megatron.core");

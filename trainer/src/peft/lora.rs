@@ -11,7 +11,7 @@ use rand_distr::Normal;
 use super::PeftError;
 use super::config::{InitLoraWeights, LoraConfig};
 use crate::model::SegNet;
-use crate::model::layers::{Conv2d, ConvWeight, Linear, LinearWeight};
+use crate::model::layers::{Conv2d, ConvWeight, Linear, LinearWeight, dora_norm};
 use crate::tensorfile::NamedTensor;
 
 /// A layer that can carry a LoRA adapter: [`Conv2d`] and [`Linear`]. The
@@ -24,9 +24,11 @@ pub trait LoraLayer {
     fn lora_shapes(&self, r: usize) -> (Vec<usize>, Vec<usize>);
     /// Installs A and B (flat values in the shapes of [`Self::lora_shapes`]).
     fn set_lora(&mut self, a: TensorData, b: TensorData, scale: f32, dropout: f32, device: &Device);
-    /// `s·ΔW` in the base weight's shape, when an adapter is attached.
-    fn delta(&self) -> Option<TensorData>;
-    /// Folds `s·ΔW` into the base weight and removes the adapter.
+    /// DoRA: starts the magnitude at `‖W + s·BA‖` per output channel (so
+    /// the adapted layer computes what the LoRA one does).
+    fn init_magnitude(&mut self, device: &Device);
+    /// Folds the adapter into the base weight (`W + s·BA`, with DoRA
+    /// `m·(W + s·BA)/‖W + s·BA‖`) and removes it.
     fn merge(&mut self);
     /// The shape of a named tensor, when the layer has it.
     fn shape_of(&self, name: &str) -> Option<Vec<usize>>;
@@ -36,8 +38,18 @@ pub trait LoraLayer {
     fn set_tensor(&mut self, name: &str, values: Vec<f32>, device: &Device);
 }
 
-/// Names of a LoRA layer's tensors, in file order.
-pub const TENSOR_NAMES: [&str; 4] = ["lora_A.weight", "lora_B.weight", "weight", "bias"];
+/// Names of a LoRA layer's tensors, in file order: the adapter's (the
+/// magnitude only with DoRA), then the layer's own.
+pub const TENSOR_NAMES: [&str; 5] = [
+    "lora_A.weight",
+    "lora_B.weight",
+    "lora_magnitude_vector",
+    "weight",
+    "bias",
+];
+
+/// How many of [`TENSOR_NAMES`] belong to the adapter.
+pub const ADAPTER_TENSORS: usize = 3;
 
 fn named<const D: usize>(p: &Param<Tensor<D>>) -> NamedTensor {
     NamedTensor {
@@ -58,7 +70,7 @@ fn refill<const D: usize>(p: &mut Param<Tensor<D>>, values: Vec<f32>, device: &D
 // The two impls differ only in tensor rank; burn's Param<Tensor<D>> has no
 // rank-erased handle, so each spells out its four tensors.
 macro_rules! lora_layer {
-    ($layer:ty, $factor:ident, $rank:literal, $fan_in:expr, $shapes:expr) => {
+    ($layer:ty, $factor:ident, $rank:literal, $fan_in:expr, $shapes:expr, $magnitude_shape:expr) => {
         impl LoraLayer for $layer {
             fn fan_in(&self) -> usize {
                 ($fan_in)(self.weight.dims())
@@ -83,30 +95,40 @@ macro_rules! lora_layer {
                 self.lora_scale = scale;
                 self.lora_dropout = dropout;
             }
-            fn delta(&self) -> Option<TensorData> {
-                let (a, b) = (self.lora_a.as_ref()?, self.lora_b.as_ref()?);
-                let dims = self.weight.dims();
-                let [r, rest @ ..] = a.weight.dims();
-                let a2: Tensor<2> = a.weight.val().reshape([r, rest.iter().product()]);
-                let b2: Tensor<2> = b.weight.val().reshape([dims[0], r]);
-                let d: Tensor<$rank> = b2.matmul(a2).mul_scalar(self.lora_scale).reshape(dims);
-                Some(d.into_data())
+            fn init_magnitude(&mut self, device: &Device) {
+                if let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) {
+                    let norm = dora_norm(self.weight.val(), self.delta_weight(a, b));
+                    self.lora_magnitude = Some(Param::from_data(norm.into_data(), device));
+                }
             }
             fn merge(&mut self) {
-                if let Some(delta) = self.delta() {
-                    let device = self.weight.device();
-                    let w = self.weight.val().add(Tensor::from_data(delta, &device));
-                    self.weight = Param::from_tensor(w);
-                    self.lora_a = None;
-                    self.lora_b = None;
-                    self.lora_scale = 0.0;
-                    self.lora_dropout = 0.0;
+                let (Some(a), Some(b)) = (&self.lora_a, &self.lora_b) else {
+                    return;
+                };
+                let delta = self.delta_weight(a, b);
+                let mut w = self.weight.val().add(delta.clone());
+                if let Some(m) = &self.lora_magnitude {
+                    let out = self.weight.dims()[0];
+                    let mut shape = [1; $rank];
+                    shape[0] = out;
+                    let g = m.val().div(dora_norm(self.weight.val(), delta));
+                    w = w.mul(g.reshape(shape));
                 }
+                self.weight = Param::from_tensor(w);
+                self.lora_a = None;
+                self.lora_b = None;
+                self.lora_magnitude = None;
+                self.lora_scale = 0.0;
+                self.lora_dropout = 0.0;
             }
             fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
                 match name {
                     "lora_A.weight" => self.lora_a.as_ref().map(|w| w.weight.dims().to_vec()),
                     "lora_B.weight" => self.lora_b.as_ref().map(|w| w.weight.dims().to_vec()),
+                    "lora_magnitude_vector" => self
+                        .lora_magnitude
+                        .as_ref()
+                        .map(|m| ($magnitude_shape)(m.dims()[0])),
                     "weight" => Some(self.weight.dims().to_vec()),
                     "bias" => self.bias.as_ref().map(|b| b.dims().to_vec()),
                     _ => None,
@@ -116,6 +138,10 @@ macro_rules! lora_layer {
                 match name {
                     "lora_A.weight" => self.lora_a.as_ref().map(|w| named(&w.weight)),
                     "lora_B.weight" => self.lora_b.as_ref().map(|w| named(&w.weight)),
+                    "lora_magnitude_vector" => self.lora_magnitude.as_ref().map(|m| NamedTensor {
+                        shape: ($magnitude_shape)(m.dims()[0]),
+                        ..named(m)
+                    }),
                     "weight" => Some(named(&self.weight)),
                     "bias" => self.bias.as_ref().map(named),
                     _ => None,
@@ -131,6 +157,10 @@ macro_rules! lora_layer {
                         .lora_b
                         .as_mut()
                         .map(|w| refill(&mut w.weight, values, device)),
+                    "lora_magnitude_vector" => self
+                        .lora_magnitude
+                        .as_mut()
+                        .map(|m| refill(m, values, device)),
                     "weight" => Some(refill(&mut self.weight, values, device)),
                     "bias" => self.bias.as_mut().map(|b| refill(b, values, device)),
                     _ => None,
@@ -146,14 +176,17 @@ lora_layer!(
     4,
     |[_, i, k, _]: [usize; 4]| i * k * k,
     // A is a conv like the base one, B a 1x1 conv.
-    |[o, i, k, _]: [usize; 4], r| (vec![r, i, k, k], vec![o, r, 1, 1])
+    |[o, i, k, _]: [usize; 4], r| (vec![r, i, k, k], vec![o, r, 1, 1]),
+    // PEFT keeps a conv's magnitude broadcastable against its output.
+    |out| vec![1, out, 1, 1]
 );
 lora_layer!(
     Linear,
     LinearWeight,
     2,
     |[_, i]: [usize; 2]| i,
-    |[o, i]: [usize; 2], r| (vec![r, i], vec![o, r])
+    |[o, i]: [usize; 2], r| (vec![r, i], vec![o, r]),
+    |out| vec![out]
 );
 
 /// Every layer of `model` that can carry an adapter, with its module path
@@ -270,6 +303,9 @@ pub fn attach(
             config.lora_dropout as f32,
             device,
         );
+        if config.use_dora {
+            layer.init_magnitude(device);
+        }
     }
     Ok(model)
 }
@@ -277,7 +313,8 @@ pub fn attach(
 /// Folds every adapter into its base weight and removes it (PEFT's
 /// `merge_and_unload`): a plain model that computes what the adapted one
 /// did. `ΔW = s·B@A` with A flattened to `[r, in·k·k]`, which for a conv is
-/// PEFT's `conv2d(A.transpose(0,1), B).transpose(0,1)·s`.
+/// PEFT's `conv2d(A.transpose(0,1), B).transpose(0,1)·s`; DoRA rescales each
+/// output channel of `W + ΔW` to its magnitude.
 pub fn merge(mut model: SegNet) -> SegNet {
     for (_, layer) in layers_mut(&mut model) {
         layer.merge();
@@ -290,12 +327,17 @@ pub fn merge(mut model: SegNet) -> SegNet {
 pub fn trainable(config: &LoraConfig) -> crate::model::params::Trainable {
     let config = config.clone();
     crate::model::params::Trainable::Matching(std::sync::Arc::new(move |name: &str| {
-        if name.contains(".lora_a.") || name.contains(".lora_b.") {
+        if is_adapter_parameter(name) {
             return true;
         }
         let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
         config.saves(module)
     }))
+}
+
+/// Whether a parameter (by its in-memory path) belongs to an adapter.
+fn is_adapter_parameter(name: &str) -> bool {
+    name.contains(".lora_a.") || name.contains(".lora_b.") || name.ends_with(".lora_magnitude")
 }
 
 /// Trainable adapter parameters of `model`, and all parameters.
@@ -304,7 +346,7 @@ pub fn parameter_counts(model: &SegNet) -> (usize, usize) {
     let all: usize = layout.trainable().map(|e| e.len).sum();
     let adapter: usize = layout
         .trainable()
-        .filter(|e| e.name.contains(".lora_a.") || e.name.contains(".lora_b."))
+        .filter(|e| is_adapter_parameter(&e.name))
         .map(|e| e.len)
         .sum();
     (adapter, all)

@@ -279,17 +279,128 @@ fn mismatches_are_listed() {
         "{e}"
     );
 
-    // Gaussian init is accepted; DoRA is refused naming the field.
+    // Gaussian init is accepted; unsupported settings are refused naming the field.
     let mut g = all_layers();
     g.init_lora_weights = InitLoraWeights::Named("gaussian".into());
     assert!(lora::attach(base(), &g, 0, &device).is_ok());
-    g.use_dora = true;
+    g.bias = "lora_only".into();
     assert!(
         lora::attach(base(), &g, 0, &device)
             .unwrap_err()
             .to_string()
-            .contains("use_dora")
+            .contains("bias")
     );
+}
+
+fn dora() -> LoraConfig {
+    LoraConfig {
+        use_dora: true,
+        ..all_layers()
+    }
+}
+
+/// A DoRA model with non-zero B's and magnitudes moved off their initial
+/// norms, so every part of the decomposition matters.
+fn trained_dora(device: &Device) -> SegNet {
+    let base = SegNet::new(&model_config(), 1, device);
+    let mut model = lora::randomize_b(lora::attach(base, &dora(), 7, device).unwrap(), 3, device);
+    for (i, (_, layer)) in layers_mut(&mut model).into_iter().enumerate() {
+        if let Some(m) = layer.tensor("lora_magnitude_vector") {
+            let moved = m
+                .values
+                .iter()
+                .enumerate()
+                .map(|(j, v)| v * (1.0 + 0.1 * ((i + j) % 5) as f32 - 0.2))
+                .collect();
+            layer.set_tensor("lora_magnitude_vector", moved, device);
+        }
+    }
+    model
+}
+
+#[test]
+fn dora_starts_as_the_base_and_merges_exactly() {
+    let device = Device::flex();
+    let base = SegNet::new(&model_config(), 1, &device);
+    let x = || input(&device).mul_scalar(20.0);
+    let want = logits_at(&base, x());
+    let adapted = lora::attach(base, &dora(), 7, &device).unwrap();
+    for (m, w) in logits_at(&adapted, x()).iter().zip(&want) {
+        // m = ‖W‖ makes the scale exactly 1 only up to rounding.
+        assert!((m - w).abs() <= 1e-5 * w.abs().max(1.0), "{m} vs {w}");
+    }
+
+    let model = trained_dora(&device);
+    let unmerged = logits_at(&model, x());
+    let plain_lora = {
+        let mut m = model.clone();
+        for block in m.encoder.iter_mut().chain(m.decoder.iter_mut()) {
+            for c in &mut block.convs {
+                c.conv.lora_magnitude = None;
+            }
+        }
+        logits_at(&m, x())
+    };
+    assert!(
+        unmerged
+            .iter()
+            .zip(&plain_lora)
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "the magnitude does something"
+    );
+    let merged = lora::merge(model);
+    assert!(merged.decoder[1].convs[1].conv.lora_magnitude.is_none());
+    for (m, u) in logits_at(&merged, x()).iter().zip(&unmerged) {
+        assert!((m - u).abs() <= 1e-4 * u.abs().max(1.0), "{m} vs {u}");
+    }
+}
+
+/// The magnitude's gradient against finite differences (A's and B's are
+/// not comparable: DoRA holds the norm constant in the backward pass, as
+/// the paper and PEFT do, while a finite difference moves it).
+#[test]
+fn dora_magnitude_gradients_equal_finite_differences() {
+    let device = Device::flex().autodiff();
+    let model = trained_dora(&device);
+    fn conv(m: &mut SegNet) -> &mut Conv2d {
+        &mut m.decoder[1].convs[1].conv
+    }
+    fn fc2(m: &mut SegNet) -> &mut Linear {
+        &mut m.se.as_mut().unwrap().fc2
+    }
+    check_gradient(&model, "conv magnitude", &device, |m| {
+        conv(m).lora_magnitude.as_mut().unwrap()
+    });
+    check_gradient(&model, "linear magnitude", &device, |m| {
+        fc2(m).lora_magnitude.as_mut().unwrap()
+    });
+}
+
+#[test]
+fn dora_adapters_round_trip_with_peft_magnitude_keys() {
+    let device = Device::flex();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dora();
+    let mut model = trained_dora(&device);
+    adapter::save(dir.path(), &mut model, &config).unwrap();
+    let file = crate::tensorfile::read(&dir.path().join(WEIGHTS_FILE)).unwrap();
+    // PEFT's shapes: a conv's magnitude broadcasts against its output.
+    assert_eq!(
+        file.tensors["base_model.model.encoder.0.convs.0.conv.lora_magnitude_vector"].shape,
+        vec![1, 4, 1, 1]
+    );
+    assert_eq!(
+        file.tensors["base_model.model.se.fc1.lora_magnitude_vector"].shape,
+        vec![2]
+    );
+    let (loaded, back) = adapter::load(
+        dir.path(),
+        SegNet::new(&model_config(), 1, &device),
+        &device,
+    )
+    .unwrap();
+    assert!(back.use_dora);
+    assert_eq!(logits(&loaded, &device), logits(&model, &device));
 }
 
 #[test]
