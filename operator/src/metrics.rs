@@ -57,6 +57,8 @@ pub mod names {
 /// The operator's metric handles.
 pub struct OperatorMetrics {
     registry: Registry,
+    /// The store's series, rendered only when a store is configured.
+    store_registry: Registry,
     jobs: IntGaugeVec,
     created: IntCounterVec,
     finished: IntCounterVec,
@@ -96,16 +98,27 @@ impl OperatorMetrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Self {
         let r = Registry::new();
+        // The store's series exist only where there is a store: a `0` for
+        // "up" without a database would read as an outage.
+        let store_registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             reg(
                 &r,
                 IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
             )
         };
-        let gauge =
-            |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
-        let total =
-            |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
+        let store_gauge = |name: &str, help: &str| {
+            reg(
+                &store_registry,
+                IntGauge::new(name, help).expect("valid metric"),
+            )
+        };
+        let store_total = |name: &str, help: &str| {
+            reg(
+                &store_registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
+        };
         let job_gauge = |name: &str, help: &str| {
             reg(
                 &r,
@@ -173,23 +186,23 @@ impl OperatorMetrics {
                 "Progress reports received, by result.",
                 &["result"],
             ),
-            store_writes: total(
+            store_writes: store_total(
                 names::STORE_WRITES_TOTAL,
                 "History records written to PostgreSQL.",
             ),
-            store_errors: total(
+            store_errors: store_total(
                 names::STORE_WRITE_ERRORS_TOTAL,
                 "Failed history writes (retried).",
             ),
-            store_dropped: total(
+            store_dropped: store_total(
                 names::STORE_DROPPED_TOTAL,
                 "History records lost to a full queue.",
             ),
-            store_queue: gauge(
+            store_queue: store_gauge(
                 names::STORE_QUEUE_DEPTH,
                 "History records waiting to be written.",
             ),
-            store_up: gauge(names::STORE_UP, "1 while the last history write succeeded."),
+            store_up: store_gauge(names::STORE_UP, "1 while the last history write succeeded."),
             job_step: job_gauge(names::JOB_STEP, "Latest step of a running job."),
             job_loss: job_gauge(names::JOB_LOSS, "Latest training loss of a running job."),
             job_sps: job_gauge(
@@ -197,6 +210,7 @@ impl OperatorMetrics {
                 "Latest throughput of a running job.",
             ),
             registry: r,
+            store_registry,
             phases: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
         };
@@ -323,9 +337,13 @@ impl OperatorMetrics {
                 .set(i64::try_from(s.queued.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             self.store_up.set(i64::from(store.healthy()));
         }
+        let mut families = self.registry.gather();
+        if store.is_some() {
+            families.extend(self.store_registry.gather());
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&families, &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("the exposition is UTF-8")
     }
@@ -448,6 +466,10 @@ mod tests {
         assert!(
             text.contains("trainyard_jobs_created_total{mode=\"Distributed\"} 1"),
             "{text}"
+        );
+        assert!(
+            !text.contains("trainyard_store_"),
+            "no store, no store series (an `up` of 0 would read as an outage)"
         );
         assert!(text.contains("trainyard_jobs{mode=\"Distributed\",phase=\"Running\"} 1"));
         assert!(text.contains("trainyard_job_step{job_name=\"a\",job_namespace=\"n\"} 7"));

@@ -341,6 +341,10 @@ async fn an_outage_delays_history_but_loses_nothing() {
         waited += Duration::from_millis(100);
     }
     assert!(!store.flush(Duration::from_millis(500)).await);
+    let metrics = trainyard::metrics::OperatorMetrics::new();
+    let scrape = metrics.render(Some(&store));
+    assert!(scrape.contains("\ntrainyard_store_up 0\n"), "{scrape}");
+    assert!(!scrape.contains("\ntrainyard_store_write_errors_total 0\n"));
     assert!(
         store
             .stats()
@@ -354,6 +358,11 @@ async fn an_outage_delays_history_but_loses_nothing() {
         "the queue drained after the outage"
     );
     assert!(store.healthy());
+    assert!(
+        metrics
+            .render(Some(&store))
+            .contains("\ntrainyard_store_up 1\n")
+    );
     assert_eq!(count(&store, "transitions").await, 5);
     assert_eq!(count(&store, "progress").await, 4);
     assert_eq!(
