@@ -210,6 +210,19 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
     }
 }
 
+/// A world holding the one job of `manifest` (name, namespace and uid in it).
+fn world_of(manifest: &str) -> World {
+    let job = trainyard::api::validate::parse_manifests(manifest)
+        .unwrap()
+        .remove(0);
+    World {
+        job: serde_json::to_value(&job).unwrap(),
+        ..Default::default()
+    }
+}
+
+const FEDERATED: &str = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: fl, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Federated\n  image: reg/trainer:1\n  federated: {clients: 3, minClients: 2, rounds: 5}\n";
+
 struct Harness {
     world: Arc<Mutex<World>>,
     ctx: Arc<Context>,
@@ -451,15 +464,7 @@ async fn a_federated_job_gets_its_secret_and_restarts_a_client_alone() {
 }
 
 async fn federated_life() {
-    let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: fl, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Federated\n  image: reg/trainer:1\n  federated: {clients: 3, minClients: 2, rounds: 5}\n";
-    let job = trainyard::api::validate::parse_manifests(manifest)
-        .unwrap()
-        .remove(0);
-    let world = Arc::new(Mutex::new(World {
-        job: serde_json::to_value(&job).unwrap(),
-        ..Default::default()
-    }));
-    let h = Harness::over(world);
+    let h = Harness::over(Arc::new(Mutex::new(world_of(FEDERATED))));
     h.reconcile().await;
     let secret = h.world.lock().unwrap().secrets["fl-federation"].clone();
     let data = &secret["stringData"];
@@ -529,13 +534,7 @@ async fn peft_life() {
     use trainyard::k8s::ProgressEndpoint;
     use trainyard::progress::{ProgressHub, router};
     let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: ft, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Peft\n  image: reg/trainer:1\n  model: {squeezeExcitation: true}\n  training: {steps: 100}\n  peft: {baseCheckpoint: /models/base.safetensors, rank: 8, alpha: 16, targetModules: [conv, fc1, fc2], modulesToSave: [head]}\n";
-    let job = trainyard::api::validate::parse_manifests(manifest)
-        .unwrap()
-        .remove(0);
-    let world = Arc::new(Mutex::new(World {
-        job: serde_json::to_value(&job).unwrap(),
-        ..Default::default()
-    }));
+    let world = Arc::new(Mutex::new(world_of(manifest)));
     let hub = Arc::new(ProgressHub::new(None));
     let endpoint = ProgressEndpoint {
         url: "http://trainyard-operator.trainyard.svc:8081".into(),
@@ -898,19 +897,14 @@ async fn the_charts_rbac_allows_exactly_what_the_operator_does() {
 /// A federated job whose Secret predates a larger `clients`: the missing
 /// client keys are merged in, the existing secret kept.
 async fn federated_secret_gains_keys_for_new_clients() {
-    let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: fl, namespace: ml, uid: job-uid, generation: 2}\nspec:\n  mode: Federated\n  image: reg/trainer:1\n  federated: {clients: 3, minClients: 2, rounds: 5}\n";
-    let job = trainyard::api::validate::parse_manifests(manifest)
-        .unwrap()
-        .remove(0);
     let master = "ab".repeat(32);
     let world = Arc::new(Mutex::new(World {
-        job: serde_json::to_value(&job).unwrap(),
         secrets: BTreeMap::from([(
             "fl-federation".to_string(),
             json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fl-federation"},
                    "stringData": {"secret": master, "client-0": "kept"}}),
         )]),
-        ..Default::default()
+        ..world_of(FEDERATED)
     }));
     let h = Harness::over(world);
     h.reconcile().await;
