@@ -52,6 +52,10 @@ pub mod names {
     pub const JOB_LOSS: &str = "trainyard_job_loss";
     /// Latest throughput of a running job.
     pub const JOB_SAMPLES_PER_SECOND: &str = "trainyard_job_samples_per_second";
+    /// Gang restarts of a job so far, while it has not finished. (Not
+    /// `trainyard_job_restarts`: OpenMetrics would read that as the family
+    /// of the `_total` counter above.)
+    pub const JOB_RESTART_COUNT: &str = "trainyard_job_restart_count";
 }
 
 /// The operator's metric handles.
@@ -78,6 +82,7 @@ pub struct OperatorMetrics {
     job_step: GaugeVec,
     job_loss: GaugeVec,
     job_sps: GaugeVec,
+    job_restarts: GaugeVec,
     phases: Mutex<BTreeMap<String, (Phase, Mode)>>,
     ready: AtomicBool,
 }
@@ -209,6 +214,10 @@ impl OperatorMetrics {
                 names::JOB_SAMPLES_PER_SECOND,
                 "Latest throughput of a running job.",
             ),
+            job_restarts: job_gauge(
+                names::JOB_RESTART_COUNT,
+                "Gang restarts of a job so far, while it has not finished.",
+            ),
             registry: r,
             store_registry,
             phases: Mutex::new(BTreeMap::new()),
@@ -276,12 +285,20 @@ impl OperatorMetrics {
             // Per-job series end with the run, so cardinality stays bounded.
             _ => self.forget_job_series(&labels),
         }
+        if after.phase.is_terminal() {
+            let _ = self.job_restarts.remove_label_values(&labels);
+        } else {
+            self.job_restarts
+                .with_label_values(&labels)
+                .set(f64::from(after.restarts));
+        }
         self.set_phase(&key, after.phase, job.spec.mode);
     }
 
     /// The job is gone from the cluster.
     pub fn forget(&self, namespace: &str, name: &str) {
         self.forget_job_series(&[namespace, name]);
+        let _ = self.job_restarts.remove_label_values(&[namespace, name]);
         let mut phases = self.phases.lock().expect("metrics lock");
         if phases.remove(&format!("{namespace}/{name}")).is_some() {
             drop(phases);
@@ -476,9 +493,19 @@ mod tests {
         assert!(
             text.contains("trainyard_job_time_to_running_seconds_sum{mode=\"Distributed\"} 12")
         );
+        assert!(text.contains("trainyard_job_restart_count{job_name=\"a\",job_namespace=\"n\"} 0"));
         m.observe(&j, Some(&running), &restarting, at(1020));
+        assert!(
+            m.render(None)
+                .contains("trainyard_job_restart_count{job_name=\"a\",job_namespace=\"n\"} 1"),
+            "restarts are counted per job while it lives"
+        );
         m.observe(&j, Some(&restarting), &done, at(1100));
         let text = m.render(None);
+        assert!(
+            !text.contains("trainyard_job_restart_count{"),
+            "and end with it"
+        );
         assert!(text.contains("trainyard_job_restarts_total{reason=\"ReplicaFailed\"} 1"));
         assert!(text.contains(
             "trainyard_jobs_finished_total{mode=\"Distributed\",reason=\"Completed\",result=\"Succeeded\"} 1"
