@@ -93,7 +93,7 @@ job_panels = [
     panel(5, "Validation", [(f"max(trainyard_trainer_val_miou{{{sel}}})", "mIoU"),
                             (f"max(trainyard_trainer_val_pixel_accuracy{{{sel}}})", "pixel accuracy")], 0, 9, 8, 8, unit="percentunit"),
     panel(6, "Learning rate", [(f"max(trainyard_trainer_learning_rate{{{sel}}})", "lr")], 8, 9, 4, 8),
-    panel(17, "Restarts", [(f"max(trainyard_job_restart_count{{{sel}}})", "gang restarts")], 12, 9, 4, 8, kind="stat",
+    panel(17, "Restarts", [(f"max(trainyard_job_gang_restarts{{{sel}}})", "gang restarts")], 12, 9, 4, 8, kind="stat",
           desc="Gang restarts of this job so far (from the operator; the series ends with the job)."),
     panel(7, "Checkpoint write time", [
         (f"histogram_quantile(0.95, sum by (le) (rate(trainyard_trainer_checkpoint_seconds_bucket{{{sel}}}[{R}])))", "p95"),

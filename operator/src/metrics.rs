@@ -52,10 +52,10 @@ pub mod names {
     pub const JOB_LOSS: &str = "trainyard_job_loss";
     /// Latest throughput of a running job.
     pub const JOB_SAMPLES_PER_SECOND: &str = "trainyard_job_samples_per_second";
-    /// Gang restarts of a job so far, while it has not finished. (Not
-    /// `trainyard_job_restarts`: OpenMetrics would read that as the family
-    /// of the `_total` counter above.)
-    pub const JOB_RESTART_COUNT: &str = "trainyard_job_restart_count";
+    /// Gang restarts of a job so far, while it has not finished. (Neither
+    /// `trainyard_job_restarts`, which OpenMetrics would read as the family
+    /// of the `_total` counter above, nor `_count`, a histogram suffix.)
+    pub const JOB_GANG_RESTARTS: &str = "trainyard_job_gang_restarts";
 }
 
 /// The operator's metric handles.
@@ -215,7 +215,7 @@ impl OperatorMetrics {
                 "Latest throughput of a running job.",
             ),
             job_restarts: job_gauge(
-                names::JOB_RESTART_COUNT,
+                names::JOB_GANG_RESTARTS,
                 "Gang restarts of a job so far, while it has not finished.",
             ),
             registry: r,
@@ -493,17 +493,17 @@ mod tests {
         assert!(
             text.contains("trainyard_job_time_to_running_seconds_sum{mode=\"Distributed\"} 12")
         );
-        assert!(text.contains("trainyard_job_restart_count{job_name=\"a\",job_namespace=\"n\"} 0"));
+        assert!(text.contains("trainyard_job_gang_restarts{job_name=\"a\",job_namespace=\"n\"} 0"));
         m.observe(&j, Some(&running), &restarting, at(1020));
         assert!(
             m.render(None)
-                .contains("trainyard_job_restart_count{job_name=\"a\",job_namespace=\"n\"} 1"),
+                .contains("trainyard_job_gang_restarts{job_name=\"a\",job_namespace=\"n\"} 1"),
             "restarts are counted per job while it lives"
         );
         m.observe(&j, Some(&restarting), &done, at(1100));
         let text = m.render(None);
         assert!(
-            !text.contains("trainyard_job_restart_count{"),
+            !text.contains("trainyard_job_gang_restarts{"),
             "and end with it"
         );
         assert!(text.contains("trainyard_job_restarts_total{reason=\"ReplicaFailed\"} 1"));
