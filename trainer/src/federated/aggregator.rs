@@ -193,6 +193,19 @@ pub fn run(
     let device = Device::flex().autodiff();
     let model = SegNet::new(&config.model, config.train.seed, &device);
     let schema = Schema::of(&Layout::of(&model));
+    // Every honest update carries the whole model: a limit below its size
+    // would refuse every client, each seeing a closed connection.
+    let max_bytes = (fed.max_update_mb * (1 << 20) as f64) as usize;
+    let update_bytes = schema.len * std::mem::size_of::<f32>();
+    if update_bytes > max_bytes {
+        return Err(FederatedError::Other(format!(
+            "federated.max_update_mb ({} MiB) is below the size of one update of this model \
+             ({:.2} MiB, {} parameters): raise it",
+            fed.max_update_mb,
+            update_bytes as f64 / (1 << 20) as f64,
+            schema.len
+        )));
+    }
     let mut global: Vec<f32> = params::named_values(&model)
         .into_iter()
         .flat_map(|(_, v)| v)
@@ -269,7 +282,7 @@ pub fn run(
         tokens: (0..fed.clients)
             .map(|i| client_token(&opts.secret, i))
             .collect(),
-        max_bytes: (fed.max_update_mb * (1 << 20) as f64) as usize,
+        max_bytes,
         max_norm: fed.max_update_norm,
         metrics: opts.metrics.clone(),
     });

@@ -326,6 +326,34 @@ fn hostile_updates_are_refused_counted_and_never_aggregated() {
     }
 }
 
+/// A size limit below what one honest update weighs would refuse every
+/// client: the aggregator says so at start, naming the field.
+#[test]
+fn an_update_limit_below_the_models_size_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&["federated.max_update_mb=0.001"]);
+    let e = aggregator::run(
+        &c,
+        &AggregatorOptions {
+            out_dir: dir.path().into(),
+            resume: false,
+            bind: ([127, 0, 0, 1], 0).into(),
+            secret: SECRET.into(),
+            report: None,
+            stop: None,
+            linger: Duration::ZERO,
+            tls: None,
+            metrics: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("federated.max_update_mb") && e.contains("raise it"),
+        "{e}"
+    );
+}
+
 /// Two rounds, then a new aggregator process resumes at round 3 with the
 /// same global model and server state, and runs to round 4.
 #[test]
