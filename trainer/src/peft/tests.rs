@@ -41,6 +41,14 @@ fn logits_at(model: &SegNet, x: Tensor<4>) -> Vec<f32> {
         .unwrap()
 }
 
+/// Each value within `rel` of the wanted one (absolutely, below 1).
+fn assert_close(got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() <= rel * w.abs().max(1.0), "{g} vs {w}");
+    }
+}
+
 /// LoRA on every conv block and on both linear layers, the head saved.
 fn all_layers() -> LoraConfig {
     let mut c = LoraConfig::new(
@@ -89,9 +97,7 @@ fn merged_equals_unmerged() {
             .iter()
             .all(|(_, l)| l.shape_of("lora_A.weight").is_none())
     );
-    for (m, u) in logits_at(&merged, x()).iter().zip(&unmerged) {
-        assert!((m - u).abs() <= 1e-4 * u.abs().max(1.0), "{m} vs {u}");
-    }
+    assert_close(&logits_at(&merged, x()), &unmerged, 1e-4);
 }
 
 /// d(sum of logits)/d(lora_A) and d/d(lora_B) from autodiff against central
@@ -325,10 +331,8 @@ fn dora_starts_as_the_base_and_merges_exactly() {
     let x = || input(&device).mul_scalar(20.0);
     let want = logits_at(&base, x());
     let adapted = lora::attach(base, &dora(), 7, &device).unwrap();
-    for (m, w) in logits_at(&adapted, x()).iter().zip(&want) {
-        // m = ‖W‖ makes the scale exactly 1 only up to rounding.
-        assert!((m - w).abs() <= 1e-5 * w.abs().max(1.0), "{m} vs {w}");
-    }
+    // m = ‖W‖ makes the scale exactly 1 only up to rounding.
+    assert_close(&logits_at(&adapted, x()), &want, 1e-5);
 
     let model = trained_dora(&device);
     let unmerged = logits_at(&model, x());
@@ -350,9 +354,7 @@ fn dora_starts_as_the_base_and_merges_exactly() {
     );
     let merged = lora::merge(model);
     assert!(merged.decoder[1].convs[1].conv.lora_magnitude.is_none());
-    for (m, u) in logits_at(&merged, x()).iter().zip(&unmerged) {
-        assert!((m - u).abs() <= 1e-4 * u.abs().max(1.0), "{m} vs {u}");
-    }
+    assert_close(&logits_at(&merged, x()), &unmerged, 1e-4);
 }
 
 /// The magnitude's gradient against finite differences (A's and B's are

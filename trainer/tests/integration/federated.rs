@@ -49,23 +49,35 @@ fn start_aggregator_with(
     resume: bool,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 ) -> JoinHandle<Result<FederatedSummary, FederatedError>> {
-    let (config, out) = (config.clone(), out.to_path_buf());
-    std::thread::spawn(move || {
-        aggregator::run(
-            &config,
-            &AggregatorOptions {
-                out_dir: out,
-                resume,
-                bind: ([127, 0, 0, 1], port).into(),
-                secret: SECRET.into(),
-                report: None,
-                stop: None,
-                linger: Duration::from_secs(2),
-                tls,
-                metrics: None,
-            },
-        )
-    })
+    let options = AggregatorOptions {
+        linger: Duration::from_secs(2),
+        tls,
+        ..options(out, port, resume)
+    };
+    let config = config.clone();
+    std::thread::spawn(move || aggregator::run(&config, &options))
+}
+
+/// A test aggregator on 127.0.0.1:`port` (0: any) writing to `out`.
+fn options(out: &Path, port: u16, resume: bool) -> AggregatorOptions {
+    AggregatorOptions {
+        out_dir: out.to_path_buf(),
+        resume,
+        bind: ([127, 0, 0, 1], port).into(),
+        secret: SECRET.into(),
+        report: None,
+        stop: None,
+        linger: Duration::ZERO,
+        tls: None,
+        metrics: None,
+    }
+}
+
+/// Why an aggregator refuses to start in `out` (it must).
+fn start_error(config: &TrainerConfig, out: &Path) -> String {
+    aggregator::run(config, &options(out, 0, false))
+        .unwrap_err()
+        .to_string()
 }
 
 type ClientRun = JoinHandle<Result<client::ClientSummary, FederatedError>>;
@@ -332,22 +344,7 @@ fn hostile_updates_are_refused_counted_and_never_aggregated() {
 fn an_update_limit_below_the_models_size_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(&["federated.max_update_mb=0.001"]);
-    let e = aggregator::run(
-        &c,
-        &AggregatorOptions {
-            out_dir: dir.path().into(),
-            resume: false,
-            bind: ([127, 0, 0, 1], 0).into(),
-            secret: SECRET.into(),
-            report: None,
-            stop: None,
-            linger: Duration::ZERO,
-            tls: None,
-            metrics: None,
-        },
-    )
-    .unwrap_err()
-    .to_string();
+    let e = start_error(&c, dir.path());
     assert!(
         e.contains("federated.max_update_mb") && e.contains("raise it"),
         "{e}"
@@ -368,22 +365,8 @@ fn a_restarted_aggregator_resumes_after_its_last_round() {
         .into_iter()
         .for_each(|h| assert!(h.join().unwrap().is_ok()));
     // Without --resume the directory is guarded.
-    let e = aggregator::run(
-        &c,
-        &AggregatorOptions {
-            out_dir: dir.path().into(),
-            resume: false,
-            bind: ([127, 0, 0, 1], 0).into(),
-            secret: SECRET.into(),
-            report: None,
-            stop: None,
-            linger: Duration::ZERO,
-            tls: None,
-            metrics: None,
-        },
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("--resume"), "{e}");
+    let e = start_error(&c, dir.path());
+    assert!(e.contains("--resume"), "{e}");
 
     let more = config(&["federated.clients=2", "federated.rounds=4"]);
     let port = free_port();
