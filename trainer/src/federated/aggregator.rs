@@ -193,16 +193,16 @@ pub fn run(
     let device = Device::flex().autodiff();
     let model = SegNet::new(&config.model, config.train.seed, &device);
     let schema = Schema::of(&Layout::of(&model));
-    // Every honest update carries the whole model: a limit below its size
-    // would refuse every client, each seeing a closed connection.
+    // Every honest update carries every parameter: a limit below their
+    // size would refuse every client, each seeing a closed connection.
     let max_bytes = (fed.max_update_mb * (1 << 20) as f64) as usize;
-    let update_bytes = schema.len * std::mem::size_of::<f32>();
-    if update_bytes > max_bytes {
+    let parameter_bytes = schema.len * std::mem::size_of::<f32>();
+    if parameter_bytes > max_bytes {
         return Err(FederatedError::Other(format!(
-            "federated.max_update_mb ({} MiB) is below the size of one update of this model \
-             ({:.2} MiB, {} parameters): raise it",
+            "federated.max_update_mb ({} MiB) is below the {:.2} MiB of parameters \
+             ({}, f32) every update of this model carries: raise it",
             fed.max_update_mb,
-            update_bytes as f64 / (1 << 20) as f64,
+            parameter_bytes as f64 / (1 << 20) as f64,
             schema.len
         )));
     }
