@@ -590,6 +590,63 @@ async fn peft_life() {
 }
 
 #[tokio::test]
+async fn a_gpu_job_becomes_supervised_pods_with_their_gpus() {
+    let manifest = "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: seg, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Distributed\n  image: reg/trainer:1\n  distributed: {workers: 2, gpusPerWorker: 2}\n";
+    let h = Harness::over(Arc::new(Mutex::new(world_of(manifest))));
+    h.reconcile().await;
+    assert_eq!(h.pods(), ["seg-worker-0", "seg-worker-1"]);
+    let w = h.world.lock().unwrap();
+    for (index, name) in ["seg-worker-0", "seg-worker-1"].iter().enumerate() {
+        let spec = &w.pods[*name]["spec"];
+        let container = &spec["containers"][0];
+        let resources = &container["resources"];
+        assert_eq!(resources["limits"]["nvidia.com/gpu"], "2", "{name}");
+        assert_eq!(resources["requests"]["nvidia.com/gpu"], "2", "{name}");
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            args[..3],
+            ["launch", "--", "train"],
+            "{name}: the supervisor is the entrypoint"
+        );
+        let env = |key: &str| {
+            container["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == key)
+                .and_then(|e| e["value"].as_str())
+                .map(str::to_owned)
+        };
+        assert_eq!(env("WORLD_SIZE").as_deref(), Some("4"), "{name}");
+        assert_eq!(env("LOCAL_WORLD_SIZE").as_deref(), Some("2"), "{name}");
+        assert_eq!(env("GROUP_RANK"), Some(index.to_string()), "{name}");
+        assert_eq!(
+            env("RANK"),
+            None,
+            "{name}: the supervisor sets each process's rank"
+        );
+        let config: Value = serde_json::from_str(&env("TRAINYARD_CONFIG").unwrap()).unwrap();
+        assert_eq!(config["train"]["device"], "cuda");
+        assert_eq!(config["train"]["backend"], "auto");
+        let shm = spec["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "dshm")
+            .unwrap();
+        assert_eq!(
+            shm["emptyDir"]["medium"], "Memory",
+            "NCCL needs a memory-backed /dev/shm"
+        );
+    }
+}
+
+#[tokio::test]
 async fn with_caches_a_steady_running_job_costs_no_requests() {
     let h = Harness::cached("");
     h.reconcile().await;

@@ -1,19 +1,20 @@
 //! Training-step throughput of the model alone: forward, backward and
-//! optimiser step on a fixed batch, the quantity `bench/segnet_cpu.sh`
-//! compares with PyTorch.
+//! optimiser step on a fixed batch, the quantity `bench/segnet_cpu.sh` and
+//! `bench/gpu-check.sh` compare with PyTorch; and one batch on a device
+//! against the same batch on the CPU (`bench/gpu-check.sh`).
 
 use std::time::Instant;
 
-use burn::tensor::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::config::TrainerConfig;
 use crate::data::Batch;
+use crate::device::ComputeDevice;
 use crate::model::SegNet;
-use crate::model::params;
-use crate::train::{loss_and_gradients, optim::Optimizer, peak_rss_bytes};
+use crate::model::params::Trainable;
+use crate::train::{learner::Learner, peak_rss_bytes};
 
 /// What one benchmark run measured.
 #[derive(Debug, Clone, Serialize)]
@@ -34,8 +35,12 @@ pub struct StepBench {
     pub peak_rss_bytes: Option<u64>,
 }
 
-/// "trainyard (native conv+bn+pooling)", naming the kernels that are ours.
-fn engine_label(native: crate::kernels::NativeOps, default_malloc: bool) -> String {
+/// "trainyard cuda:0 (burn ops)", naming the device and the kernels that are ours.
+fn engine_label(
+    compute: crate::device::Compute,
+    native: crate::kernels::NativeOps,
+    default_malloc: bool,
+) -> String {
     let ours: Vec<&str> = [
         ("conv", native.conv),
         ("bn", native.bn_relu),
@@ -54,27 +59,22 @@ fn engine_label(native: crate::kernels::NativeOps, default_malloc: bool) -> Stri
     } else {
         ""
     };
-    format!("trainyard ({ops}{malloc})")
+    match compute {
+        crate::device::Compute::Cpu => format!("trainyard ({ops}{malloc})"),
+        other => format!("trainyard {other} ({ops}{malloc})"),
+    }
 }
 
-/// Times `steps` training steps after `warmup` untimed ones.
-/// `default_malloc` only labels the result: the caller decides the allocator
-/// tuning before any allocation (see [`crate::allocator`]).
-pub fn step_throughput(
-    config: &TrainerConfig,
-    steps: usize,
-    warmup: usize,
-    default_malloc: bool,
-) -> StepBench {
-    let device = Device::flex().autodiff();
+/// A fixed random batch of the config's shape.
+fn random_batch(config: &TrainerConfig, seed: u64) -> Batch {
     let [h, w] = [config.data.shapes.as_ref().map_or(64, |s| s.image_size); 2];
     let (b, c, k) = (
         config.train.batch_size,
         config.model.in_channels,
         config.model.classes,
     );
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let batch = Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    Batch {
         len: b,
         image_shape: [c, h, w],
         images: (0..b * c * h * w).map(|_| rng.random::<f32>()).collect(),
@@ -82,16 +82,29 @@ pub fn step_throughput(
             .map(|_| rng.random_range(0..k as u8))
             .collect(),
         boundaries: None,
-    };
-    let mut model = SegNet::new(&config.model, config.train.seed, &device);
-    let mut values = params::trainable_values(&model);
-    let mut optimizer = Optimizer::new(&config.train.optimizer, values.len());
+    }
+}
+
+/// Times `steps` training steps on `compute` after `warmup` untimed ones.
+/// `default_malloc` only labels the result: the caller decides the allocator
+/// tuning before any allocation (see [`crate::allocator`]).
+pub fn step_throughput(
+    config: &TrainerConfig,
+    steps: usize,
+    warmup: usize,
+    default_malloc: bool,
+    compute: &ComputeDevice,
+) -> StepBench {
+    let device = compute.device.clone().autodiff();
+    let batch = random_batch(config, 0);
+    let b = batch.len;
+    let model = SegNet::new(&config.model, config.train.seed, &device);
+    let mut learner = Learner::new(model, Trainable::All, &config.train.optimizer, &device);
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let (_, grads) = loss_and_gradients(&model, &batch, config, &device);
-        optimizer.step(&mut values, &grads, config.train.lr);
-        model = params::with_trainable_values(model, &values, &device);
+        let (_, grads) = learner.mean_gradient([batch.clone()], config);
+        learner.apply(grads, config.train.lr, None);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -99,12 +112,69 @@ pub fn step_throughput(
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     StepBench {
-        engine: engine_label(crate::kernels::native(), default_malloc),
+        engine: engine_label(
+            compute.compute,
+            crate::kernels::native(&device),
+            default_malloc,
+        ),
         decoder: config.model.decoder,
         batch_size: b,
         steps,
         median_step_seconds: median,
         images_per_sec: b as f64 / median,
         peak_rss_bytes: peak_rss_bytes(),
+    }
+}
+
+/// One batch on a device against the same batch on the CPU.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceParity {
+    /// The device checked.
+    pub device: String,
+    /// The loss on the CPU (our kernels).
+    pub cpu_loss: f32,
+    /// The loss on the device.
+    pub device_loss: f32,
+    /// |device − cpu| / |cpu| of the loss.
+    pub loss_relative_difference: f32,
+    /// The largest |device − cpu| over the flat gradient, relative to the
+    /// gradient's largest entry.
+    pub gradient_max_difference: f32,
+    /// Gradient entries compared.
+    pub gradient_values: usize,
+}
+
+/// The same network (same seed), batch and loss on `compute` and on the CPU:
+/// how far the device's loss and gradients are from the CPU's.
+pub fn device_parity(config: &TrainerConfig, compute: &ComputeDevice) -> DeviceParity {
+    let batch = random_batch(config, 1);
+    let run = |device: &burn::tensor::Device| {
+        let device = device.clone().autodiff();
+        let model = SegNet::new(&config.model, config.train.seed, &device);
+        let learner = Learner::new(model, Trainable::All, &config.train.optimizer, &device);
+        let (loss, grads) = learner.loss_and_gradient(&batch, config);
+        (
+            loss.into_scalar::<f32>(),
+            crate::model::params::to_host(&grads),
+        )
+    };
+    let (cpu_loss, cpu) = run(&ComputeDevice::cpu().device);
+    let (device_loss, on_device) = run(&compute.device);
+    let scale = cpu
+        .iter()
+        .fold(0.0f32, |m, g| m.max(g.abs()))
+        .max(f32::MIN_POSITIVE);
+    let gradient_max_difference = cpu
+        .iter()
+        .zip(&on_device)
+        .map(|(a, b)| (a - b).abs() / scale)
+        .fold(0.0f32, f32::max);
+    DeviceParity {
+        device: compute.compute.to_string(),
+        cpu_loss,
+        device_loss,
+        loss_relative_difference: ((device_loss - cpu_loss) / cpu_loss).abs(),
+        gradient_max_difference,
+        gradient_values: cpu.len(),
     }
 }

@@ -6,8 +6,14 @@
 pub const RANK: &str = "RANK";
 /// Number of ranks.
 pub const WORLD_SIZE: &str = "WORLD_SIZE";
-/// Rank within the node.
+/// Rank within the node: on a GPU, which of the pod's GPUs the process uses.
 pub const LOCAL_RANK: &str = "LOCAL_RANK";
+/// Processes in this pod, one per GPU (torchrun's name); read by the in-pod
+/// supervisor, `trainyard-trainer launch`.
+pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
+/// This pod's index among the worker pods (torchrun's name): the supervisor
+/// gives its processes `RANK = GROUP_RANK·LOCAL_WORLD_SIZE + LOCAL_RANK`.
+pub const GROUP_RANK: &str = "GROUP_RANK";
 /// Host of rank 0's rendezvous store.
 pub const MASTER_ADDR: &str = "MASTER_ADDR";
 /// Port of rank 0's rendezvous store.
@@ -38,6 +44,8 @@ pub const RESERVED: &[&str] = &[
     RANK,
     WORLD_SIZE,
     LOCAL_RANK,
+    LOCAL_WORLD_SIZE,
+    GROUP_RANK,
     MASTER_ADDR,
     MASTER_PORT,
     RUN_ATTEMPT,

@@ -40,6 +40,8 @@ pub mod data;
 #[cfg(feature = "engine")]
 pub mod ddp;
 #[cfg(feature = "engine")]
+pub mod device;
+#[cfg(feature = "engine")]
 pub mod federated;
 #[cfg(feature = "engine")]
 pub mod infer;
@@ -47,6 +49,8 @@ pub mod infer;
 pub mod instances;
 #[cfg(feature = "engine")]
 pub mod kernels;
+#[cfg(feature = "engine")]
+pub mod launch;
 #[cfg(feature = "engine")]
 pub mod metrics;
 #[cfg(feature = "engine")]

@@ -89,6 +89,26 @@ enum Backend {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceArg {
+    fn resolve(self) -> anyhow::Result<trainyard_trainer::device::ComputeDevice> {
+        use trainyard_trainer::config::DeviceKind;
+        let kind = match self {
+            Self::Auto => DeviceKind::Auto,
+            Self::Cpu => DeviceKind::Cpu,
+            Self::Cuda => DeviceKind::Cuda,
+        };
+        let local_rank = trainyard_trainer::collective::DistEnv::from_env()?.local_rank;
+        Ok(trainyard_trainer::device::resolve(kind, local_rank)?)
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum Dtype {
     F32,
     F16,
@@ -181,6 +201,25 @@ enum AdapterCommand {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run one trainer process per GPU of this pod, as torchrun's
+    /// --nproc-per-node does: each gets LOCAL_RANK (its GPU),
+    /// RANK = GROUP_RANK·N + LOCAL_RANK and WORLD_SIZE. Signals are forwarded;
+    /// when one process fails the others are stopped, and the exit code is
+    /// the one that tells the operator whether a restart can help.
+    Launch {
+        /// Processes to start, one per GPU (overrides LOCAL_WORLD_SIZE; default 1).
+        #[arg(long)]
+        nproc_per_node: Option<usize>,
+        /// This pod's index among the worker pods (overrides GROUP_RANK; default 0).
+        #[arg(long)]
+        node_rank: Option<usize>,
+        /// Seconds the other processes get to exit after one failed, before SIGKILL.
+        #[arg(long, default_value_t = 30)]
+        grace_seconds: u64,
+        /// What each process runs, after `--`: e.g. `-- train --out run --resume`.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<std::ffi::OsString>,
+    },
     /// Train a model.
     Train {
         /// Config file (YAML or JSON) with sections model, data, train,
@@ -335,7 +374,27 @@ enum Command {
         /// Leave glibc's allocator thresholds at their defaults (see `allocator`).
         #[arg(long)]
         default_malloc: bool,
+        /// Where to run the steps: cpu, cuda (GPU LOCAL_RANK) or auto.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
     },
+    /// One batch of the config's network on --device and on the CPU: the
+    /// loss and the flat gradient's largest difference, as one JSON line
+    /// (bench/gpu-check.sh).
+    BenchParity {
+        /// Config file (defaults: SegNet-mini, batch 16, 64x64).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override a config key (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The device to compare with the CPU.
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cuda)]
+        device: DeviceArg,
+    },
+    /// What this machine offers the trainer: CUDA built in, the NVIDIA driver,
+    /// visible GPUs and NCCL, as one JSON line.
+    Devices,
     /// Aggregation time of one federated round over random updates (one
     /// JSON line; bench/federated.sh compares it with Flower's aggregate()).
     BenchAggregate {
@@ -448,6 +507,21 @@ fn main() -> std::process::ExitCode {
         trainyard_trainer::allocator::keep_freed_memory();
     }
     init_logging(cli.log_format);
+    if let Command::Launch {
+        nproc_per_node,
+        node_rank,
+        grace_seconds,
+        command,
+    } = &cli.command
+    {
+        return match launch(*nproc_per_node, *node_rank, *grace_seconds, command) {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(trainyard_trainer::exit::FAILURE)
+            }
+        };
+    }
     match run(cli.command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -455,6 +529,24 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// `launch`: supervises one child per local rank; returns its exit code.
+fn launch(
+    nproc: Option<usize>,
+    node_rank: Option<usize>,
+    grace_seconds: u64,
+    command: &[std::ffi::OsString],
+) -> anyhow::Result<u8> {
+    use trainyard_trainer::launch::{Node, run};
+    let node = Node::from_lookup(nproc, node_rank, |k| std::env::var(k).ok())?;
+    let program = std::env::current_exe().context("failed to find this executable")?;
+    Ok(run(
+        &node,
+        &program,
+        command,
+        std::time::Duration::from_secs(grace_seconds),
+    )?)
 }
 
 /// Maps an error to the exit code a supervisor acts on (see `trainyard_trainer::exit`).
@@ -727,7 +819,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             let (dist, timeouts) = group.resolve()?;
             let config = load_config(config, &overrides)?;
             init_threads(threads.or(config.train.threads))?;
-            let metrics = serve_metrics(metrics_addr)?;
+            // Under the in-pod supervisor every process is handed the pod's
+            // metrics port; it belongs to local rank 0.
+            if metrics_addr.is_some() && dist.local_rank > 0 {
+                tracing::info!(
+                    local_rank = dist.local_rank,
+                    "metrics are served by local rank 0 of this pod"
+                );
+            }
+            let metrics = serve_metrics(metrics_addr.filter(|_| dist.local_rank == 0))?;
             // SIGTERM (pod eviction, `kill`) and SIGINT (Ctrl-C) finish the
             // current step, checkpoint it and exit; a second signal kills at once.
             let stop = stop_flag()?;
@@ -770,23 +870,51 @@ fn run(command: Command) -> anyhow::Result<()> {
             burn_bn,
             burn_pooling,
             default_malloc,
+            device,
         } => {
-            trainyard_trainer::kernels::set_native(trainyard_trainer::kernels::NativeOps {
+            let native = trainyard_trainer::kernels::NativeOps {
                 conv: !burn_conv,
                 bn_relu: !burn_bn,
                 pooling: !burn_pooling,
-            });
+            };
             let config = config_or_defaults(config.as_deref(), &overrides)?;
             if steps == 0 {
                 anyhow::bail!("--steps must be at least 1");
             }
             init_threads(threads)?;
-            let result =
-                trainyard_trainer::bench::step_throughput(&config, steps, warmup, default_malloc);
+            let compute = device.resolve()?;
+            let result = trainyard_trainer::kernels::with_native(native, || {
+                trainyard_trainer::bench::step_throughput(
+                    &config,
+                    steps,
+                    warmup,
+                    default_malloc,
+                    &compute,
+                )
+            });
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
+        Command::BenchParity {
+            config,
+            overrides,
+            device,
+        } => {
+            let config = config_or_defaults(config.as_deref(), &overrides)?;
+            let compute = device.resolve()?;
+            let result = trainyard_trainer::bench::device_parity(&config, &compute);
+            println!("{}", serde_json::to_string(&result)?);
+            Ok(())
+        }
+        Command::Devices => {
+            println!(
+                "{}",
+                serde_json::to_string(&trainyard_trainer::device::report())?
+            );
+            Ok(())
+        }
         Command::Adapter { action } => run_adapter(action),
+        Command::Launch { .. } => unreachable!("handled in main"),
         Command::BenchAggregate {
             clients,
             params,
@@ -858,7 +986,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     env.rank,
                     env.world_size,
                     env.local_rank,
-                    timeouts.join,
+                    timeouts,
                 )?),
                 Backend::Ring => None,
             };

@@ -103,6 +103,7 @@ impl Default for TrainingSpec {
             validate_every: t.val_every,
             log_every: t.log_every,
             threads: None,
+            device: super::ComputeDevice::Auto,
         }
     }
 }

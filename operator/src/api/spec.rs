@@ -269,6 +269,22 @@ pub struct TrainingSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]
     pub threads: Option<u32>,
+    /// Where replicas compute. Auto: on their GPUs when the job requests
+    /// them (`gpusPerWorker` > 0), otherwise on the CPU; Cuda requires
+    /// GPUs and fails a replica that finds none; Cpu trains on the CPU.
+    pub device: ComputeDevice,
+}
+
+/// Where replicas compute.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ComputeDevice {
+    /// The requested GPUs when there are any, otherwise the CPU.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// NVIDIA GPUs (one trainer process per GPU).
+    Cuda,
 }
 
 /// Optimiser and its hyper-parameters (PyTorch semantics).
@@ -357,8 +373,10 @@ pub struct DistributedSpec {
     /// Worker replicas (one process each); worker 0 is rank 0.
     #[schemars(range(min = 1, max = 4096))]
     pub workers: u32,
-    /// GPUs per worker (`nvidia.com/gpu`); 0 trains on CPU.
-    #[schemars(range(min = 0, max = 16))]
+    /// GPUs per worker pod (`nvidia.com/gpu`), 0 to 8. Each worker pod runs
+    /// one trainer process per GPU, so the group has `workers × gpusPerWorker`
+    /// ranks; 0 trains on the CPU with one process per pod.
+    #[schemars(range(min = 0, max = 8))]
     pub gpus_per_worker: u32,
     /// All-reduce implementation: Auto picks Nccl with GPUs and Tcp without.
     pub backend: CollectiveBackend,
@@ -702,6 +720,11 @@ pub struct PeftSpec {
     #[serde(default = "d::one")]
     #[schemars(range(min = 1, max = 4096))]
     pub workers: u32,
+    /// GPUs per worker pod (`nvidia.com/gpu`), 0 to 8, one trainer process
+    /// per GPU, as in `distributed.gpusPerWorker`.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 8))]
+    pub gpus_per_worker: u32,
 }
 
 /// Checkpoint cadence, retention and location.

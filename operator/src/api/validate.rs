@@ -233,23 +233,7 @@ fn check_name(job: &TrainingJob, problems: &mut Vec<Problem>) {
 
 fn check_spec(job: &TrainingJob, trainer_backstop: bool, problems: &mut Vec<Problem>) {
     let spec = &job.spec;
-    if let Some(d) = &spec.distributed {
-        if d.gpus_per_worker > 0 {
-            problems.push(Problem::new(
-                "spec.distributed.gpusPerWorker",
-                format!(
-                    "must be 0, got {}: this release's trainer trains on CPU only, so GPUs would sit idle",
-                    d.gpus_per_worker
-                ),
-            ));
-        }
-        if d.backend == super::CollectiveBackend::Nccl {
-            problems.push(Problem::new(
-                "spec.distributed.backend",
-                "Nccl needs GPU training, which this release's trainer lacks; use Tcp or Auto",
-            ));
-        }
-    }
+    check_device(spec, problems);
     if let Some(f) = &spec.data.folder
         && !f.path.starts_with('/')
     {
@@ -327,6 +311,34 @@ fn check_template(spec: &super::TrainingJobSpec, problems: &mut Vec<Problem>) {
                 format!("`{}` is defined twice", v.name),
             ));
         }
+    }
+}
+
+/// `training.device` against the GPUs the job requests.
+fn check_device(spec: &super::TrainingJobSpec, problems: &mut Vec<Problem>) {
+    use super::{ComputeDevice, Mode};
+    let gpus_field = match spec.mode {
+        Mode::Distributed => "spec.distributed.gpusPerWorker",
+        Mode::Peft => "spec.peft.gpusPerWorker",
+        Mode::Federated => "",
+    };
+    let gpus = plan_config::gpus_per_worker(spec);
+    match (spec.training.device, spec.mode) {
+        (ComputeDevice::Cuda, Mode::Federated) => problems.push(Problem::new(
+            "spec.training.device",
+            "Cuda is not available to federated jobs yet: the operator starts clients without GPUs; use Auto or Cpu",
+        )),
+        (ComputeDevice::Cuda, _) if gpus == 0 => problems.push(Problem::new(
+            "spec.training.device",
+            format!("Cuda needs GPUs: set {gpus_field} (1 to 8), or use Auto or Cpu"),
+        )),
+        (ComputeDevice::Cpu, _) if gpus > 0 => problems.push(Problem::new(
+            "spec.training.device",
+            format!(
+                "Cpu with {gpus_field}: {gpus} would leave the requested GPUs idle; use Auto or Cuda, or set {gpus_field}: 0"
+            ),
+        )),
+        _ => {}
     }
 }
 
@@ -480,10 +492,50 @@ spec:
     fn trainer_limits_surface_as_spec_paths() {
         let p = problems(&with_spec("  data: {shapes: {imageSize: 36}}\n"));
         assert!(p.iter().any(|m| m.starts_with("spec.")), "{p:?}");
-        let p = problems(&GOOD.replace("{workers: 2}", "{workers: 2, gpusPerWorker: 1}"));
+    }
+
+    #[test]
+    fn gpu_jobs_validate_and_nonsense_is_refused() {
+        for spec in [
+            "{workers: 2, gpusPerWorker: 1}",
+            "{workers: 2, gpusPerWorker: 8, backend: Nccl}",
+            "{workers: 1, gpusPerWorker: 2, backend: Tcp}",
+        ] {
+            let p = problems(&GOOD.replace("{workers: 2}", spec));
+            assert!(p.is_empty(), "{spec}: {p:?}");
+        }
+        let p = problems(&GOOD.replace("{workers: 2}", "{workers: 2, gpusPerWorker: 9}"));
         assert!(
             p.iter()
-                .any(|m| m.starts_with("spec.distributed.gpusPerWorker: must be 0")),
+                .any(|m| m.starts_with("spec.distributed.gpusPerWorker: ")),
+            "{p:?}"
+        );
+        let p = problems(&GOOD.replace("{workers: 2}", "{workers: 2, backend: Nccl}"));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("backend Nccl needs gpusPerWorker >= 1")),
+            "{p:?}"
+        );
+        let p = problems(&with_spec("  training: {device: Cuda}\n"));
+        assert!(
+            p.iter().any(|m| m.starts_with(
+                "spec.training.device: Cuda needs GPUs: set spec.distributed.gpusPerWorker"
+            )),
+            "{p:?}"
+        );
+        let p = problems(
+            &with_spec("  training: {device: Cpu}\n")
+                .replace("{workers: 2}", "{workers: 2, gpusPerWorker: 2}"),
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.contains("leave the requested GPUs idle")),
+            "{p:?}"
+        );
+        let p = problems(&with_spec("  resources: {limits: {nvidia.com/gpu: '1'}}\n"));
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("spec.resources.limits: `nvidia.com/gpu` comes from")),
             "{p:?}"
         );
     }

@@ -18,13 +18,47 @@ pub struct ConfigProblem {
     pub message: String,
 }
 
-/// Data-parallel replicas that train (and share each optimiser step).
-pub fn world_size(spec: &TrainingJobSpec) -> u32 {
+/// Worker pods of a data-parallel job (Distributed, Peft); 1 otherwise.
+pub fn worker_pods(spec: &TrainingJobSpec) -> u32 {
     match spec.mode {
         api::Mode::Distributed => spec.distributed.as_ref().map_or(1, |d| d.workers),
         api::Mode::Peft => spec.peft.as_ref().map_or(1, |p| p.workers),
+        api::Mode::Federated => 1,
+    }
+}
+
+/// GPUs each worker pod requests (`nvidia.com/gpu`); federated replicas train
+/// on the CPU.
+pub fn gpus_per_worker(spec: &TrainingJobSpec) -> u32 {
+    match spec.mode {
+        api::Mode::Distributed => spec.distributed.as_ref().map_or(0, |d| d.gpus_per_worker),
+        api::Mode::Peft => spec.peft.as_ref().map_or(0, |p| p.gpus_per_worker),
+        api::Mode::Federated => 0,
+    }
+}
+
+/// Trainer processes in one worker pod: one per GPU, or one on the CPU.
+pub fn processes_per_worker(spec: &TrainingJobSpec) -> u32 {
+    gpus_per_worker(spec).max(1)
+}
+
+/// Data-parallel ranks that train (and share each optimiser step): every
+/// process of every worker pod.
+pub fn world_size(spec: &TrainingJobSpec) -> u32 {
+    match spec.mode {
         // Each client trains alone; the aggregator does not train.
         api::Mode::Federated => 1,
+        api::Mode::Distributed | api::Mode::Peft => worker_pods(spec) * processes_per_worker(spec),
+    }
+}
+
+/// `train.device` for the job's trainers: with GPUs requested, Auto means the
+/// GPUs (a replica that finds none fails loudly instead of training on the
+/// CPU beside idle GPUs); without, the CPU.
+fn device(spec: &TrainingJobSpec) -> tc::DeviceKind {
+    match (spec.training.device, gpus_per_worker(spec)) {
+        (api::ComputeDevice::Cpu, _) | (api::ComputeDevice::Auto, 0) => tc::DeviceKind::Cpu,
+        (api::ComputeDevice::Cuda, _) | (api::ComputeDevice::Auto, _) => tc::DeviceKind::Cuda,
     }
 }
 
@@ -167,6 +201,12 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
         seed: t.seed,
         threads: t.threads.map(|n| n as usize),
         throughput_warmup_steps: defaults.throughput_warmup_steps.min(steps / 2),
+        device: device(spec),
+        backend: match dist.backend {
+            api::CollectiveBackend::Auto => tc::CollectiveBackend::Auto,
+            api::CollectiveBackend::Nccl => tc::CollectiveBackend::Nccl,
+            api::CollectiveBackend::Tcp => tc::CollectiveBackend::Tcp,
+        },
     };
     let checkpoint = tc::CheckpointConfig {
         every: spec.checkpoints.interval_steps,
@@ -383,7 +423,13 @@ mod tests {
         assert_eq!(config.model, base.model);
         assert_eq!(config.data, base.data);
         assert_eq!(config.checkpoint, base.checkpoint);
-        assert_eq!(config.train, base.train);
+        // A job without GPUs trains on the CPU whatever the machine has.
+        assert_eq!(config.train.device, tc::DeviceKind::Cpu);
+        let train = tc::TrainConfig {
+            device: base.train.device,
+            ..config.train
+        };
+        assert_eq!(train, base.train);
     }
 
     #[test]
@@ -417,5 +463,28 @@ mod tests {
         assert_eq!(world_size(&s), 2);
         s.mode = Mode::Federated;
         assert_eq!(world_size(&s), 1);
+    }
+
+    #[test]
+    fn gpu_workers_multiply_the_ranks_and_train_on_cuda() {
+        let mut s = spec();
+        s.distributed.as_mut().unwrap().gpus_per_worker = 4;
+        assert_eq!(
+            (worker_pods(&s), processes_per_worker(&s), world_size(&s)),
+            (2, 4, 8)
+        );
+        let c = trainer_config(&s).unwrap();
+        assert_eq!(c.train.device, tc::DeviceKind::Cuda);
+        assert_eq!(c.train.backend, tc::CollectiveBackend::Auto);
+        s.distributed.as_mut().unwrap().backend = api::CollectiveBackend::Tcp;
+        assert_eq!(
+            trainer_config(&s).unwrap().train.backend,
+            tc::CollectiveBackend::Tcp
+        );
+        // Epochs count every rank's batch.
+        s.training.epochs = Some(1);
+        s.data.shapes.as_mut().unwrap().samples = 1000;
+        let per_step = 16 * 8;
+        assert_eq!(total_steps(&s).unwrap(), (900u64).div_ceil(per_step));
     }
 }

@@ -90,6 +90,9 @@ pub struct Replica {
 /// Where a federated job's TLS Secret is mounted.
 pub const FEDERATION_TLS_DIR: &str = "/etc/trainyard/federation-tls";
 
+/// NVIDIA's variable for the GPUs a process may see.
+pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+
 /// Port of the trainer's Prometheus endpoint in pods.
 pub const METRICS_PORT: u16 = 9400;
 
@@ -120,7 +123,7 @@ pub fn desired(
     let (leader_role, leader_port, followers, follower_role) = match spec.mode {
         Mode::Distributed | Mode::Peft => {
             let port = spec.distributed.as_ref().map_or(29500, |d| d.port);
-            (Role::Worker, port, config::world_size(spec), Role::Worker)
+            (Role::Worker, port, config::worker_pods(spec), Role::Worker)
         }
         Mode::Federated => {
             let f = spec.federated.clone().unwrap_or_default();
@@ -139,6 +142,8 @@ pub fn desired(
         Placement::Local { master_port, .. } => *master_port,
     };
     let dist = spec.distributed.clone().unwrap_or_default();
+    let gpus = config::gpus_per_worker(spec);
+    let world_size = config::world_size(spec);
     let mut layout: Vec<(Role, u32)> = Vec::new();
     if leader_role == Role::Aggregator {
         layout.push((Role::Aggregator, 0));
@@ -164,15 +169,36 @@ pub fn desired(
                 var(env::RUN_ATTEMPT, attempt.to_string()),
                 var(env::MASTER_ADDR, leader_host.clone()),
                 var(env::MASTER_PORT, master_port.to_string()),
-                var(env::LOCAL_RANK, "0".into()),
                 var(env::CONFIG, config_json.clone()),
             ];
             match role {
-                Role::Worker | Role::Client => {
+                // One process per GPU under the in-pod supervisor, which
+                // gives each its RANK and LOCAL_RANK.
+                Role::Worker if gpus > 0 => {
+                    vars.push(var(env::GROUP_RANK, index.to_string()));
+                    vars.push(var(env::LOCAL_WORLD_SIZE, gpus.to_string()));
+                    vars.push(var(env::WORLD_SIZE, world_size.to_string()));
+                    // On a cluster the device plugin shows each pod its own
+                    // GPUs; locally every worker shares the machine, so each
+                    // is shown its own slice of them.
+                    if let Placement::Local { .. } = placement {
+                        let first = index * gpus;
+                        let slice: Vec<String> =
+                            (first..first + gpus).map(|g| g.to_string()).collect();
+                        vars.push(var(CUDA_VISIBLE_DEVICES, slice.join(",")));
+                    }
+                }
+                Role::Worker => {
                     vars.push(var(env::RANK, index.to_string()));
+                    vars.push(var(env::LOCAL_RANK, "0".into()));
+                    vars.push(var(env::WORLD_SIZE, world_size.to_string()));
+                }
+                Role::Client => {
+                    vars.push(var(env::RANK, index.to_string()));
+                    vars.push(var(env::LOCAL_RANK, "0".into()));
                     vars.push(var(env::WORLD_SIZE, followers.to_string()));
                 }
-                Role::Aggregator => {}
+                Role::Aggregator => vars.push(var(env::LOCAL_RANK, "0".into())),
             }
             let secret_env = |var_name: &str, key: String| EnvVar {
                 name: var_name.into(),
@@ -221,6 +247,7 @@ pub fn desired(
                 (Role::Worker, _) => {}
             }
             vars.extend(spec.template.env.iter().cloned());
+            let supervised = role == Role::Worker && gpus > 0;
             let mut args: Vec<String> = match role {
                 Role::Worker => vec![
                     "train".into(),
@@ -262,6 +289,11 @@ pub fn desired(
                 }
                 Placement::Local { .. } => {}
             }
+            if supervised {
+                // `launch -- train …`: the supervisor reads GROUP_RANK,
+                // LOCAL_WORLD_SIZE and WORLD_SIZE from the env above.
+                args.splice(0..0, ["launch".to_string(), "--".to_string()]);
+            }
             let mut secret_mounts = Vec::new();
             // TLS of the federation endpoint, on a cluster (loopback stays HTTP).
             if let (Some(tls), Placement::Kubernetes) = (
@@ -299,11 +331,7 @@ pub fn desired(
                 attempt,
                 args,
                 env: vars,
-                gpus: if role == Role::Worker {
-                    dist.gpus_per_worker
-                } else {
-                    0
-                },
+                gpus: if role == Role::Worker { gpus } else { 0 },
                 ports,
                 out_dir,
                 secret_mounts,
@@ -354,6 +382,38 @@ mod tests {
         }
         assert!(rs[0].ports.iter().any(|(n, _)| n == "rendezvous"));
         assert!(!rs[1].ports.iter().any(|(n, _)| n == "rendezvous"));
+    }
+
+    #[test]
+    fn gpu_workers_run_one_process_per_gpu_under_the_supervisor() {
+        let mut j = job();
+        j.spec.distributed.as_mut().unwrap().gpus_per_worker = 4;
+        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        assert_eq!(rs.len(), 3, "one pod per worker");
+        for (i, r) in rs.iter().enumerate() {
+            assert_eq!(r.gpus, 4);
+            assert_eq!(r.args[..3], ["launch", "--", "train"]);
+            assert_eq!(get(r, env::WORLD_SIZE), "12");
+            assert_eq!(get(r, env::LOCAL_WORLD_SIZE), "4");
+            assert_eq!(get(r, env::GROUP_RANK), i.to_string());
+            assert!(
+                r.env
+                    .iter()
+                    .all(|e| e.name != env::RANK && e.name != env::LOCAL_RANK)
+            );
+        }
+        // Locally the workers share one machine: each sees its own GPUs.
+        let local = Placement::Local {
+            master_port: 1,
+            out_root: "/tmp/r".into(),
+            leader_metrics: None,
+            federation_secret: String::new(),
+        };
+        let rs = desired(&j, 0, &local).unwrap();
+        assert_eq!(get(&rs[1], CUDA_VISIBLE_DEVICES), "4,5,6,7");
+        // CPU workers keep one process each, without the supervisor.
+        let rs = desired(&job(), 0, &Placement::Kubernetes).unwrap();
+        assert!(rs.iter().all(|r| r.gpus == 0 && r.args[0] == "train"));
     }
 
     #[test]

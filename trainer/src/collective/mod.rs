@@ -12,6 +12,10 @@ pub mod store;
 
 use std::time::Duration;
 
+use burn::tensor::Tensor;
+
+use crate::model::params::{from_host, to_host};
+
 /// How [`Collective::all_reduce`] combines the ranks' buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
@@ -148,6 +152,30 @@ pub enum CollectiveError {
     /// The GPU or NCCL failed (feature `cuda`).
     #[error("GPU collective: {0}")]
     Gpu(String),
+    /// An NCCL operation failed asynchronously (a peer died, the network
+    /// broke); the communicator was aborted.
+    #[error("NCCL {action} across {world} ranks failed: {detail}; the communicator was aborted")]
+    Nccl {
+        /// The operation.
+        action: &'static str,
+        /// Ranks in the group.
+        world: usize,
+        /// What NCCL reported.
+        detail: String,
+    },
+    /// A collective of the whole group did not finish in time (NCCL names no
+    /// peer); the communicator was aborted.
+    #[error(
+        "NCCL {action} across {world} ranks did not finish within {timeout:?}; the communicator was aborted (did a rank die?)"
+    )]
+    GroupTimeout {
+        /// The operation.
+        action: &'static str,
+        /// Ranks in the group.
+        world: usize,
+        /// The collective timeout.
+        timeout: Duration,
+    },
     /// A self-check found a wrong result (a broken library or device).
     #[error("the collective computed a wrong result: {0}")]
     WrongResult(String),
@@ -167,7 +195,11 @@ impl CollectiveError {
     /// (a stale attempt, a duplicate rank) and unsupported requests are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Peer { .. } | Self::Timeout { .. } | Self::Protocol { .. } => true,
+            Self::Peer { .. }
+            | Self::Timeout { .. }
+            | Self::Protocol { .. }
+            | Self::Nccl { .. }
+            | Self::GroupTimeout { .. } => true,
             Self::Store(e) => !matches!(e, store::StoreError::Refused { .. }),
             Self::Setup(_) | Self::Unsupported(_) | Self::Gpu(_) | Self::WrongResult(_) => false,
         }
@@ -204,6 +236,39 @@ pub trait Collective {
 
     /// Copies `root`'s `buf` to every rank.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
+
+    /// Combines a flat tensor across ranks, in consecutive buckets of at most
+    /// `bucket_len` values (in order, as PyTorch DDP does), with `payload` on
+    /// the wire; every rank ends with the same bits. This default goes through
+    /// host memory, which is where a CPU tensor lives anyway; a collective on
+    /// device memory (NCCL) reduces the tensor where it is.
+    fn all_reduce_tensor(
+        &mut self,
+        t: Tensor<1>,
+        op: ReduceOp,
+        payload: Payload,
+        bucket_len: usize,
+    ) -> Result<Tensor<1>, CollectiveError> {
+        let device = t.device();
+        let mut values = to_host(&t);
+        for bucket in values.chunks_mut(bucket_len.max(1)) {
+            self.all_reduce_with(bucket, op, payload)?;
+        }
+        Ok(from_host(values, &device))
+    }
+
+    /// Copies `root`'s flat tensor to every rank (through the host by
+    /// default, as [`Collective::all_reduce_tensor`]).
+    fn broadcast_tensor(
+        &mut self,
+        t: Tensor<1>,
+        root: usize,
+    ) -> Result<Tensor<1>, CollectiveError> {
+        let device = t.device();
+        let mut values = to_host(&t);
+        self.broadcast(&mut values, root)?;
+        Ok(from_host(values, &device))
+    }
 
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError> {
@@ -328,9 +393,21 @@ pub struct Group {
     pub ring: ring::TcpRing,
 }
 
-/// Joins the group `env` describes: rank 0 serves the store on all interfaces
-/// at MASTER_PORT; every rank joins it and builds the ring.
-pub fn join_group(env: &DistEnv, timeouts: ring::RingTimeouts) -> Result<Group, CollectiveError> {
+/// The rendezvous of a group: rank 0's store server (kept alive for the
+/// group's lifetime) and this rank's connection to it.
+pub struct Rendezvous {
+    /// Rank 0's store server.
+    pub server: Option<store::StoreServer>,
+    /// This rank's store connection.
+    pub store: store::StoreClient,
+}
+
+/// Meets the group `env` describes: rank 0 serves the store on all interfaces
+/// at MASTER_PORT, and every rank joins it.
+pub fn rendezvous(
+    env: &DistEnv,
+    timeouts: ring::RingTimeouts,
+) -> Result<Rendezvous, CollectiveError> {
     let server = if env.rank == 0 {
         let bind: std::net::SocketAddr = ([0, 0, 0, 0], env.master_port).into();
         Some(
@@ -340,13 +417,19 @@ pub fn join_group(env: &DistEnv, timeouts: ring::RingTimeouts) -> Result<Group, 
     } else {
         None
     };
-    let mut store = store::StoreClient::join(
+    let store = store::StoreClient::join(
         &env.store_addr(),
         env.rank,
         env.world_size,
         env.attempt,
         timeouts.join,
     )?;
+    Ok(Rendezvous { server, store })
+}
+
+/// Joins the group `env` describes and builds the TCP ring.
+pub fn join_group(env: &DistEnv, timeouts: ring::RingTimeouts) -> Result<Group, CollectiveError> {
+    let Rendezvous { server, mut store } = rendezvous(env, timeouts)?;
     let ring = ring::TcpRing::connect(&mut store, env.rank, env.world_size, timeouts)?;
     Ok(Group {
         server,

@@ -387,6 +387,11 @@ pub struct TrainConfig {
     pub threads: Option<usize>,
     /// Steps excluded from the steady-state throughput in `summary.json`.
     pub throughput_warmup_steps: u64,
+    /// Where this process computes: the CPU, its GPU (`LOCAL_RANK` picks which
+    /// one), or whichever this machine has.
+    pub device: DeviceKind,
+    /// What averages gradients across the ranks of a data-parallel group.
+    pub backend: CollectiveBackend,
 }
 
 impl Default for TrainConfig {
@@ -410,8 +415,37 @@ impl Default for TrainConfig {
             seed: 42,
             threads: None,
             throughput_warmup_steps: 5,
+            device: DeviceKind::Auto,
+            backend: CollectiveBackend::Auto,
         }
     }
+}
+
+/// Where a trainer process computes (`train.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// CUDA when this trainer is built with it, the NVIDIA driver loads and a
+    /// GPU is visible; otherwise the CPU.
+    #[default]
+    Auto,
+    /// The CPU, with Trainyard's own kernels.
+    Cpu,
+    /// NVIDIA GPU number `LOCAL_RANK`; refused at start where there is none.
+    Cuda,
+}
+
+/// What averages gradients across ranks (`train.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectiveBackend {
+    /// NCCL when the process computes on a GPU, the TCP ring otherwise.
+    #[default]
+    Auto,
+    /// NVIDIA NCCL on device memory (GPU training only).
+    Nccl,
+    /// Trainyard's ring all-reduce over TCP, through host memory.
+    Tcp,
 }
 
 /// Gradient compression on the wire.
@@ -767,7 +801,19 @@ impl TrainerConfig {
                 "must be at least 0.001 (MiB per all-reduce bucket; 25 is PyTorch's default)",
             ));
         }
+        if t.backend == CollectiveBackend::Nccl && t.device == DeviceKind::Cpu {
+            return Err(ConfigError::invalid(
+                "train.backend",
+                "nccl all-reduces GPU memory, but train.device is cpu; set train.device to cuda or auto, or train.backend to tcp",
+            ));
+        }
         if let Some(k) = &t.topk {
+            if t.device == DeviceKind::Cuda || t.backend == CollectiveBackend::Nccl {
+                return Err(ConfigError::invalid(
+                    "train.topk",
+                    "top-k sparsification runs on the CPU only; use train.compression (bf16 or fp16) on GPUs, or train.device: cpu",
+                ));
+            }
             if !(k.ratio > 0.0 && k.ratio <= 1.0) {
                 return Err(ConfigError::invalid(
                     "train.topk.ratio",
@@ -1010,6 +1056,10 @@ mod tests {
                 "train: {topk: {ratio: 0.1}, compression: bf16}",
                 "train.topk",
             ),
+            ("train: {device: tpu}", "train.device"),
+            ("train: {device: cpu, backend: nccl}", "train.backend"),
+            ("train: {device: cuda, topk: {ratio: 0.1}}", "train.topk"),
+            ("train: {backend: nccl, topk: {ratio: 0.1}}", "train.topk"),
             ("train: {local_sgd: {every: 0}}", "train.local_sgd.every"),
             ("train: {local_sgd: {every: 3}}", "checkpoint.every"),
             (

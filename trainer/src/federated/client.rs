@@ -12,10 +12,10 @@ use super::update::{self, Schema};
 use super::{FederatedError, LONG_POLL, TASK_PATH, UPDATE_PATH, partition};
 use crate::config::{Partition, TrainerConfig};
 use crate::model::SegNet;
-use crate::model::params::{self, Layout};
+use crate::model::params::{self, Layout, Trainable};
 use crate::tensorfile::NamedTensor;
-use crate::train::optim::{self, Optimizer};
-use crate::train::{Prefetch, Setup, loss_and_gradients, schedule};
+use crate::train::learner::Learner;
+use crate::train::{Prefetch, Setup, schedule};
 
 /// How to run a client beyond the config.
 pub struct ClientOptions {
@@ -81,7 +81,11 @@ pub fn run(config: &TrainerConfig, opts: &ClientOptions) -> Result<ClientSummary
     // The schedule spans every round's local steps.
     let mut schedule_config = config.train.clone();
     schedule_config.steps = fed.rounds * fed.local_steps;
-    let device = Device::flex().autodiff();
+    // A client trains where train.device says; the aggregator only averages.
+    let device = crate::device::resolve(config.train.device, 0)
+        .map_err(crate::train::TrainError::from)?
+        .device
+        .autodiff();
     let template = SegNet::new(&config.model, config.train.seed, &device);
     let schema = Schema::of(&Layout::of(&template));
     let mut agent = ureq::Agent::config_builder()
@@ -241,16 +245,15 @@ fn train_locally(
     device: &Device,
 ) -> Result<(Vec<f32>, f64), FederatedError> {
     let tensors: HashMap<String, NamedTensor> = schema.tensors(global).into_iter().collect();
-    let mut model = params::load_named(
+    let model = params::load_named(
         SegNet::new(&config.model, config.train.seed, device),
         |n| tensors.get(n),
         device,
     )
     .map_err(|e| FederatedError::Other(e.to_string()))?;
-    let anchor = params::trainable_values(&model);
-    let mut values = anchor.clone();
     // Clients are stateless between rounds (FedAvg): a fresh optimiser each round.
-    let mut optimizer = Optimizer::new(&config.train.optimizer, values.len());
+    let mut learner = Learner::new(model, Trainable::All, &config.train.optimizer, device);
+    let anchor = learner.params().clone();
     let accumulate = config.train.accumulate_steps;
     // Each client draws its own sample order (seeded by its index).
     let prefetch = Prefetch::spawn_for(
@@ -261,17 +264,8 @@ fn train_locally(
     let mut loss_sum = 0.0;
     for step in offset..offset + steps {
         let lr = schedule::learning_rate(schedule_config, step);
-        let mut grads = vec![0f32; values.len()];
-        let mut loss = 0.0f32;
-        for _ in 0..accumulate {
-            let (batch, _) = prefetch.next();
-            let (l, g) = loss_and_gradients(&model, &batch, config, device);
-            grads.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
-            loss += l;
-        }
-        let inv = 1.0 / accumulate as f32;
-        grads.iter_mut().for_each(|g| *g *= inv);
-        loss *= inv;
+        let micro_batches = (0..accumulate).map(|_| prefetch.next().0);
+        let (loss, mut grads) = learner.mean_gradient(micro_batches, config);
         if !loss.is_finite() {
             return Err(FederatedError::Other(format!(
                 "local loss is {loss} at step {step}; lower train.lr"
@@ -279,19 +273,18 @@ fn train_locally(
         }
         if mu > 0.0 {
             // ∇ (μ/2)‖w − w_global‖² = μ (w − w_global)
-            let mu = mu as f32;
-            for ((g, w), a) in grads.iter_mut().zip(&values).zip(&anchor) {
-                *g += mu * (w - a);
-            }
+            let pull = learner
+                .params()
+                .clone()
+                .sub(anchor.clone())
+                .mul_scalar(mu as f32);
+            grads = grads.add(pull);
         }
-        if let Some(max) = config.train.grad_clip_norm {
-            optim::clip_grad_norm(&mut grads, max);
-        }
-        optimizer.step(&mut values, &grads, lr);
-        model = params::with_trainable_values(model, &values, device);
+        learner.apply(grads, lr, config.train.grad_clip_norm);
         loss_sum += loss as f64;
     }
-    let local: Vec<f32> = params::named_values(&model)
+    let model = learner.model();
+    let local: Vec<f32> = params::named_values(model)
         .into_iter()
         .flat_map(|(_, v)| v)
         .collect();

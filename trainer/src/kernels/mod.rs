@@ -10,10 +10,12 @@ pub mod op;
 mod testutil;
 pub mod unpool;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::cell::Cell;
 
-/// Which operations run our kernels instead of burn's generic ones. All on by
-/// default; benchmarks switch them off one by one to measure each in one process.
+use burn::backend::DispatchDevice;
+use burn::tensor::Device;
+
+/// Which operations run our kernels instead of burn's generic ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NativeOps {
     /// 3x3 convolutions ([`op::conv3x3`]).
@@ -33,24 +35,56 @@ impl NativeOps {
         pooling: true,
     };
 
-    fn bits(self) -> u8 {
-        self.conv as u8 | (self.bn_relu as u8) << 1 | (self.pooling as u8) << 2
+    /// Nothing native: burn's own operations throughout (what every device
+    /// but the CPU runs).
+    pub const NONE: Self = Self {
+        conv: false,
+        bn_relu: false,
+        pooling: false,
+    };
+
+    fn and(self, other: Self) -> Self {
+        Self {
+            conv: self.conv && other.conv,
+            bn_relu: self.bn_relu && other.bn_relu,
+            pooling: self.pooling && other.pooling,
+        }
     }
 }
 
-static NATIVE: AtomicU8 = AtomicU8::new(0b111);
+thread_local! {
+    /// Operations this thread may run natively (see [`with_native`]).
+    static ALLOWED: Cell<NativeOps> = const { Cell::new(NativeOps::ALL) };
+}
 
-/// The operations that currently run our kernels.
-pub fn native() -> NativeOps {
-    let bits = NATIVE.load(Ordering::Relaxed);
-    NativeOps {
-        conv: bits & 1 != 0,
-        bn_relu: bits & 2 != 0,
-        pooling: bits & 4 != 0,
+/// The operations that run our kernels for tensors on `device`: every one on
+/// the CPU backend (`flex`), whose buffers our kernels read; none elsewhere,
+/// where burn's own operations run (CubeCL's kernels on CUDA).
+/// [`with_native`] can narrow the choice, never widen it.
+pub fn native(device: &Device) -> NativeOps {
+    let flex = matches!(
+        device.clone().without_autodiff().as_dispatch(),
+        DispatchDevice::Flex(_)
+    );
+    if flex {
+        ALLOWED.with(Cell::get)
+    } else {
+        NativeOps::NONE
     }
 }
 
-/// Chooses, for this process, which operations run our kernels.
-pub fn set_native(ops: NativeOps) {
-    NATIVE.store(ops.bits(), Ordering::Relaxed);
+/// Runs `f` with only the operations `ops` allows native on this thread: the
+/// choice is made while a forward pass builds its graph, so a model run inside
+/// `f` uses burn's operations where `ops` says no (benchmarks measure each
+/// kernel this way; tests compare the two paths in one process).
+pub fn with_native<R>(ops: NativeOps, f: impl FnOnce() -> R) -> R {
+    let before = ALLOWED.with(|a| a.replace(a.get().and(ops)));
+    struct Restore(NativeOps);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            ALLOWED.with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }

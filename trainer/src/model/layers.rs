@@ -124,7 +124,7 @@ impl Conv2d {
     fn base_forward(&self, x: Tensor<4>, with_bias: bool) -> Tensor<4> {
         let [_, _, k, _] = self.weight.dims();
         let bias = self.bias.as_ref().filter(|_| with_bias);
-        if k == 3 && bias.is_none() && crate::kernels::native().conv {
+        if k == 3 && bias.is_none() && crate::kernels::native(&x.device()).conv {
             return crate::kernels::op::conv3x3(x, self.weight.val());
         }
         let pad = k / 2;
@@ -140,7 +140,7 @@ impl Conv2d {
     /// (same kernel and padding), B a 1x1 conv.
     fn lora_branch(&self, x: Tensor<4>, a: &ConvWeight, b: &ConvWeight) -> Tensor<4> {
         let [_, _, k, _] = a.weight.dims();
-        let h = if k == 3 && crate::kernels::native().conv {
+        let h = if k == 3 && crate::kernels::native(&x.device()).conv {
             // A is a bias-free 3x3 conv like the base: our kernel runs it
             // several times faster than burn's generic convolution.
             crate::kernels::op::conv3x3(x, a.weight.val())
@@ -272,7 +272,8 @@ impl ConvBnRelu {
     /// - input `[batch, in, h, w]` → output `[batch, out, h, w]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = self.conv.forward(x);
-        if y.device().is_autodiff() && crate::kernels::native().bn_relu {
+        let device = y.device();
+        if device.is_autodiff() && crate::kernels::native(&device).bn_relu {
             let [b, _, h, w] = y.dims();
             let out = bn_relu_train(y, self.bn.weight.val(), self.bn.bias.val(), BN_EPS);
             self.bn.update_running(out.mean, out.var, b * h * w);

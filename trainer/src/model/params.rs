@@ -283,6 +283,174 @@ pub fn with_buffer_values<M: Module>(module: M, values: &[f32], device: &Device)
     scatter(module, values, &is_buffer, device)
 }
 
+/// A flat tensor's values, copied to the host.
+pub fn to_host(t: &Tensor<1>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("converted to f32 above")
+}
+
+/// Host values as a flat tensor on `device`.
+pub fn from_host(values: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}
+
+/// Where [`flatten`] takes each tensor from.
+enum Source<'a> {
+    /// The tensor's value.
+    Values,
+    /// Its gradient (zeros when it took no part in the loss).
+    Gradients(&'a Gradients),
+}
+
+/// The tensors `select` picks, in layout order, as one flat tensor on their
+/// device without autodiff: the form the optimiser and the collectives work on,
+/// so that on a GPU nothing leaves device memory.
+fn flatten<M: Module>(
+    module: &M,
+    select: &dyn Fn(&str) -> bool,
+    source: Source,
+    device: &Device,
+) -> Tensor<1> {
+    struct V<'a> {
+        path: PathTracker,
+        select: &'a dyn Fn(&str) -> bool,
+        source: Source<'a>,
+        device: Device,
+        parts: Vec<Tensor<1>>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !(self.select)(&self.path.name()) {
+                return;
+            }
+            let value = param.val();
+            let n = value.shape().num_elements();
+            let part = match &self.source {
+                Source::Values => value.inner().reshape([n]),
+                Source::Gradients(grads) => match value.grad(grads) {
+                    Some(g) => g.reshape([n]),
+                    None => Tensor::zeros([n], &self.device),
+                },
+            };
+            self.parts.push(part);
+        }
+    }
+    let device = device.clone().without_autodiff();
+    let mut v = V {
+        path: PathTracker(Vec::new()),
+        select,
+        source,
+        device: device.clone(),
+        parts: Vec::new(),
+    };
+    module.visit(&mut v);
+    if v.parts.is_empty() {
+        return from_host(Vec::new(), &device);
+    }
+    Tensor::cat(v.parts, 0)
+}
+
+/// Returns `module` with the tensors `select` picks replaced, in layout
+/// order, by consecutive slices of `flat` (which stays on its device).
+/// Autodiff association and gradient tracking are kept as they were.
+fn unflatten<M: Module>(module: M, flat: &Tensor<1>, select: &dyn Fn(&str) -> bool) -> M {
+    struct Mp<'a> {
+        path: PathTracker,
+        select: &'a dyn Fn(&str) -> bool,
+        flat: &'a Tensor<1>,
+        offset: usize,
+    }
+    impl ModuleMapper for Mp<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !(self.select)(&self.path.name()) {
+                return param;
+            }
+            let (id, old, mapper) = param.consume();
+            let shape = old.shape();
+            let n = shape.num_elements();
+            let mut t: Tensor<D> = self.flat.clone().narrow(0, self.offset, n).reshape(shape);
+            self.offset += n;
+            if old.is_autodiff() {
+                t = t.autodiff();
+            }
+            if old.is_require_grad() {
+                t = t.require_grad();
+            }
+            Param::from_mapped_value(id, t, mapper)
+        }
+    }
+    let len = flat.dims()[0];
+    let mut m = Mp {
+        path: PathTracker(Vec::new()),
+        select,
+        flat,
+        offset: 0,
+    };
+    let module = module.map(&mut m);
+    assert_eq!(
+        m.offset, len,
+        "flat tensor length must match the module's layout"
+    );
+    module
+}
+
+/// The parameters `selection` trains as one flat tensor on `device` (layout
+/// order; [`trainable_values_of`] on the host).
+pub fn flat_trainable_of<M: Module>(
+    module: &M,
+    selection: &Trainable,
+    device: &Device,
+) -> Tensor<1> {
+    flatten(module, &|n| selection.trains(n), Source::Values, device)
+}
+
+/// The buffers (running statistics) as one flat tensor on `device`.
+pub fn flat_buffers<M: Module>(module: &M, device: &Device) -> Tensor<1> {
+    flatten(module, &is_buffer, Source::Values, device)
+}
+
+/// The gradients of the parameters `selection` trains as one flat tensor on
+/// `device`, zeros for those that took no part in the loss
+/// ([`gradient_values_of`] on the host).
+pub fn flat_gradients_of<M: Module>(
+    module: &M,
+    grads: &Gradients,
+    selection: &Trainable,
+    device: &Device,
+) -> Tensor<1> {
+    flatten(
+        module,
+        &|n| selection.trains(n),
+        Source::Gradients(grads),
+        device,
+    )
+}
+
+/// Returns `module` with the parameters `selection` trains set from `flat`.
+pub fn with_flat_trainable_of<M: Module>(module: M, flat: &Tensor<1>, selection: &Trainable) -> M {
+    unflatten(module, flat, &|n| selection.trains(n))
+}
+
+/// Returns `module` with its buffers set from `flat`.
+pub fn with_flat_buffers<M: Module>(module: M, flat: &Tensor<1>) -> M {
+    unflatten(module, flat, &is_buffer)
+}
+
 /// Which parameters an optimiser trains; buffers never are. Fine-tuning an
 /// adapter trains a few tensors and freezes the rest of the base.
 #[derive(Clone, Default)]

@@ -14,7 +14,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 /// # Shapes
 /// - input `[b, c, h, w]` → output and indices `[b, c, h/2, w/2]`
 pub fn max_pool2x2(x: Tensor<4>) -> (Tensor<4>, Tensor<4, Int>) {
-    if crate::kernels::native().pooling {
+    if crate::kernels::native(&x.device()).pooling {
         return crate::kernels::op::max_pool2x2_with_indices(x);
     }
     max_pool2d_with_indices(x, MaxPoolOptions::new([2, 2]).with_stride([2, 2]))
@@ -32,7 +32,7 @@ pub fn max_pool2x2_values(x: Tensor<4>) -> Tensor<4> {
 /// # Shapes
 /// - `x`, `indices` `[b, c, h, w]` → output `[b, c, out_h, out_w]`
 pub fn max_unpool2d(x: Tensor<4>, indices: Tensor<4, Int>, out_hw: [usize; 2]) -> Tensor<4> {
-    if crate::kernels::native().pooling {
+    if crate::kernels::native(&x.device()).pooling {
         return crate::kernels::op::max_unpool2d(x, indices, out_hw);
     }
     let [b, c, h, w] = x.dims();

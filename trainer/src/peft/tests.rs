@@ -467,7 +467,7 @@ fn fine_tuning_moves_only_the_adapter_and_the_saved_modules() {
         expected,
         "only adapters and the head are trainable"
     );
-    let mut optimizer = Optimizer::new(&config.train.optimizer, values.len());
+    let mut optimizer = Optimizer::new(&config.train.optimizer, values.len(), &Device::flex());
     let mut losses = Vec::new();
     for _ in 0..5 {
         let loss = crate::train::batch_loss(&model, &batch, &config, &device);
@@ -478,7 +478,12 @@ fn fine_tuning_moves_only_the_adapter_and_the_saved_modules() {
             "a frozen weight has no gradient"
         );
         let g = params::gradient_values_of(&model, &grads, &selection);
-        optimizer.step(&mut values, &g, 0.01);
+        let stepped = optimizer.step(
+            params::from_host(values, &Device::flex()),
+            params::from_host(g, &Device::flex()),
+            0.01,
+        );
+        values = params::to_host(&stepped);
         model = params::with_trainable_values_of(model, &values, &selection, &device);
     }
     assert!(losses.last().unwrap() < &losses[0], "{losses:?}");

@@ -4,11 +4,11 @@
 //! `config.json` (the effective config), `metrics.jsonl` (one row per step and
 //! one per validation), `checkpoints/` and, at the end, `summary.json`.
 
+pub mod learner;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
-mod sync;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -25,20 +25,18 @@ use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointDir, CheckpointError};
 use crate::collective::ring::RingTimeouts;
-use crate::collective::{self, Collective, CollectiveError, DistEnv, Payload, ReduceOp};
-use crate::config::{Compression, TrainerConfig};
+use crate::collective::{Collective, CollectiveError, DistEnv};
+use crate::config::{CollectiveBackend, TrainerConfig};
 use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
-use crate::ddp::topk::TopK;
+use crate::ddp::local_sgd::{LocalSgd, OUTER_MOMENTUM};
+use crate::ddp::{self, DataParallel};
 use crate::infer::{self, EvalReport, Predictor};
 use crate::metrics::TrainerMetrics;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
 use crate::tensorfile::{self, NamedTensor, TensorFileError};
+use learner::Learner;
 use loss::{PixelTargets, binary_cross_entropy_with_logits, cross_entropy};
-use optim::{Optimizer, OuterOptimizer};
-
-/// Checkpoint slot of the outer optimiser's momentum (local SGD).
-const OUTER_MOMENTUM: &str = "outer.momentum_buffer";
 
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +95,9 @@ pub enum TrainError {
     /// Talking to the other ranks failed.
     #[error(transparent)]
     Collective(#[from] CollectiveError),
+    /// `train.device` cannot be had here.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// The loss stopped being a number.
     #[error("loss is {loss} at step {step}; lower train.lr or set train.grad_clip_norm")]
     Diverged {
@@ -167,6 +168,12 @@ pub struct Summary {
     pub adapter_bytes: Option<u64>,
     /// Every tensor value of the model (trained, frozen and buffers).
     pub model_values: usize,
+    /// Where this run computed (`cpu`, `cuda:0`).
+    pub device: String,
+    /// FNV-1a hash of the bits of the trained parameters and buffers at the
+    /// end: equal on every rank (checked), and across runs that should be
+    /// bit-identical.
+    pub parameter_hash: String,
 }
 
 /// One `metrics.jsonl` row.
@@ -432,7 +439,7 @@ fn validate_group(
         } else {
             vec![0; mine.len()]
         };
-        sync::broadcast_from(c, &mut words, root)?;
+        ddp::sync::broadcast_from(c, &mut words, root)?;
         if root != rank {
             counts.add_words(&words);
         }
@@ -508,46 +515,47 @@ impl MetricsLog {
     }
 }
 
-/// Puts the tensors of `checkpoint` into `model` and `optimizer`.
-fn restore(
-    model: SegNet,
-    optimizer: &mut Optimizer,
-    checkpoint: &Checkpoint,
-    path: &Path,
-    selection: &params::Trainable,
-    device: &Device,
-) -> Result<(SegNet, Vec<f32>), TrainError> {
+/// Puts the tensors of `checkpoint` into the learner's model and optimiser.
+fn restore(learner: &mut Learner, checkpoint: &Checkpoint, path: &Path) -> Result<(), TrainError> {
     let incompatible = |message: String| TrainError::Incompatible {
         path: path.to_owned(),
         message,
     };
-    let expected = Layout::of(&model).entries.len();
+    let expected = Layout::of(learner.model()).entries.len();
     if checkpoint.model.len() != expected {
         return Err(incompatible(format!(
             "it has {} model tensors, the model has {expected} (was it written with another model config?)",
             checkpoint.model.len()
         )));
     }
-    let model = params::load_named(model, |n| checkpoint.tensor(n), device)
+    let device = learner.device().clone();
+    let model = params::load_named(learner.model().clone(), |n| checkpoint.tensor(n), &device)
         .map_err(|e| incompatible(e.to_string()))?;
-    if checkpoint.optimizer != optimizer.kind() {
+    if checkpoint.optimizer != learner.optimizer().kind() {
         return Err(incompatible(format!(
             "it was trained with optimizer `{}` but train.optimizer.kind is `{}`",
             checkpoint.optimizer,
-            optimizer.kind()
+            learner.optimizer().kind()
         )));
     }
-    let trainable = params::trainable_values_of(&model, selection);
-    optimizer
-        .load_state(checkpoint.optimizer_step, trainable.len(), |slot| {
-            checkpoint
-                .optimizer_state
-                .iter()
-                .find(|(n, _)| n == slot)
-                .map(|(_, v)| v.clone())
-        })
+    learner.set_model(model);
+    let n = learner.len();
+    learner
+        .optimizer_mut()
+        .load_state(
+            checkpoint.optimizer_step,
+            n,
+            |slot| {
+                checkpoint
+                    .optimizer_state
+                    .iter()
+                    .find(|(n, _)| n == slot)
+                    .map(|(_, v)| v.clone())
+            },
+            &device.without_autodiff(),
+        )
         .map_err(|e| incompatible(e.to_string()))?;
-    Ok((model, trainable))
+    Ok(())
 }
 
 /// The model tensors of `model` by name, for checkpoints.
@@ -566,6 +574,100 @@ pub fn model_tensors(model: &SegNet) -> Vec<(String, NamedTensor)> {
         .collect()
 }
 
+/// The network a run trains and the parameters it trains: a fresh SegNet,
+/// or (fine-tuning) the base with LoRA adapters, everything but the adapters
+/// and the modules to save frozen.
+fn build_model(
+    config: &TrainerConfig,
+    lora: Option<&crate::peft::config::LoraConfig>,
+    device: &Device,
+) -> Result<(SegNet, params::Trainable), TrainError> {
+    match (&config.peft, lora) {
+        (Some(p), Some(lora)) => {
+            let base = crate::peft::base::load_base(&p.base, config, device)?;
+            let adapted = crate::peft::lora::attach(base, lora, config.train.seed, device)?;
+            let selection = crate::peft::lora::trainable(lora);
+            Ok((params::freeze(adapted, &selection), selection))
+        }
+        _ => Ok((
+            SegNet::new(&config.model, config.train.seed, device),
+            params::Trainable::All,
+        )),
+    }
+}
+
+/// Rank 0's start: the newest checkpoint with `--resume` (returns its step),
+/// a fresh run otherwise; a run directory that already holds checkpoints is
+/// refused without `--resume`.
+fn open_checkpoints(
+    resume: bool,
+    checkpoints: &CheckpointDir,
+    config: &TrainerConfig,
+    learner: &mut Learner,
+    local_sgd: Option<&mut LocalSgd>,
+) -> Result<Option<u64>, TrainError> {
+    match (resume, checkpoints.latest()?) {
+        (true, Some(path)) => {
+            let ck = Checkpoint::load(&path)?;
+            if ck.config.model != config.model || ck.config.data != config.data {
+                tracing::warn!(
+                    checkpoint = %path.display(),
+                    "the model or data config differs from the one this checkpoint was trained with; \
+                     the continued run will not match an uninterrupted one"
+                );
+            }
+            restore(learner, &ck, &path)?;
+            if let Some(l) = local_sgd {
+                l.reset(learner.params());
+                if let Some(outer) = l.outer.as_mut() {
+                    outer.momentum = ck
+                        .optimizer_state
+                        .iter()
+                        .find(|(n, _)| n == OUTER_MOMENTUM)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default();
+                }
+            }
+            tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
+            Ok(Some(ck.step))
+        }
+        (true, None) => {
+            tracing::info!(dir = %checkpoints.dir().display(), "no checkpoint to resume from; starting fresh");
+            Ok(None)
+        }
+        (false, Some(_)) => Err(TrainError::Exists {
+            path: checkpoints.dir().to_owned(),
+        }),
+        (false, None) => Ok(None),
+    }
+}
+
+/// The checkpoint of step `done`: the whole model, the optimiser state and
+/// local SGD's outer momentum.
+fn checkpoint_of(
+    learner: &Learner,
+    local_sgd: Option<&LocalSgd>,
+    config: &TrainerConfig,
+    done: u64,
+    global_batch: u64,
+) -> Checkpoint {
+    let (optimizer_step, state) = learner.optimizer().state();
+    let mut optimizer_state: Vec<(String, Vec<f32>)> =
+        state.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    if let Some(outer) = local_sgd.and_then(|l| l.outer.as_ref()) {
+        optimizer_state.push((OUTER_MOMENTUM.to_owned(), outer.momentum.clone()));
+    }
+    Checkpoint {
+        step: done,
+        data_position: done * global_batch,
+        model: model_tensors(learner.model()),
+        optimizer: learner.optimizer().kind().to_owned(),
+        optimizer_step,
+        optimizer_state,
+        config: config.clone(),
+    }
+}
+
 /// Trains a SegNet as `config` says, writing outputs to `opts.out_dir`.
 ///
 /// With `opts.dist` describing more than one rank, this process joins the
@@ -574,11 +676,15 @@ pub fn model_tensors(model: &SegNet) -> Vec<(String, NamedTensor)> {
 /// the averaged gradient drives identical optimiser steps everywhere. Batch
 /// norm normalises with each rank's own batch (as PyTorch's DDP does without
 /// SyncBatchNorm); the running statistics are averaged across ranks after
-/// every step, so all ranks hold the same model. Only rank 0 writes outputs.
+/// every step, so all ranks hold the same model (checked at every
+/// checkpoint). Only rank 0 writes outputs.
 pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, TrainError> {
     let started = Instant::now();
-    let setup = Setup::new(config)?;
     let dist = opts.dist.clone().unwrap_or_else(DistEnv::single);
+    // First: a device that cannot be had fails before any work is done.
+    let compute = crate::device::resolve(config.train.device, dist.local_rank)?;
+    let device = compute.device.clone().autodiff();
+    let setup = Setup::new(config)?;
     let (rank, world) = (dist.rank, dist.world_size);
     let root = rank == 0;
     let out = &opts.out_dir;
@@ -588,111 +694,47 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             source,
         })?;
     }
-    let device = Device::flex().autodiff();
-    // Fine-tuning: the base with LoRA adapters, everything but the adapters
-    // (and the modules to save) frozen.
     let lora = config
         .peft
         .as_ref()
         .map(crate::peft::config::LoraConfig::from_section);
-    let (mut model, selection) = match (&config.peft, &lora) {
-        (Some(p), Some(lora)) => {
-            let base = crate::peft::base::load_base(&p.base, config, &device)?;
-            let adapted = crate::peft::lora::attach(base, lora, config.train.seed, &device)?;
-            let selection = crate::peft::lora::trainable(lora);
-            (params::freeze(adapted, &selection), selection)
-        }
-        _ => (
-            SegNet::new(&config.model, config.train.seed, &device),
-            params::Trainable::All,
-        ),
-    };
-    let mut params = params::trainable_values_of(&model, &selection);
-    let mut optimizer = Optimizer::new(&config.train.optimizer, params.len());
-    let checkpoints = CheckpointDir::new(out.join(crate::run_dir::CHECKPOINTS_DIR));
-    let local_sgd = config.train.local_sgd.as_ref();
-    let bucket_len = ((config.train.bucket_mb * (1 << 20) as f64) as usize / 4).max(1);
-    // Top-k's residual is per rank and not checkpointed: a resumed run starts
-    // with nothing owed.
-    let mut topk = config
+    let (model, selection) = build_model(config, lora.as_ref(), &device)?;
+    let mut learner = Learner::new(model, selection, &config.train.optimizer, &device);
+    let mut local_sgd = config
         .train
-        .topk
+        .local_sgd
         .as_ref()
-        .map(|t| TopK::new(t.ratio, params.len()));
-    let payload = match config.train.compression {
-        Compression::None => Payload::F32,
-        Compression::Fp16 => Payload::F16,
-        Compression::Bf16 => Payload::Bf16,
+        .map(|l| LocalSgd::new(l, learner.params()));
+    let checkpoints = CheckpointDir::new(out.join(crate::run_dir::CHECKPOINTS_DIR));
+    let mut resumed_from = if root {
+        open_checkpoints(
+            opts.resume,
+            &checkpoints,
+            config,
+            &mut learner,
+            local_sgd.as_mut(),
+        )?
+    } else {
+        None
     };
-    let mut outer = local_sgd
-        .and_then(|l| l.outer.as_ref())
-        .map(OuterOptimizer::new);
-
-    let mut start_step = 0;
-    let mut resumed_from = None;
-    if root {
-        match (opts.resume, checkpoints.latest()?) {
-            (true, Some(path)) => {
-                let ck = Checkpoint::load(&path)?;
-                if ck.config.model != config.model || ck.config.data != config.data {
-                    tracing::warn!(
-                        checkpoint = %path.display(),
-                        "the model or data config differs from the one this checkpoint was trained with; \
-                         the continued run will not match an uninterrupted one"
-                    );
-                }
-                let (m, p) = restore(model, &mut optimizer, &ck, &path, &selection, &device)?;
-                (model, params) = (m, p);
-                if let Some(outer) = outer.as_mut() {
-                    outer.momentum = ck
-                        .optimizer_state
-                        .iter()
-                        .find(|(n, _)| n == OUTER_MOMENTUM)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default();
-                }
-                start_step = ck.step;
-                resumed_from = Some(ck.step);
-                tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
-            }
-            (true, None) => {
-                tracing::info!(dir = %out.display(), "no checkpoint to resume from; starting fresh")
-            }
-            (false, Some(_)) => {
-                return Err(TrainError::Exists {
-                    path: checkpoints.dir().to_owned(),
-                });
-            }
-            (false, None) => {}
-        }
-    }
-    let mut group = if world > 1 {
-        tracing::info!(rank, world, store = %dist.store_addr(), "joining the data-parallel group");
-        Some(collective::join_group(&dist, opts.timeouts)?)
+    let mut start_step = resumed_from.unwrap_or(0);
+    // NCCL asked for by name joins even alone (a one-GPU machine still runs
+    // the device collective in the loop).
+    let mut group = if world > 1 || config.train.backend == CollectiveBackend::Nccl {
+        Some(DataParallel::join(
+            &dist,
+            &config.train,
+            compute.compute,
+            learner.len(),
+            opts.timeouts,
+        )?)
     } else {
         None
     };
     if let Some(g) = group.as_mut() {
-        let (step, m) = sync::adopt_root_state(
-            &mut g.ring,
-            start_step,
-            model,
-            &mut params,
-            &mut optimizer,
-            &selection,
-            &device,
-        )?;
-        (start_step, model) = (step, m);
+        start_step = ddp::sync::adopt_root_state(g, start_step, &mut learner, local_sgd.as_mut())?;
         resumed_from = (start_step > 0).then_some(start_step);
-        if let Some(outer) = outer.as_mut() {
-            let mut len = [outer.momentum.len() as u64];
-            sync::broadcast_u64s(&mut g.ring, &mut len)?;
-            outer.momentum.resize(len[0] as usize, 0.0);
-            g.ring.broadcast(&mut outer.momentum, 0)?;
-        }
     }
-    // Local SGD's last agreed parameters.
-    let mut anchor = params.clone();
     let mut log = if root {
         let config_json = serde_json::to_vec_pretty(config).expect("configs serialise");
         tensorfile::write_bytes_atomic(&out.join("config.json"), &config_json)?;
@@ -736,19 +778,18 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     // A resumed run that was already complete reports the logged last loss.
     let mut final_loss = log.as_ref().and_then(|l| l.last_loss).unwrap_or(f64::NAN);
     let mut steady = (Duration::ZERO, 0u64);
-    let mut comm = (Duration::ZERO, 0u64);
-    // What the metrics have been told of `comm` so far.
-    let mut comm_reported = comm;
+    // What the metrics have been told of the communication so far.
+    let mut comm_reported = ddp::CommStats::default();
     let mut last_scores: Option<metrics::SegmentationScores> = None;
     // Fine-tuning starts from the base itself (B = 0): scoring it first gives
     // the base's quality on this data, the baseline the adapter must beat.
     let mut base_val_miou = None;
     if lora.is_some() && start_step == 0 && !setup.split.val.is_empty() {
         let report = validate_group(
-            &model,
+            learner.model(),
             config,
             &setup,
-            group.as_mut().map(|g| &mut g.ring as &mut dyn Collective),
+            group.as_mut().map(|g| g.collective()),
             &device,
         )?;
         if let Some(log) = log.as_mut() {
@@ -767,42 +808,19 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let t0 = Instant::now();
         let lr = schedule::learning_rate(&config.train, step);
         // Gradient accumulation: the mean gradient of `accumulate` micro-batches.
-        let (mut loss, mut grads, mut noisy) = (0.0f32, vec![0.0f32; params.len()], 0);
-        for _ in 0..accumulate {
+        let mut noisy = 0;
+        let micro_batches = (0..accumulate).map(|_| {
             let (batch, n) = prefetch.next();
-            let (l, g) = loss_and_gradients_of(&model, &batch, config, &device, &selection);
-            for (a, b) in grads.iter_mut().zip(&g) {
-                *a += b;
-            }
-            loss += l;
             noisy += n;
-        }
-        if accumulate > 1 {
-            let inv = 1.0 / accumulate as f32;
-            grads.iter_mut().for_each(|g| *g *= inv);
-            loss *= inv;
-        }
+            batch
+        });
+        let (mut loss, mut grads) = learner.mean_gradient(micro_batches, config);
         let mut stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
         if let Some(g) = group.as_mut() {
-            let t = Instant::now();
-            let mut gradient_bytes = 0;
-            if let Some(topk) = topk.as_mut() {
-                gradient_bytes = topk.all_reduce_mean(&mut g.ring, &mut grads)? as usize;
-            } else if local_sgd.is_none() {
-                for bucket in grads.chunks_mut(bucket_len) {
-                    g.ring.all_reduce_with(bucket, ReduceOp::Average, payload)?;
-                }
-                gradient_bytes = grads.len() * payload.bytes();
-            }
-            // Loss, a stop request from any rank, and the BN running statistics.
-            let mut control = [loss, f32::from(u8::from(stopping))];
-            g.ring.all_reduce(&mut control, ReduceOp::Sum)?;
-            (loss, stopping) = (control[0] / world as f32, control[1] > 0.0);
-            let mut buffers = params::buffer_values(&model);
-            g.ring.all_reduce(&mut buffers, ReduceOp::Average)?;
-            model = params::with_buffer_values(model, &buffers, &device);
-            comm.0 += t.elapsed();
-            comm.1 += (gradient_bytes + (control.len() + buffers.len()) * 4) as u64;
+            grads = g.average_gradients(grads)?;
+            // The loss, a stop request from any rank, and the BN running statistics.
+            (loss, stopping) = g.agree(loss, stopping)?;
+            learner.set_buffers(g.average(learner.buffers())?);
         }
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
@@ -810,32 +828,16 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
                 loss,
             });
         }
-        let grad_norm = match config.train.grad_clip_norm {
-            Some(max) => optim::clip_grad_norm(&mut grads, max),
-            None => optim::grad_norm(&grads),
-        };
-        optimizer.step(&mut params, &grads, lr);
+        let grad_norm = learner
+            .apply(grads, lr, config.train.grad_clip_norm)
+            .grad_norm;
         let done = step + 1;
-        if let Some(l) = local_sgd
-            && (done % l.every == 0 || done == steps || stopping)
+        if let Some(l) = local_sgd.as_mut()
+            && l.due(done, steps, stopping)
         {
-            // Average what the ranks made of the anchor, then move the anchor
-            // (through the outer optimiser, if any) and restart from it.
-            let t = Instant::now();
-            if let Some(g) = group.as_mut() {
-                g.ring.all_reduce(&mut params, ReduceOp::Average)?;
-                comm.1 += (params.len() * 4) as u64;
-            }
-            match outer.as_mut() {
-                Some(outer) => {
-                    outer.step(&mut anchor, &params);
-                    params.copy_from_slice(&anchor);
-                }
-                None => anchor.copy_from_slice(&params),
-            }
-            comm.0 += t.elapsed();
+            let agreed = l.synchronise(learner.params().clone(), group.as_mut())?;
+            learner.set_params(agreed);
         }
-        model = params::with_trainable_values_of(model, &params, &selection, &device);
         let dt = t0.elapsed();
         if step >= start_step + config.train.throughput_warmup_steps {
             steady.0 += dt;
@@ -860,6 +862,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             r.send(progress.clone());
         }
         if let Some(m) = &opts.metrics {
+            let comm = group.as_ref().map(|g| g.stats()).unwrap_or_default();
             m.step.set(done as i64);
             m.steps_total.inc();
             m.loss.set(final_loss);
@@ -867,8 +870,9 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             m.samples_per_second.set(sps);
             m.samples_total.inc_by(batch_size as u64 * accumulate);
             m.allreduce_seconds_total
-                .inc_by((comm.0 - comm_reported.0).as_secs_f64());
-            m.allreduce_bytes_total.inc_by(comm.1 - comm_reported.1);
+                .inc_by((comm.time - comm_reported.time).as_secs_f64());
+            m.allreduce_bytes_total
+                .inc_by(comm.bytes - comm_reported.bytes);
             comm_reported = comm;
         }
         match &bar {
@@ -893,10 +897,10 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let report = (validate && !setup.split.val.is_empty())
             .then(|| {
                 validate_group(
-                    &model,
+                    learner.model(),
                     config,
                     &setup,
-                    group.as_mut().map(|g| &mut g.ring as &mut dyn Collective),
+                    group.as_mut().map(|g| g.collective()),
                     &device,
                 )
             })
@@ -932,27 +936,15 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         }
         if last || stopping || (config.checkpoint.every > 0 && done % config.checkpoint.every == 0)
         {
+            // Every rank must hold the model rank 0 is about to save.
+            if let Some(g) = group.as_mut() {
+                ddp::sync::check_in_sync(g.collective(), ddp::sync::fingerprint(&learner))?;
+            }
             let path = checkpoints.path_for(done);
             if let Some(log) = log.as_mut() {
                 // Rows up to this step become durable with the checkpoint that covers them.
                 log.flush()?;
-                let (optimizer_step, state) = optimizer.state();
-                let mut optimizer_state: Vec<(String, Vec<f32>)> = state
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
-                    .collect();
-                if let Some(outer) = &outer {
-                    optimizer_state.push((OUTER_MOMENTUM.to_owned(), outer.momentum.clone()));
-                }
-                let ck = Checkpoint {
-                    step: done,
-                    data_position: done * global_batch,
-                    model: model_tensors(&model),
-                    optimizer: optimizer.kind().to_owned(),
-                    optimizer_step,
-                    optimizer_state,
-                    config: config.clone(),
-                };
+                let ck = checkpoint_of(&learner, local_sgd.as_ref(), config, done, global_batch);
                 let started = Instant::now();
                 checkpoints.save(&ck, config.checkpoint.keep_last)?;
                 if let Some(r) = reporter {
@@ -990,6 +982,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut adapter = None;
     if let (true, Some(lora)) = (root, &lora) {
         let dir = out.join(crate::run_dir::ADAPTER_DIR);
+        let mut model = learner.model().clone();
         let bytes = crate::peft::adapter::save(&dir, &mut model, lora)?;
         tracing::info!(dir = %dir.display(), bytes, "adapter written");
         if let Some(r) = reporter {
@@ -1000,8 +993,9 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     }
     if root && last_scores.is_none() && !setup.split.val.is_empty() {
         // A resumed run that was already complete still reports its quality.
-        last_scores = Some(validate_group(&model, config, &setup, None, &device)?.scores);
+        last_scores = Some(validate_group(learner.model(), config, &setup, None, &device)?.scores);
     }
+    let comm = group.as_ref().map(|g| g.stats()).unwrap_or_default();
     let summary = Summary {
         steps,
         final_loss,
@@ -1015,15 +1009,21 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         },
         wall_seconds: started.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
-        parameters: params.len(),
+        parameters: learner.len(),
         resumed_from,
         world_size: world,
-        bytes_communicated: comm.1,
-        allreduce_seconds: comm.0.as_secs_f64(),
-        model_values: Layout::of(&model).entries.iter().map(|e| e.len).sum(),
+        bytes_communicated: comm.bytes,
+        allreduce_seconds: comm.time.as_secs_f64(),
+        model_values: Layout::of(learner.model())
+            .entries
+            .iter()
+            .map(|e| e.len)
+            .sum(),
         adapter_bytes: adapter.as_ref().map(|(_, b)| *b),
         base_val_miou,
         adapter: adapter.map(|(d, _)| d),
+        device: compute.compute.to_string(),
+        parameter_hash: format!("{:016x}", ddp::sync::fingerprint(&learner)),
     };
     if root {
         let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");

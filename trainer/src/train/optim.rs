@@ -1,21 +1,31 @@
-//! Optimisers over flat `f32` parameter buffers, with PyTorch's update rules.
+//! Optimisers over flat parameter tensors, with PyTorch's update rules.
 //!
-//! They work on host vectors rather than burn's per-tensor optimiser records so
-//! that every piece of state is a named flat buffer: checkpoints store it as
-//! safetensors, data-parallel training all-reduces the same layout, and the
-//! federated server can reuse the rules on model deltas.
+//! The trainable parameters are one flat `f32` tensor on the compute device
+//! (see [`crate::model::params::flat_trainable_of`]) rather than burn's
+//! per-tensor optimiser records, so that every piece of state is a named flat
+//! buffer: on a GPU the step runs where the gradients are, checkpoints store
+//! the state as safetensors, and data-parallel training all-reduces the same
+//! layout. Each rule is written as the same sequence of IEEE operations as the
+//! host loop it replaced (a test keeps that loop as the reference), so CPU
+//! results are bit for bit what they were.
+
+use burn::tensor::{Device, FloatDType, Tensor};
+
+use crate::model::params::{from_host, to_host};
 
 use crate::config::{AdamWConfig, OptimizerConfig, OuterConfig, SgdConfig};
 
-/// An optimiser and its state.
-#[derive(Debug, Clone, PartialEq)]
+/// An optimiser and its state (on the parameters' device).
+// One per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
 pub enum Optimizer {
     /// SGD with optional (Nesterov) momentum.
     Sgd {
         /// Hyper-parameters.
         config: SgdConfig,
-        /// Momentum buffer (empty until the first step, as in PyTorch).
-        momentum: Vec<f32>,
+        /// Momentum buffer (absent until the first step, as in PyTorch).
+        momentum: Option<Tensor<1>>,
     },
     /// AdamW.
     AdamW {
@@ -24,9 +34,9 @@ pub enum Optimizer {
         /// Steps taken (for bias correction).
         t: u64,
         /// First moment.
-        exp_avg: Vec<f32>,
+        exp_avg: Tensor<1>,
         /// Second moment.
-        exp_avg_sq: Vec<f32>,
+        exp_avg_sq: Tensor<1>,
     },
 }
 
@@ -45,18 +55,18 @@ pub struct StateMismatch {
 }
 
 impl Optimizer {
-    /// A fresh optimiser for `n` parameters.
-    pub fn new(config: &OptimizerConfig, n: usize) -> Self {
+    /// A fresh optimiser for `n` parameters on `device`.
+    pub fn new(config: &OptimizerConfig, n: usize, device: &Device) -> Self {
         match config {
             OptimizerConfig::Sgd(c) => Self::Sgd {
                 config: c.clone(),
-                momentum: Vec::new(),
+                momentum: None,
             },
             OptimizerConfig::AdamW(c) => Self::AdamW {
                 config: c.clone(),
                 t: 0,
-                exp_avg: vec![0.0; n],
-                exp_avg_sq: vec![0.0; n],
+                exp_avg: Tensor::zeros([n], device),
+                exp_avg_sq: Tensor::zeros([n], device),
             },
         }
     }
@@ -69,29 +79,30 @@ impl Optimizer {
         }
     }
 
-    /// One update of `params` with `grads` at learning rate `lr`.
-    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
-        assert_eq!(params.len(), grads.len(), "one gradient per parameter");
+    /// One update of `params` with `grads` at learning rate `lr`; returns the
+    /// new parameters.
+    pub fn step(&mut self, params: Tensor<1>, grads: Tensor<1>, lr: f64) -> Tensor<1> {
+        assert_eq!(params.dims(), grads.dims(), "one gradient per parameter");
         match self {
             Self::Sgd { config, momentum } => {
                 let (mu, wd) = (config.momentum as f32, config.weight_decay as f32);
                 let lr = lr as f32;
+                // d = g + wd·p
+                let d = grads.add(params.clone().mul_scalar(wd));
                 if mu == 0.0 {
-                    for (p, &g) in params.iter_mut().zip(grads) {
-                        *p -= lr * (g + wd * *p);
-                    }
-                    return;
+                    return params.sub(d.mul_scalar(lr));
                 }
-                let first = momentum.is_empty();
-                if first {
-                    momentum.resize(params.len(), 0.0);
-                }
-                for ((p, &g), buf) in params.iter_mut().zip(grads).zip(momentum.iter_mut()) {
-                    let d = g + wd * *p;
-                    *buf = if first { d } else { mu * *buf + d };
-                    let update = if config.nesterov { d + mu * *buf } else { *buf };
-                    *p -= lr * update;
-                }
+                let buf = match momentum.take() {
+                    None => d.clone(),
+                    Some(buf) => buf.mul_scalar(mu).add(d.clone()),
+                };
+                let update = if config.nesterov {
+                    d.add(buf.clone().mul_scalar(mu))
+                } else {
+                    buf.clone()
+                };
+                *momentum = Some(buf);
+                params.sub(update.mul_scalar(lr))
             }
             Self::AdamW {
                 config,
@@ -107,25 +118,37 @@ impl Optimizer {
                 let decay = (1.0 - lr * config.weight_decay) as f32;
                 let (b1, b2, eps, bc2_sqrt) =
                     (b1 as f32, b2 as f32, config.eps as f32, bc2_sqrt as f32);
-                for (((p, &g), m), v) in params
-                    .iter_mut()
-                    .zip(grads)
-                    .zip(exp_avg.iter_mut())
-                    .zip(exp_avg_sq.iter_mut())
-                {
-                    *p *= decay;
-                    *m = b1 * *m + (1.0 - b1) * g;
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                }
+                // m = b1·m + (1 − b1)·g ; v = b2·v + ((1 − b2)·g)·g
+                let m = exp_avg
+                    .clone()
+                    .mul_scalar(b1)
+                    .add(grads.clone().mul_scalar(1.0 - b1));
+                let v = exp_avg_sq
+                    .clone()
+                    .mul_scalar(b2)
+                    .add(grads.clone().mul_scalar(1.0 - b2).mul(grads));
+                // p = p·decay − (step_size·m) / (√v / bc2 + eps)
+                let denom = v.clone().sqrt().div_scalar(bc2_sqrt).add_scalar(eps);
+                let p = params
+                    .mul_scalar(decay)
+                    .sub(m.clone().mul_scalar(step_size).div(denom));
+                (*exp_avg, *exp_avg_sq) = (m, v);
+                p
             }
         }
     }
 
-    /// Named state buffers and the step counter, for checkpoints.
-    pub fn state(&self) -> (u64, Vec<(&'static str, &[f32])>) {
+    /// Named state buffers (copied to the host) and the step counter, for
+    /// checkpoints and for handing the state to other ranks.
+    pub fn state(&self) -> (u64, Vec<(&'static str, Vec<f32>)>) {
         match self {
-            Self::Sgd { momentum, .. } => (0, vec![("momentum_buffer", momentum.as_slice())]),
+            Self::Sgd { momentum, .. } => (
+                0,
+                vec![(
+                    "momentum_buffer",
+                    momentum.as_ref().map(to_host).unwrap_or_default(),
+                )],
+            ),
             Self::AdamW {
                 t,
                 exp_avg,
@@ -134,19 +157,21 @@ impl Optimizer {
             } => (
                 *t,
                 vec![
-                    ("exp_avg", exp_avg.as_slice()),
-                    ("exp_avg_sq", exp_avg_sq.as_slice()),
+                    ("exp_avg", to_host(exp_avg)),
+                    ("exp_avg_sq", to_host(exp_avg_sq)),
                 ],
             ),
         }
     }
 
-    /// Restores what [`Optimizer::state`] returned. `get` yields a named buffer.
+    /// Restores what [`Optimizer::state`] returned onto `device`. `get`
+    /// yields a named buffer.
     pub fn load_state(
         &mut self,
         t_saved: u64,
         n: usize,
         mut get: impl FnMut(&str) -> Option<Vec<f32>>,
+        device: &Device,
     ) -> Result<(), StateMismatch> {
         let mut take = |slot: &str, allow_empty: bool| -> Result<Vec<f32>, StateMismatch> {
             let v = get(slot).unwrap_or_default();
@@ -161,15 +186,18 @@ impl Optimizer {
             }
         };
         match self {
-            Self::Sgd { momentum, .. } => *momentum = take("momentum_buffer", true)?,
+            Self::Sgd { momentum, .. } => {
+                let v = take("momentum_buffer", true)?;
+                *momentum = (!v.is_empty()).then(|| from_host(v, device));
+            }
             Self::AdamW {
                 t,
                 exp_avg,
                 exp_avg_sq,
                 ..
             } => {
-                *exp_avg = take("exp_avg", false)?;
-                *exp_avg_sq = take("exp_avg_sq", false)?;
+                *exp_avg = from_host(take("exp_avg", false)?, device);
+                *exp_avg_sq = from_host(take("exp_avg_sq", false)?, device);
                 *t = t_saved;
             }
         }
@@ -220,30 +248,166 @@ impl OuterOptimizer {
 }
 
 /// Scales `grads` so that their global L2 norm is at most `max_norm`
-/// (PyTorch's `clip_grad_norm_`). Returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
-    let norm = grad_norm(grads);
+/// (PyTorch's `clip_grad_norm_`). Returns the scaled gradients and the norm
+/// before clipping.
+pub fn clip_grad_norm(grads: Tensor<1>, max_norm: f64) -> (Tensor<1>, f64) {
+    let norm = grad_norm(&grads);
     if norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
-        for g in grads {
-            *g *= scale;
-        }
+        return (grads.mul_scalar(scale), norm);
     }
-    norm
+    (grads, norm)
 }
 
-/// Global L2 norm, accumulated in f64.
-pub fn grad_norm(grads: &[f32]) -> f64 {
-    grads
-        .iter()
-        .map(|&g| (g as f64) * (g as f64))
-        .sum::<f64>()
-        .sqrt()
+/// Global L2 norm, accumulated in f64 on the gradients' device; one scalar
+/// comes back to the host.
+pub fn grad_norm(grads: &Tensor<1>) -> f64 {
+    if grads.dims()[0] == 0 {
+        return 0.0;
+    }
+    let g = grads.clone().cast(FloatDType::F64);
+    g.clone().mul(g).sum().into_scalar::<f64>().sqrt()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cpu() -> Device {
+        Device::flex()
+    }
+
+    /// Runs `o` for one step on host values.
+    fn step(o: &mut Optimizer, p: &mut [f32], g: &[f32], lr: f64) {
+        let out = o.step(
+            from_host(p.to_vec(), &cpu()),
+            from_host(g.to_vec(), &cpu()),
+            lr,
+        );
+        p.copy_from_slice(&to_host(&out));
+    }
+
+    /// The host loops these optimisers replaced, kept as the reference the
+    /// tensor rules must match bit for bit.
+    mod reference {
+        use crate::config::{AdamWConfig, SgdConfig};
+
+        pub fn sgd(c: &SgdConfig, p: &mut [f32], g: &[f32], buf: &mut Vec<f32>, lr: f64) {
+            let (mu, wd, lr) = (c.momentum as f32, c.weight_decay as f32, lr as f32);
+            if mu == 0.0 {
+                for (p, &g) in p.iter_mut().zip(g) {
+                    *p -= lr * (g + wd * *p);
+                }
+                return;
+            }
+            let first = buf.is_empty();
+            if first {
+                buf.resize(p.len(), 0.0);
+            }
+            for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
+                let d = g + wd * *p;
+                *b = if first { d } else { mu * *b + d };
+                let update = if c.nesterov { d + mu * *b } else { *b };
+                *p -= lr * update;
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub fn adamw(
+            c: &AdamWConfig,
+            t: u64,
+            p: &mut [f32],
+            g: &[f32],
+            m: &mut [f32],
+            v: &mut [f32],
+            lr: f64,
+        ) {
+            let (b1, b2) = (c.beta1, c.beta2);
+            let bc1 = 1.0 - b1.powi(t as i32);
+            let bc2_sqrt = (1.0 - b2.powi(t as i32)).sqrt();
+            let step_size = (lr / bc1) as f32;
+            let decay = (1.0 - lr * c.weight_decay) as f32;
+            let (b1, b2, eps, bc2_sqrt) = (b1 as f32, b2 as f32, c.eps as f32, bc2_sqrt as f32);
+            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                *p *= decay;
+                *m = b1 * *m + (1.0 - b1) * g;
+                *v = b2 * *v + (1.0 - b2) * g * g;
+                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+            }
+        }
+    }
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).max(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 20_001) as f32 / 10_000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Five steps of every rule on the device tensors equal the host loops
+    /// exactly: the CPU results did not move when the optimiser went to the
+    /// device.
+    #[test]
+    fn tensor_rules_equal_the_host_loops_bit_for_bit() {
+        let n = 1000;
+        let sgds = [
+            SgdConfig {
+                momentum: 0.0,
+                nesterov: false,
+                weight_decay: 1e-4,
+            },
+            SgdConfig {
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+            SgdConfig {
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 1e-2,
+            },
+        ];
+        for c in sgds {
+            let mut o = Optimizer::new(&OptimizerConfig::Sgd(c.clone()), n, &cpu());
+            let (mut ours, mut theirs, mut buf) =
+                (pseudo_random(n, 1), pseudo_random(n, 1), Vec::new());
+            for k in 0..5 {
+                let g = pseudo_random(n, 10 + k);
+                step(&mut o, &mut ours, &g, 0.05);
+                reference::sgd(&c, &mut theirs, &g, &mut buf, 0.05);
+            }
+            assert!(
+                ours.iter()
+                    .zip(&theirs)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{c:?}"
+            );
+            assert_eq!(o.state().1[0].1, buf, "{c:?}");
+        }
+        let c = AdamWConfig::default();
+        let mut o = Optimizer::new(&OptimizerConfig::AdamW(c.clone()), n, &cpu());
+        let mut ours = pseudo_random(n, 2);
+        let mut theirs = ours.clone();
+        let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
+        for k in 0..5 {
+            let g = pseudo_random(n, 20 + k);
+            let lr = 0.003 * (k + 1) as f64;
+            step(&mut o, &mut ours, &g, lr);
+            reference::adamw(&c, u64::from(k) + 1, &mut theirs, &g, &mut m, &mut v, lr);
+        }
+        assert!(
+            ours.iter()
+                .zip(&theirs)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let (t, state) = o.state();
+        assert_eq!((t, &state[0].1, &state[1].1), (5, &m, &v));
+    }
 
     /// Reference values from `torch.optim` on the same inputs (computed by hand
     /// from the documented update rules, checked with PyTorch 2.x).
@@ -254,12 +418,12 @@ mod tests {
             nesterov: true,
             weight_decay: 0.1,
         });
-        let mut o = Optimizer::new(&cfg, 1);
+        let mut o = Optimizer::new(&cfg, 1, &cpu());
         let mut p = [1.0f32];
-        o.step(&mut p, &[0.5], 0.1);
+        step(&mut o, &mut p, &[0.5], 0.1);
         // d = 0.5 + 0.1*1 = 0.6; buf = 0.6; update = 0.6 + 0.9*0.6 = 1.14
         assert!((p[0] - (1.0 - 0.114)).abs() < 1e-6, "{}", p[0]);
-        o.step(&mut p, &[0.5], 0.1);
+        step(&mut o, &mut p, &[0.5], 0.1);
         // d = 0.5 + 0.1*0.886 = 0.5886; buf = 0.9*0.6 + 0.5886 = 1.1286; update = 0.5886 + 0.9*1.1286
         let expect = 0.886 - 0.1 * (0.5886 + 0.9 * 1.1286);
         assert!((p[0] - expect).abs() < 1e-6, "{} vs {expect}", p[0]);
@@ -273,9 +437,9 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.01,
         });
-        let mut o = Optimizer::new(&cfg, 2);
+        let mut o = Optimizer::new(&cfg, 2, &cpu());
         let mut p = [1.0f32, -2.0];
-        o.step(&mut p, &[0.3, -0.2], 0.01);
+        step(&mut o, &mut p, &[0.3, -0.2], 0.01);
         // Step 1: m̂ = g, v̂ = g², so the step is lr·sign(g) (up to eps), after decay.
         assert!(
             (p[0] - (1.0 * (1.0 - 1e-4) - 0.01)).abs() < 1e-6,
@@ -295,23 +459,25 @@ mod tests {
     #[test]
     fn state_round_trips_and_mismatches_are_refused() {
         let cfg = OptimizerConfig::default();
-        let mut a = Optimizer::new(&cfg, 3);
+        let mut a = Optimizer::new(&cfg, 3, &cpu());
         let mut p = [1.0f32, 2.0, 3.0];
-        a.step(&mut p, &[0.1, 0.2, 0.3], 0.1);
+        step(&mut a, &mut p, &[0.1, 0.2, 0.3], 0.1);
         let (t, bufs) = a.state();
-        let bufs: Vec<(String, Vec<f32>)> = bufs
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_vec()))
-            .collect();
-        let mut b = Optimizer::new(&cfg, 3);
-        b.load_state(t, 3, |k| {
-            bufs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-        })
+        let mut b = Optimizer::new(&cfg, 3, &cpu());
+        b.load_state(
+            t,
+            3,
+            |k| bufs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()),
+            &cpu(),
+        )
         .unwrap();
-        assert_eq!(a, b);
-        let err = b.load_state(t, 4, |k| {
-            bufs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
-        });
+        assert_eq!(b.state(), (t, bufs.clone()));
+        let err = b.load_state(
+            t,
+            4,
+            |k| bufs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()),
+            &cpu(),
+        );
         assert!(err.is_err());
     }
 
@@ -338,11 +504,11 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let mut g = [3.0f32, 4.0];
-        assert_eq!(clip_grad_norm(&mut g, 1.0), 5.0);
+        let (g, norm) = clip_grad_norm(from_host(vec![3.0, 4.0], &cpu()), 1.0);
+        assert_eq!(norm, 5.0);
         assert!((grad_norm(&g) - 1.0).abs() < 1e-5);
-        let mut small = [0.3f32, 0.4];
-        clip_grad_norm(&mut small, 1.0);
-        assert_eq!(small, [0.3, 0.4]);
+        let (small, _) = clip_grad_norm(from_host(vec![0.3, 0.4], &cpu()), 1.0);
+        assert_eq!(to_host(&small), [0.3, 0.4]);
+        assert_eq!(grad_norm(&from_host(Vec::new(), &cpu())), 0.0);
     }
 }

@@ -461,3 +461,180 @@ fn killing_a_rank_fails_the_others_within_the_timeout() {
         killed.elapsed()
     );
 }
+
+/// Asking for a GPU where there is none fails at once with the fix, never a
+/// panic from inside a GPU runtime.
+#[test]
+fn cuda_without_a_gpu_fails_at_once_naming_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = endless_job(dir.path());
+    let out = dir.path().join("run");
+    let started = std::time::Instant::now();
+    let o = trainer(&[
+        "train",
+        "--config",
+        &config,
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.device=cuda",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("train.device is cuda"), "{err}");
+    assert!(err.contains("set train.device to cpu"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// The children of `pid`, from procfs.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+/// One variable of a running process's environment.
+fn env_of(pid: u32, key: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ.split(|&b| b == 0).find_map(|kv| {
+        let kv = String::from_utf8_lossy(kv);
+        kv.strip_prefix(&format!("{key}=")).map(str::to_owned)
+    })
+}
+
+/// `launch` of an endless two-process CPU job; returns the supervisor and its
+/// two children once rank 0 has joined the group and started training.
+fn launch_two(dir: &Path) -> (std::process::Child, Vec<u32>) {
+    let config = endless_job(dir);
+    let run = dir.join("run");
+    let supervisor = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--grace-seconds",
+            "20",
+            "--",
+            "train",
+            "--config",
+            &config,
+            "--out",
+            run.to_str().unwrap(),
+            "--collective-timeout",
+            "3",
+            "--threads",
+            "1",
+        ])
+        .envs([("MASTER_PORT", free_port().as_str()), ("RUST_LOG", "warn")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !run.join("config.json").exists()
+        && started.elapsed() < std::time::Duration::from_secs(60)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let kids = children(supervisor.id());
+    assert_eq!(kids.len(), 2, "one process per local rank");
+    (supervisor, kids)
+}
+
+/// The supervisor starts one trainer per local rank with torchrun's
+/// variables; when one dies the other is stopped and the pod exits with the
+/// code that makes the operator restart the gang.
+#[test]
+fn launch_runs_one_rank_per_process_and_a_dead_one_stops_the_pod_with_75() {
+    let dir = tempfile::tempdir().unwrap();
+    let (supervisor, kids) = launch_two(dir.path());
+    let mut ranks: Vec<(String, String, String)> = kids
+        .iter()
+        .map(|&p| {
+            (
+                env_of(p, "RANK").unwrap(),
+                env_of(p, "LOCAL_RANK").unwrap(),
+                env_of(p, "WORLD_SIZE").unwrap(),
+            )
+        })
+        .collect();
+    ranks.sort();
+    assert_eq!(
+        ranks,
+        [
+            ("0".into(), "0".into(), "2".into()),
+            ("1".into(), "1".into(), "2".into())
+        ]
+    );
+    let victim = kids
+        .iter()
+        .find(|&&p| env_of(p, "RANK").as_deref() == Some("1"))
+        .unwrap();
+    Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .unwrap();
+    let killed = std::time::Instant::now();
+    let out = supervisor.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(
+        killed.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?}",
+        killed.elapsed()
+    );
+    assert!(
+        kids.iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists()),
+        "no child outlives the supervisor"
+    );
+}
+
+/// SIGTERM to the supervisor reaches every rank: they checkpoint the same
+/// step and the pod exits 143 (resumable).
+#[test]
+fn launch_forwards_sigterm_and_the_ranks_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (supervisor, _) = launch_two(dir.path());
+    Command::new("kill")
+        .args(["-TERM", &supervisor.id().to_string()])
+        .status()
+        .unwrap();
+    let out = supervisor.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    let checkpoints = std::fs::read_dir(dir.path().join("run/checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        checkpoints, 1,
+        "rank 0 wrote the step the group stopped at: {err}"
+    );
+}
+
+/// The supervisor's own mistakes are named.
+#[test]
+fn launch_refuses_an_inconsistent_node() {
+    let o = with_env(
+        &[
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--",
+            "train",
+            "--out",
+            "/nonexistent",
+        ],
+        &[("WORLD_SIZE", "3")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("WORLD_SIZE"), "{}", stderr(&o));
+}
