@@ -6,8 +6,8 @@
 # Every run first checks a sum all-reduce and a broadcast against the answer
 # computed on the CPU (`collective::verify`), so a wrong NCCL fails loudly.
 #
-# Training steps on the GPU backend are not implemented yet (the trainer
-# trains on CPU); this script covers the collective only.
+# This script covers the collective alone; bench/gpu-check.sh covers GPU
+# training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi not found"
@@ -30,7 +30,7 @@ fi
 # TRAINER names a prebuilt `--features cuda` binary, for machines without a
 # Rust toolchain or the crates (build it elsewhere, copy it over).
 if [ -z "${TRAINER:-}" ]; then
-  cargo build --release --quiet -p trainyard-trainer --features cuda
+  XDG_DATA_HOME=$(scripts/cuda-llvm) cargo build --release --quiet -p trainyard-trainer --features cuda
 fi
 bin="${TRAINER:-${CARGO_TARGET_DIR:-target}/release/trainyard-trainer}"
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l || echo 0)
