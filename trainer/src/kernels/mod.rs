@@ -7,7 +7,7 @@ mod gemm;
 pub mod maxpool;
 pub mod op;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 pub mod unpool;
 
 use std::cell::Cell;

@@ -1,4 +1,4 @@
-//! Deterministic test inputs for the kernel tests.
+//! Deterministic test inputs for the crate's numeric tests.
 
 /// `len` values in [-1, 1) from a xorshift stream seeded by `seed`.
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {

@@ -210,57 +210,16 @@ pub fn gradient_values_of<M: Module>(
 }
 
 /// Returns `module` with the tensors chosen by `select` replaced, in layout
-/// order, by consecutive runs of `values`. Gradient tracking is preserved.
+/// order, by consecutive runs of `values` (copied to `device`). Gradient
+/// tracking is preserved.
 fn scatter<M: Module>(
     module: M,
     values: &[f32],
     select: &dyn Fn(&str) -> bool,
     device: &Device,
 ) -> M {
-    struct Mp<'a> {
-        path: PathTracker,
-        select: &'a dyn Fn(&str) -> bool,
-        values: &'a [f32],
-        offset: usize,
-        device: &'a Device,
-    }
-    impl ModuleMapper for Mp<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.path.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.path.exit();
-        }
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-            if !(self.select)(&self.path.name()) {
-                return param;
-            }
-            let (id, old, mapper) = param.consume();
-            let shape = old.shape();
-            let n = shape.num_elements();
-            let slice = &self.values[self.offset..self.offset + n];
-            self.offset += n;
-            let mut t = Tensor::<D>::from_data(TensorData::new(slice.to_vec(), shape), self.device);
-            if old.is_require_grad() {
-                t = t.require_grad();
-            }
-            Param::from_mapped_value(id, t, mapper)
-        }
-    }
-    let mut m = Mp {
-        path: PathTracker(Vec::new()),
-        select,
-        values,
-        offset: 0,
-        device,
-    };
-    let module = module.map(&mut m);
-    assert_eq!(
-        m.offset,
-        values.len(),
-        "flat buffer length must match the module's layout"
-    );
-    module
+    let flat = from_host(values.to_vec(), &device.clone().without_autodiff());
+    unflatten(module, &flat, select)
 }
 
 /// Returns `module` with its trainable parameters set from `values` (layout order).

@@ -272,6 +272,7 @@ pub fn grad_norm(grads: &Tensor<1>) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testutil::pseudo_random;
 
     fn cpu() -> Device {
         Device::flex()
@@ -337,18 +338,6 @@ mod tests {
         }
     }
 
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).max(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 20_001) as f32 / 10_000.0 - 1.0
-            })
-            .collect()
-    }
-
     /// Five steps of every rule on the device tensors equal the host loops
     /// exactly: the CPU results did not move when the optimiser went to the
     /// device.
@@ -398,7 +387,7 @@ mod tests {
             let g = pseudo_random(n, 20 + k);
             let lr = 0.003 * (k + 1) as f64;
             step(&mut o, &mut ours, &g, lr);
-            reference::adamw(&c, u64::from(k) + 1, &mut theirs, &g, &mut m, &mut v, lr);
+            reference::adamw(&c, k + 1, &mut theirs, &g, &mut m, &mut v, lr);
         }
         assert!(
             ours.iter()
