@@ -8,6 +8,8 @@
 #   ITERS=50 WORLDS="2 4" bench/allreduce.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every group authenticates with the job's secret (trainer/README.md); one per run.
+export TRAINYARD_GROUP_SECRET="${TRAINYARD_GROUP_SECRET:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 ITERS="${ITERS:-20}"
 WORLDS="${WORLDS:-2 4}"
 SIZES="$((1 << 20)) $((16 << 20)) $((64 << 20))"

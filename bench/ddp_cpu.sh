@@ -8,6 +8,8 @@
 #   STEPS=300 bench/ddp_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every group authenticates with the job's secret (trainer/README.md); one per run.
+export TRAINYARD_GROUP_SECRET="${TRAINYARD_GROUP_SECRET:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 STEPS="${STEPS:-100}"
 cargo build --release --quiet -p trainyard-trainer
 bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"

@@ -21,6 +21,8 @@
 # on a machine without a GPU; the figures then mean nothing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Every group authenticates with the job's secret (trainer/README.md); one per run.
+export TRAINYARD_GROUP_SECRET="${TRAINYARD_GROUP_SECRET:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 
 device="${CHECK_DEVICE:-cuda}"
 work=$(mktemp -d)

@@ -10,6 +10,8 @@
 # training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every group authenticates with the job's secret (trainer/README.md); one per run.
+export TRAINYARD_GROUP_SECRET="${TRAINYARD_GROUP_SECRET:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi not found"
 
 # NCCL from PyPI ships libnccl.so.2 only; cudarc looks for libnccl.so.

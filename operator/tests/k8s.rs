@@ -381,6 +381,9 @@ async fn whole_life(h: Harness, lists: bool) {
             list.into_iter().collect(),
             vec![
                 "PATCH /api/v1/namespaces/ml/services/seg".into(),
+                // The group secret the workers prove to each other, first.
+                "GET /api/v1/namespaces/ml/secrets/seg-group".into(),
+                "POST /api/v1/namespaces/ml/secrets".into(),
                 format!("PATCH {PODS}/seg-worker-0"),
                 format!("PATCH {PODS}/seg-worker-1"),
                 "PATCH /apis/trainyard.dev/v1alpha1/namespaces/ml/trainingjobs/seg/status".into(),
@@ -424,6 +427,11 @@ async fn whole_life(h: Harness, lists: bool) {
     assert_eq!(h.status()["phase"], "Pending");
     assert_eq!(h.status()["attempt"], 1);
     assert_eq!(h.pods(), ["seg-worker-0", "seg-worker-1"]);
+    assert_eq!(
+        h.world.lock().unwrap().secrets.len(),
+        1,
+        "the new gang reuses the job's group secret"
+    );
     let attempt =
         h.world.lock().unwrap().pods["seg-worker-0"]["metadata"]["labels"]["trainyard.dev/attempt"]
             .clone();
@@ -596,6 +604,14 @@ async fn a_gpu_job_becomes_supervised_pods_with_their_gpus() {
     h.reconcile().await;
     assert_eq!(h.pods(), ["seg-worker-0", "seg-worker-1"]);
     let w = h.world.lock().unwrap();
+    let group = w.secrets["seg-group"]["stringData"]["secret"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        group.len(),
+        64,
+        "a 256-bit group secret, made before the pods"
+    );
     for (index, name) in ["seg-worker-0", "seg-worker-1"].iter().enumerate() {
         let spec = &w.pods[*name]["spec"];
         let container = &spec["containers"][0];

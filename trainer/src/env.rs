@@ -21,6 +21,10 @@ pub const MASTER_PORT: &str = "MASTER_PORT";
 /// Gang-restart counter set by the operator; a process from an older attempt
 /// is refused by the rendezvous.
 pub const RUN_ATTEMPT: &str = "TRAINYARD_RUN_ATTEMPT";
+/// The job's secret: every connection of a data-parallel group (the
+/// rendezvous store, the ring) proves it holds it. At least 16 bytes;
+/// required for groups of more than one rank.
+pub const GROUP_SECRET: &str = "TRAINYARD_GROUP_SECRET";
 /// `namespace/name` of the TrainingJob the replica belongs to.
 pub const JOB: &str = "TRAINYARD_JOB";
 /// The replica's role in the job (`worker`, `aggregator`, `client`).
@@ -49,6 +53,7 @@ pub const RESERVED: &[&str] = &[
     MASTER_ADDR,
     MASTER_PORT,
     RUN_ATTEMPT,
+    GROUP_SECRET,
     JOB,
     REPLICA_ROLE,
     CONFIG,

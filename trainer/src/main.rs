@@ -51,6 +51,11 @@ struct GroupArgs {
     /// Seconds a collective may stall before a peer is declared dead.
     #[arg(long, default_value_t = 300)]
     collective_timeout: u64,
+    /// Form a group without TRAINYARD_GROUP_SECRET: connections still run the
+    /// handshake, with a publicly known key, so anyone who can reach the
+    /// ports can join. For experiments on a trusted network only.
+    #[arg(long)]
+    insecure_group: bool,
 }
 
 impl GroupArgs {
@@ -70,7 +75,14 @@ impl GroupArgs {
                 _ => None,
             }
         };
-        let dist = DistEnv::from_lookup(|name| flag(name).or_else(|| std::env::var(name).ok()))?;
+        let mut dist =
+            DistEnv::from_lookup(|name| flag(name).or_else(|| std::env::var(name).ok()))?;
+        if self.insecure_group && dist.key.is_none() && dist.world_size > 1 {
+            tracing::warn!(
+                "--insecure-group: anyone who reaches MASTER_PORT can join this group or disrupt it"
+            );
+            dist.key = Some(trainyard_trainer::collective::auth::GroupKey::insecure());
+        }
         if self.join_timeout == 0 || self.collective_timeout == 0 {
             anyhow::bail!("--join-timeout and --collective-timeout must be at least 1 second");
         }

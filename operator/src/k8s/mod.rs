@@ -323,6 +323,26 @@ pub async fn reconcile(
     {
         ensure_federation_secret(&ctx.client, &job, &ns, &name, f.clients as usize).await?;
     }
+    // Workers prove the group's secret to each other: the Secret must exist
+    // before any of them is created.
+    if matches!(
+        job.spec.mode,
+        crate::api::Mode::Distributed | crate::api::Mode::Peft
+    ) && decision
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::Create(_)))
+    {
+        use crate::plan::replicas::{GROUP_SECRET_KEY, group_secret_name};
+        ensure_random_secret(
+            &ctx.client,
+            &job,
+            &ns,
+            &group_secret_name(&name),
+            GROUP_SECRET_KEY,
+        )
+        .await?;
+    }
     for action in &decision.actions {
         match action {
             Action::Create(replica) => {
@@ -453,13 +473,7 @@ async fn ensure_federation_secret(
     use crate::plan::replicas::{FEDERATION_SECRET_KEY, client_token_key, federation_secret_name};
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
     let secret_name = federation_secret_name(name);
-    let read = |s: &Secret, key: &str| {
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .or_else(|| s.string_data.as_ref().and_then(|d| d.get(key).cloned()))
-    };
+    let read = resources::secret_value;
     let keys = |secret: &str| -> std::collections::BTreeMap<String, String> {
         std::iter::once((FEDERATION_SECRET_KEY.to_string(), secret.to_string()))
             .chain((0..clients).map(|i| {
@@ -508,32 +522,46 @@ async fn ensure_token(
     ns: &str,
     name: &str,
 ) -> Result<String, ReconcileError> {
+    ensure_random_secret(
+        client,
+        job,
+        ns,
+        &resources::token_secret_name(name),
+        resources::TOKEN_KEY,
+    )
+    .await
+}
+
+/// The random value under `key` in the job's Secret `secret_name`, which is
+/// created (256 random bits, hex) on first use.
+async fn ensure_random_secret(
+    client: &Client,
+    job: &TrainingJob,
+    ns: &str,
+    secret_name: &str,
+    key: &str,
+) -> Result<String, ReconcileError> {
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
-    let secret_name = resources::token_secret_name(name);
-    if let Some(existing) = secrets.get_opt(&secret_name).await? {
-        return resources::token_of(&existing).ok_or(ReconcileError::Malformed(
-            "the job's token Secret has no token",
-        ));
+    let read = |s: &Secret| {
+        resources::secret_value(s, key)
+            .ok_or(ReconcileError::Malformed("a job's Secret lacks its key"))
+    };
+    if let Some(existing) = secrets.get_opt(secret_name).await? {
+        return read(&existing);
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)
-        .map_err(|_| ReconcileError::Malformed("no randomness for a token"))?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    match secrets
-        .create(
-            &PostParams::default(),
-            &resources::token_secret(job, &token),
-        )
-        .await
-    {
-        Ok(_) => Ok(token),
+        .map_err(|_| ReconcileError::Malformed("no randomness for a secret"))?;
+    let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let object = resources::job_secret(
+        job,
+        secret_name,
+        std::collections::BTreeMap::from([(key.to_string(), value.clone())]),
+    );
+    match secrets.create(&PostParams::default(), &object).await {
+        Ok(_) => Ok(value),
         // Created concurrently (a second reconcile): use theirs.
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            let existing = secrets.get(&secret_name).await?;
-            resources::token_of(&existing).ok_or(ReconcileError::Malformed(
-                "the job's token Secret has no token",
-            ))
-        }
+        Err(kube::Error::Api(e)) if e.code == 409 => read(&secrets.get(secret_name).await?),
         Err(e) => Err(e.into()),
     }
 }

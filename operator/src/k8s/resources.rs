@@ -82,36 +82,51 @@ pub fn token_secret_name(job: &str) -> String {
     format!("{job}-progress")
 }
 
-/// The Secret holding the job's progress token; only the job's pods mount it.
-pub fn token_secret(job: &TrainingJob, token: &str) -> Secret {
-    let name = job.metadata.name.clone().unwrap_or_default();
+/// A Secret of the job's (labelled and owned like its pods) named `secret`
+/// holding `data`.
+pub fn job_secret(job: &TrainingJob, secret: &str, data: BTreeMap<String, String>) -> Secret {
     Secret {
         metadata: ObjectMeta {
-            name: Some(token_secret_name(&name)),
+            name: Some(secret.into()),
             namespace: job.metadata.namespace.clone(),
             labels: Some(common_labels(job)),
             owner_references: Some(vec![owner(job)]),
             ..Default::default()
         },
-        string_data: Some(BTreeMap::from([(TOKEN_KEY.into(), token.into())])),
+        string_data: Some(data),
         type_: Some("Opaque".into()),
         ..Default::default()
     }
 }
 
-/// The token in a job's Secret.
-pub fn token_of(secret: &Secret) -> Option<String> {
+/// The Secret holding the job's progress token; only the job's pods mount it.
+pub fn token_secret(job: &TrainingJob, token: &str) -> Secret {
+    let name = job.metadata.name.clone().unwrap_or_default();
+    job_secret(
+        job,
+        &token_secret_name(&name),
+        BTreeMap::from([(TOKEN_KEY.into(), token.into())]),
+    )
+}
+
+/// The value under `key` in a Secret (as read back, or as written).
+pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     secret
         .data
         .as_ref()
-        .and_then(|d| d.get(TOKEN_KEY))
+        .and_then(|d| d.get(key))
         .and_then(|b| String::from_utf8(b.0.clone()).ok())
         .or_else(|| {
             secret
                 .string_data
                 .as_ref()
-                .and_then(|d| d.get(TOKEN_KEY).cloned())
+                .and_then(|d| d.get(key).cloned())
         })
+}
+
+/// The token in a job's Secret.
+pub fn token_of(secret: &Secret) -> Option<String> {
+    secret_value(secret, TOKEN_KEY)
 }
 
 /// The pod of `replica`; `gated` holds it from scheduling; `progress` tells

@@ -171,7 +171,7 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
         master_port,
         out_root: out.join("replicas").display().to_string(),
         leader_metrics: opts.trainer_metrics_addr,
-        federation_secret: local_secret(&out)?,
+        secret: local_secret(&out)?,
     };
     // The same job metrics the operator exports, for a local Prometheus.
     let metrics = match opts.metrics_addr {
@@ -334,13 +334,12 @@ async fn flush(store: Option<&Store>) {
     }
 }
 
-/// The job's uid: made once per output directory and kept in `DIR/uid`.
-/// The run's federation secret, kept beside its outputs (owner-only) so a
-/// resumed run hands out the same client tokens.
+/// The run's secret, kept beside its outputs (owner-only) so a resumed run
+/// hands out the same group secret and client tokens.
 fn local_secret(out: &Path) -> anyhow::Result<String> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = out.join("federation.secret");
+    let path = out.join("run.secret");
     match std::fs::read_to_string(&path) {
         Ok(secret) if secret.len() == 64 => Ok(secret),
         Ok(_) => bail!(
@@ -350,7 +349,7 @@ fn local_secret(out: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut bytes = [0u8; 32];
             getrandom::fill(&mut bytes)
-                .map_err(|e| anyhow::anyhow!("no randomness for a federation secret: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("no randomness for the run's secret: {e}"))?;
             let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             // Owner-only from the first byte.
             std::fs::OpenOptions::new()

@@ -43,9 +43,10 @@ pub enum Placement {
         /// Where the leader's trainer serves its `/metrics`, if anywhere
         /// (one address: the other replicas would collide on it).
         leader_metrics: Option<std::net::SocketAddr>,
-        /// The run's federation secret (Federated mode): handed to the
-        /// aggregator, and each client gets only its derived token.
-        federation_secret: String,
+        /// The run's secret: data-parallel workers prove it to each other;
+        /// in Federated mode the aggregator holds it and each client gets
+        /// only its derived token.
+        secret: String,
     },
 }
 
@@ -56,6 +57,15 @@ pub fn federation_secret_name(job: &str) -> String {
 
 /// Key of the federation secret in that Secret.
 pub const FEDERATION_SECRET_KEY: &str = "secret";
+
+/// Name of the Secret holding a data-parallel job's group secret, which its
+/// workers prove to each other on every connection (`TRAINYARD_GROUP_SECRET`).
+pub fn group_secret_name(job: &str) -> String {
+    format!("{job}-group")
+}
+
+/// Key of the group secret in that Secret.
+pub const GROUP_SECRET_KEY: &str = "secret";
 
 /// Key of client `index`'s token in that Secret.
 pub fn client_token_key(index: usize) -> String {
@@ -200,12 +210,12 @@ pub fn desired(
                 }
                 Role::Aggregator => vars.push(var(env::LOCAL_RANK, "0".into())),
             }
-            let secret_env = |var_name: &str, key: String| EnvVar {
+            let secret_env = |var_name: &str, secret: String, key: String| EnvVar {
                 name: var_name.into(),
                 value: None,
                 value_from: Some(EnvVarSource {
                     secret_key_ref: Some(SecretKeySelector {
-                        name: federation_secret_name(name),
+                        name: secret,
                         key,
                         optional: Some(false),
                     }),
@@ -213,38 +223,31 @@ pub fn desired(
                 }),
             };
             match (role, placement) {
-                (Role::Aggregator, Placement::Kubernetes) => {
-                    vars.push(secret_env(
-                        env::FEDERATION_SECRET,
-                        FEDERATION_SECRET_KEY.into(),
-                    ));
+                (Role::Aggregator, Placement::Kubernetes) => vars.push(secret_env(
+                    env::FEDERATION_SECRET,
+                    federation_secret_name(name),
+                    FEDERATION_SECRET_KEY.into(),
+                )),
+                (Role::Client, Placement::Kubernetes) => vars.push(secret_env(
+                    env::CLIENT_TOKEN,
+                    federation_secret_name(name),
+                    client_token_key(index as usize),
+                )),
+                (Role::Worker, Placement::Kubernetes) => vars.push(secret_env(
+                    env::GROUP_SECRET,
+                    group_secret_name(name),
+                    GROUP_SECRET_KEY.into(),
+                )),
+                (Role::Aggregator, Placement::Local { secret, .. }) => {
+                    vars.push(var(env::FEDERATION_SECRET, secret.clone()));
                 }
-                (Role::Client, Placement::Kubernetes) => {
-                    vars.push(secret_env(
-                        env::CLIENT_TOKEN,
-                        client_token_key(index as usize),
-                    ));
+                (Role::Client, Placement::Local { secret, .. }) => vars.push(var(
+                    env::CLIENT_TOKEN,
+                    trainyard_trainer::config::client_token(secret, index as usize),
+                )),
+                (Role::Worker, Placement::Local { secret, .. }) => {
+                    vars.push(var(env::GROUP_SECRET, secret.clone()));
                 }
-                (
-                    Role::Aggregator,
-                    Placement::Local {
-                        federation_secret, ..
-                    },
-                ) => {
-                    vars.push(var(env::FEDERATION_SECRET, federation_secret.clone()));
-                }
-                (
-                    Role::Client,
-                    Placement::Local {
-                        federation_secret, ..
-                    },
-                ) => {
-                    vars.push(var(
-                        env::CLIENT_TOKEN,
-                        trainyard_trainer::config::client_token(federation_secret, index as usize),
-                    ));
-                }
-                (Role::Worker, _) => {}
             }
             vars.extend(spec.template.env.iter().cloned());
             let supervised = role == Role::Worker && gpus > 0;
@@ -382,6 +385,22 @@ mod tests {
         }
         assert!(rs[0].ports.iter().any(|(n, _)| n == "rendezvous"));
         assert!(!rs[1].ports.iter().any(|(n, _)| n == "rendezvous"));
+        // The group secret comes from the job's Secret, never in the pod spec.
+        for r in &rs {
+            let e = r.env.iter().find(|e| e.name == env::GROUP_SECRET).unwrap();
+            assert_eq!(e.value, None);
+            let key = e
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
+            assert_eq!(
+                (key.name.as_str(), key.key.as_str()),
+                ("seg-group", GROUP_SECRET_KEY)
+            );
+        }
     }
 
     #[test]
@@ -407,7 +426,7 @@ mod tests {
             master_port: 1,
             out_root: "/tmp/r".into(),
             leader_metrics: None,
-            federation_secret: String::new(),
+            secret: "local-test-secret".into(),
         };
         let rs = desired(&j, 0, &local).unwrap();
         assert_eq!(get(&rs[1], CUDA_VISIBLE_DEVICES), "4,5,6,7");
@@ -422,9 +441,10 @@ mod tests {
             master_port: 40123,
             out_root: "/tmp/run".into(),
             leader_metrics: Some("127.0.0.1:9401".parse().unwrap()),
-            federation_secret: "s".into(),
+            secret: "s".into(),
         };
         let rs = desired(&job(), 0, &placement).unwrap();
+        assert_eq!(get(&rs[1], env::GROUP_SECRET), "s");
         assert_eq!(get(&rs[1], env::MASTER_ADDR), "127.0.0.1");
         assert_eq!(get(&rs[1], env::MASTER_PORT), "40123");
         assert_eq!(rs[1].out_dir, "/tmp/run/seg-worker-1");
@@ -453,7 +473,7 @@ mod tests {
             master_port: 1,
             out_root: "/tmp/r".into(),
             leader_metrics: None,
-            federation_secret: "s3cret".into(),
+            secret: "s3cret".into(),
         };
         let rs = desired(&j, 0, &local).unwrap();
         assert_eq!(get(&rs[0], env::FEDERATION_SECRET), "s3cret");

@@ -5,6 +5,7 @@
 //! other, and [`DistEnv`] for the torchrun-compatible environment that says who
 //! is who.
 
+pub mod auth;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ring;
@@ -179,6 +180,16 @@ pub enum CollectiveError {
     /// A self-check found a wrong result (a broken library or device).
     #[error("the collective computed a wrong result: {0}")]
     WrongResult(String),
+    /// A group of several ranks without the job's secret.
+    #[error(
+        "{variable} is not set: a group of {world} ranks authenticates every connection with the job's secret (the operator and `trainyard local` set it; by hand, give every rank the same random string of at least 16 bytes, or pass --insecure-group for an experiment on a trusted network)"
+    )]
+    NoSecret {
+        /// The variable.
+        variable: &'static str,
+        /// Ranks in the group.
+        world: usize,
+    },
     /// A peer sent something unexpected.
     #[error("protocol error with rank {peer}: {message}")]
     Protocol {
@@ -201,7 +212,11 @@ impl CollectiveError {
             | Self::Nccl { .. }
             | Self::GroupTimeout { .. } => true,
             Self::Store(e) => !matches!(e, store::StoreError::Refused { .. }),
-            Self::Setup(_) | Self::Unsupported(_) | Self::Gpu(_) | Self::WrongResult(_) => false,
+            Self::Setup(_)
+            | Self::Unsupported(_)
+            | Self::Gpu(_)
+            | Self::WrongResult(_)
+            | Self::NoSecret { .. } => false,
         }
     }
 }
@@ -304,6 +319,8 @@ pub struct DistEnv {
     pub master_port: u16,
     /// Gang-restart counter.
     pub attempt: u64,
+    /// The job's secret, which every connection of the group proves.
+    pub key: Option<auth::GroupKey>,
 }
 
 /// The environment does not describe a valid group.
@@ -364,6 +381,17 @@ impl DistEnv {
             master_addr,
             master_port: parse(&get, env::MASTER_PORT, 29500)?,
             attempt: parse(&get, env::RUN_ATTEMPT, 0)?,
+            key: match get(env::GROUP_SECRET) {
+                None => None,
+                Some(secret) => Some(auth::GroupKey::new(&secret).ok_or_else(|| EnvError {
+                    variable: env::GROUP_SECRET,
+                    message: format!(
+                        "is {} bytes long; the job's secret needs at least {}",
+                        secret.len(),
+                        auth::MIN_SECRET_BYTES
+                    ),
+                })?),
+            },
         })
     }
 
@@ -381,6 +409,19 @@ impl DistEnv {
     pub fn store_addr(&self) -> String {
         format!("{}:{}", self.master_addr, self.master_port)
     }
+
+    /// The key the group's connections prove: the job's secret; for a
+    /// group of one, which no one else may join, a random one.
+    pub fn group_key(&self) -> Result<auth::GroupKey, CollectiveError> {
+        match (&self.key, self.world_size) {
+            (Some(key), _) => Ok(key.clone()),
+            (None, 1) => Ok(auth::GroupKey::random()),
+            (None, world) => Err(CollectiveError::NoSecret {
+                variable: env::GROUP_SECRET,
+                world,
+            }),
+        }
+    }
 }
 
 /// A joined group: the store (served here on rank 0) and the ring.
@@ -394,24 +435,28 @@ pub struct Group {
 }
 
 /// The rendezvous of a group: rank 0's store server (kept alive for the
-/// group's lifetime) and this rank's connection to it.
+/// group's lifetime), this rank's connection to it, and the key every
+/// connection of the group proves.
 pub struct Rendezvous {
     /// Rank 0's store server.
     pub server: Option<store::StoreServer>,
     /// This rank's store connection.
     pub store: store::StoreClient,
+    /// The group's key.
+    pub key: auth::GroupKey,
 }
 
 /// Meets the group `env` describes: rank 0 serves the store on all interfaces
-/// at MASTER_PORT, and every rank joins it.
+/// at MASTER_PORT, and every rank joins it with the job's secret.
 pub fn rendezvous(
     env: &DistEnv,
     timeouts: ring::RingTimeouts,
 ) -> Result<Rendezvous, CollectiveError> {
+    let key = env.group_key()?;
     let server = if env.rank == 0 {
         let bind: std::net::SocketAddr = ([0, 0, 0, 0], env.master_port).into();
         Some(
-            store::StoreServer::start(bind, env.world_size, env.attempt)
+            store::StoreServer::start(bind, env.world_size, env.attempt, key.clone())
                 .map_err(CollectiveError::Setup)?,
         )
     } else {
@@ -422,15 +467,27 @@ pub fn rendezvous(
         env.rank,
         env.world_size,
         env.attempt,
+        &key,
         timeouts.join,
     )?;
-    Ok(Rendezvous { server, store })
+    Ok(Rendezvous { server, store, key })
 }
 
 /// Joins the group `env` describes and builds the TCP ring.
 pub fn join_group(env: &DistEnv, timeouts: ring::RingTimeouts) -> Result<Group, CollectiveError> {
-    let Rendezvous { server, mut store } = rendezvous(env, timeouts)?;
-    let ring = ring::TcpRing::connect(&mut store, env.rank, env.world_size, timeouts)?;
+    let Rendezvous {
+        server,
+        mut store,
+        key,
+    } = rendezvous(env, timeouts)?;
+    let ring = ring::TcpRing::connect(
+        &mut store,
+        env.rank,
+        env.world_size,
+        env.attempt,
+        &key,
+        timeouts,
+    )?;
     Ok(Group {
         server,
         store,

@@ -12,10 +12,13 @@
 //! received data is added segment by segment as it arrives.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::store::StoreClient;
+use super::auth::{self, AuthError, GroupKey, Purpose};
+use super::store::{HANDSHAKE_TIMEOUT, StoreClient};
 use super::{Collective, CollectiveError, Payload, ReduceOp};
 
 /// Floats read and added at a time while a chunk streams in.
@@ -75,14 +78,151 @@ fn io_err(
     }
 }
 
+/// Handshakes a ring port runs at once; more connections wait in the backlog.
+pub const MAX_RING_HANDSHAKES: usize = 8;
+
+/// Connects to the successor and proves to be its predecessor, retrying
+/// until `join` has passed while it is not listening yet.
+fn connect_forward(
+    addr: &str,
+    rank: usize,
+    next_rank: usize,
+    attempt: u64,
+    key: &GroupKey,
+    join: Duration,
+) -> Result<TcpStream, CollectiveError> {
+    let claim = auth::claim(&[rank as u64, next_rank as u64, attempt]);
+    let deadline = Instant::now() + join;
+    loop {
+        let tried = TcpStream::connect(addr).and_then(|mut s| {
+            s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+            s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+            match auth::connect(&mut s, key, Purpose::Ring, &claim) {
+                Ok(()) => Ok(Ok(s)),
+                Err(AuthError::Io(e)) => Err(e),
+                Err(e) => Ok(Err(e)),
+            }
+        });
+        match tried {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => {
+                return Err(CollectiveError::Protocol {
+                    peer: next_rank,
+                    message: format!("the ring link to rank {next_rank} failed its handshake: {e}"),
+                });
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "successor not reachable yet");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(io_err(next_rank, "connect to", join)(e)),
+        }
+    }
+}
+
+/// The link a ring port waits for.
+#[derive(Clone, Copy)]
+struct Link {
+    rank: usize,
+    prev_rank: usize,
+    /// The predecessor's address as it published it, if it parsed.
+    prev_ip: Option<IpAddr>,
+    attempt: u64,
+}
+
+/// Accepts connections until one proves it is the predecessor's link in
+/// this attempt; every other one is closed and logged. Handshakes from the
+/// predecessor's address and from elsewhere have separate budgets of
+/// [`MAX_RING_HANDSHAKES`], so strangers cannot crowd the predecessor out.
+fn accept_predecessor(
+    listener: &TcpListener,
+    link: Link,
+    key: &GroupKey,
+    join: Duration,
+) -> Result<TcpStream, CollectiveError> {
+    let expected = [link.prev_rank as u64, link.rank as u64, link.attempt];
+    listener
+        .set_nonblocking(true)
+        .map_err(CollectiveError::Setup)?;
+    let (tx, rx) = std::sync::mpsc::channel::<TcpStream>();
+    let [from_prev, from_elsewhere] = [(); 2].map(|_| Arc::new(AtomicUsize::new(0)));
+    let deadline = Instant::now() + join;
+    loop {
+        if let Ok(s) = rx.try_recv() {
+            return Ok(s);
+        }
+        match listener.accept() {
+            Ok((s, peer)) => {
+                let budget = if Some(peer.ip()) == link.prev_ip {
+                    &from_prev
+                } else {
+                    &from_elsewhere
+                };
+                if budget.load(Ordering::SeqCst) >= MAX_RING_HANDSHAKES {
+                    tracing::warn!(%peer, "closed a connection to the ring port: too many handshakes at once");
+                    continue;
+                }
+                budget.fetch_add(1, Ordering::SeqCst);
+                let (tx, budget, key) = (tx.clone(), budget.clone(), key.clone());
+                std::thread::spawn(move || {
+                    let verified = handshake(s, &key).and_then(|(s, claim)| {
+                        if auth::parse_claim::<3>(&claim) == Some(expected) {
+                            Ok(s)
+                        } else {
+                            Err(AuthError::Rejected("a claim for another link or attempt"))
+                        }
+                    });
+                    match verified {
+                        Ok(s) => {
+                            let _ = tx.send(s);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "closed a connection to the ring port that is not the predecessor")
+                        }
+                    }
+                    budget.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                tracing::warn!(error = %e, "the ring port cannot accept; backing off");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) if Instant::now() >= deadline => {
+                return Err(CollectiveError::Timeout {
+                    peer: link.prev_rank,
+                    action: "wait for a connection from",
+                    timeout: join,
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// The acceptor's side of a ring handshake under [`HANDSHAKE_TIMEOUT`].
+fn handshake(mut s: TcpStream, key: &GroupKey) -> Result<(TcpStream, Vec<u8>), AuthError> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let claim = auth::accept(&mut s, key, Purpose::Ring)?;
+    Ok((s, claim))
+}
+
 impl TcpRing {
     /// Builds the ring: binds a data-plane port on the interface that reaches
     /// the store, publishes it, connects to the successor and accepts the
-    /// predecessor (checking it is who it claims to be).
+    /// predecessor. Both links open with the group handshake
+    /// ([`super::auth`], claim: sender, receiver, run attempt), so a
+    /// connection that cannot prove it is the predecessor is closed and
+    /// counted, and the real one is still awaited; handshakes run
+    /// concurrently (at most [`MAX_RING_HANDSHAKES`]) under
+    /// [`HANDSHAKE_TIMEOUT`], so silent strangers cannot delay it.
     pub fn connect(
         store: &mut StoreClient,
         rank: usize,
         world: usize,
+        attempt: u64,
+        key: &GroupKey,
         timeouts: RingTimeouts,
     ) -> Result<Self, CollectiveError> {
         if world == 1 {
@@ -103,71 +243,39 @@ impl TcpRing {
         let next_addr =
             String::from_utf8_lossy(&store.get(&format!("ring/addr/{next_rank}"), timeouts.join)?)
                 .into_owned();
+        // Where the predecessor connects from: its handshakes never wait
+        // behind strangers'.
+        let prev_ip =
+            String::from_utf8_lossy(&store.get(&format!("ring/addr/{prev_rank}"), timeouts.join)?)
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip())
+                .ok();
 
         // Connect forward on another thread while accepting from behind, or a
         // ring of blocking connects could wait on each other.
-        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
-            let deadline = Instant::now() + timeouts.join;
-            loop {
-                match TcpStream::connect(&next_addr) {
-                    Ok(mut s) => {
-                        s.write_all(&(rank as u64).to_le_bytes())?;
-                        return Ok(s);
-                    }
-                    Err(e) if Instant::now() < deadline => {
-                        tracing::debug!(error = %e, "successor not reachable yet");
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+        let forward_key = key.clone();
+        let connector = std::thread::spawn(move || {
+            connect_forward(
+                &next_addr,
+                rank,
+                next_rank,
+                attempt,
+                &forward_key,
+                timeouts.join,
+            )
         });
-        listener
-            .set_nonblocking(true)
-            .map_err(CollectiveError::Setup)?;
-        let deadline = Instant::now() + timeouts.join;
-        let prev = loop {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).map_err(CollectiveError::Setup)?;
-                    s.set_read_timeout(Some(timeouts.join))
-                        .map_err(CollectiveError::Setup)?;
-                    let mut who = [0u8; 8];
-                    s.read_exact(&mut who).map_err(io_err(
-                        prev_rank,
-                        "handshake with",
-                        timeouts.join,
-                    ))?;
-                    let who = u64::from_le_bytes(who) as usize;
-                    if who != prev_rank {
-                        return Err(CollectiveError::Protocol {
-                            peer: who,
-                            message: format!(
-                                "rank {rank} expected its predecessor {prev_rank}, got rank {who}"
-                            ),
-                        });
-                    }
-                    break s;
-                }
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(CollectiveError::Timeout {
-                        peer: prev_rank,
-                        action: "wait for a connection from",
-                        timeout: timeouts.join,
-                    });
-                }
-                Err(e) => return Err(CollectiveError::Setup(e)),
-            }
-        };
-        let next = connector
-            .join()
-            .expect("connector thread does not panic")
-            .map_err(io_err(next_rank, "connect to", timeouts.join))?;
+        let prev = accept_predecessor(
+            &listener,
+            Link {
+                rank,
+                prev_rank,
+                prev_ip,
+                attempt,
+            },
+            key,
+            timeouts.join,
+        )?;
+        let next = connector.join().expect("connector thread does not panic")?;
         for s in [&next, &prev] {
             s.set_nodelay(true).map_err(CollectiveError::Setup)?;
             s.set_read_timeout(Some(timeouts.collective))

@@ -112,6 +112,8 @@ impl DataParallel {
                 &mut rendezvous.store,
                 dist.rank,
                 dist.world_size,
+                dist.attempt,
+                &rendezvous.key,
                 timeouts,
             )?),
             #[cfg(feature = "cuda")]

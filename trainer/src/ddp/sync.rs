@@ -46,13 +46,27 @@ pub fn adopt_root_state(
     header.extend(slots.iter().map(|(_, v)| v.len() as u64));
     broadcast_u64s(c, &mut header)?;
     let (start_step, t) = (header[0], header[1]);
+    let n = learner.len();
+    // Rank 0's lengths size buffers here: each must be this model's (or
+    // empty, an SGD momentum before its first step).
+    if header[2] != slots.len() as u64 || header[3..].iter().any(|&len| len != 0 && len != n as u64)
+    {
+        return Err(CollectiveError::Protocol {
+            peer: 0,
+            message: format!(
+                "rank 0's optimizer state has {} buffers of {:?} values; this model trains {n} with {} buffers",
+                header[2],
+                &header[3..],
+                slots.len()
+            ),
+        });
+    }
     let mut received: Vec<(&'static str, Vec<f32>)> = Vec::with_capacity(slots.len());
     for (i, (name, mut buf)) in slots.into_iter().enumerate() {
         buf.resize(header[3 + i] as usize, 0.0);
         c.broadcast(&mut buf, 0)?;
         received.push((name, buf));
     }
-    let n = learner.len();
     let device = learner.params().device();
     learner
         .optimizer_mut()
@@ -80,6 +94,15 @@ pub fn adopt_root_state(
         if let Some(outer) = l.outer.as_mut() {
             let mut len = [outer.momentum.len() as u64];
             broadcast_u64s(c, &mut len)?;
+            if len[0] != 0 && len[0] != n as u64 {
+                return Err(CollectiveError::Protocol {
+                    peer: 0,
+                    message: format!(
+                        "rank 0's outer momentum has {} values; this model trains {n}",
+                        len[0]
+                    ),
+                });
+            }
             outer.momentum.resize(len[0] as usize, 0.0);
             c.broadcast(&mut outer.momentum, 0)?;
         }

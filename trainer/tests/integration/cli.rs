@@ -387,9 +387,25 @@ fn bad_group_environments_are_named() {
                 ("RANK", "1"),
                 ("MASTER_ADDR", "127.0.0.1"),
                 ("MASTER_PORT", &port),
+                ("TRAINYARD_GROUP_SECRET", crate::util::SECRET),
             ],
             "could not reach the rendezvous store",
             75,
+        ),
+        // A group without the job's secret, or with a short one, is refused.
+        (
+            vec![("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", &port)],
+            "TRAINYARD_GROUP_SECRET is not set",
+            1,
+        ),
+        (
+            vec![
+                ("WORLD_SIZE", "2"),
+                ("RANK", "1"),
+                ("TRAINYARD_GROUP_SECRET", "short"),
+            ],
+            "TRAINYARD_GROUP_SECRET",
+            1,
         ),
     ] {
         let started = std::time::Instant::now();
@@ -425,6 +441,7 @@ fn killing_a_rank_fails_the_others_within_the_timeout() {
                 ("MASTER_ADDR", "127.0.0.1"),
                 ("MASTER_PORT", &port),
                 ("RUST_LOG", "warn"),
+                ("TRAINYARD_GROUP_SECRET", crate::util::SECRET),
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -532,7 +549,11 @@ fn launch_two(dir: &Path) -> (std::process::Child, Vec<u32>) {
             "--threads",
             "1",
         ])
-        .envs([("MASTER_PORT", free_port().as_str()), ("RUST_LOG", "warn")])
+        .envs([
+            ("MASTER_PORT", free_port().as_str()),
+            ("RUST_LOG", "warn"),
+            ("TRAINYARD_GROUP_SECRET", crate::util::SECRET),
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -637,4 +658,113 @@ fn launch_refuses_an_inconsistent_node() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("WORLD_SIZE"), "{}", stderr(&o));
+}
+
+/// What an outsider on the network can try against a job's rendezvous port
+/// while rank 0 waits for rank 1: squat rank 1 with a guessed secret, speak
+/// the old plain protocol (a JOIN, a flood of 1 MiB SETs), send garbage and
+/// hold silent connections. None of it is served, and the real rank 1 joins
+/// and the job trains to the end.
+#[test]
+fn outsiders_at_the_rendezvous_port_cannot_stop_a_two_rank_job() {
+    use std::io::Write;
+    use trainyard_trainer::collective::auth::{self, GroupKey, Purpose};
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "job.yaml",
+        "model: {widths: [8, 16]}\n\
+         data: {shapes: {samples: 64, image_size: 32}}\n\
+         train: {steps: 12, batch_size: 4, val_every: 0}\n\
+         checkpoint: {every: 6}\n",
+    );
+    let port = free_port();
+    let spawn = |rank: &str| {
+        let out = dir.path().join(format!("run{rank}"));
+        Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
+            .args([
+                "train",
+                "--config",
+                &config,
+                "--out",
+                out.to_str().unwrap(),
+                "--threads",
+                "1",
+            ])
+            .envs([
+                ("RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("MASTER_PORT", &port),
+                ("RUST_LOG", "warn"),
+                ("TRAINYARD_GROUP_SECRET", crate::util::SECRET),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let rank0 = spawn("0");
+    let addr = format!("127.0.0.1:{port}");
+    let connect = || loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // A squatter for rank 1 with a guessed secret: refused.
+    let guess = GroupKey::new("guessed-secret-123").unwrap();
+    assert!(
+        auth::connect(
+            &mut connect(),
+            &guess,
+            Purpose::Store,
+            &auth::claim(&[1, 2, 0])
+        )
+        .is_err()
+    );
+    // The old plain protocol: JOIN as rank 1, then SETs of 1 MiB each.
+    let mut plain = connect();
+    let frame = |v: &[u8]| [&(v.len() as u32).to_le_bytes()[..], v].concat();
+    let mut join = vec![1u8];
+    for v in [1u64, 2, 0] {
+        join.extend(frame(&v.to_le_bytes()));
+    }
+    let _ = plain.write_all(&join);
+    let mut flood = connect();
+    let big = vec![7u8; 1 << 20];
+    for i in 0..32 {
+        let mut set = vec![2u8];
+        set.extend(frame(format!("k{i}").as_bytes()));
+        set.extend(frame(&big));
+        if flood.write_all(&set).is_err() {
+            break; // closed, as it should be
+        }
+    }
+    let _ = connect().write_all(&[0x5A; 4096]);
+    let silent: Vec<_> = (0..6).map(|_| connect()).collect();
+    let rank1 = spawn("1");
+    let (out0, out1) = (
+        rank0.wait_with_output().unwrap(),
+        rank1.wait_with_output().unwrap(),
+    );
+    let err0 = String::from_utf8_lossy(&out0.stderr);
+    assert!(out0.status.success(), "rank 0: {err0}");
+    assert!(
+        out1.status.success(),
+        "rank 1: {}",
+        String::from_utf8_lossy(&out1.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("run0/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (summary["steps"].as_u64(), summary["world_size"].as_u64()),
+        (Some(12), Some(2))
+    );
+    assert!(
+        err0.contains("rendezvous store closed a connection"),
+        "{err0}"
+    );
+    drop(silent);
 }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use trainyard_trainer::collective::auth::GroupKey;
 use trainyard_trainer::collective::ring::{RingTimeouts, TcpRing};
 use trainyard_trainer::collective::store::{StoreClient, StoreServer};
 use trainyard_trainer::collective::{Collective, CollectiveError, ReduceOp};
@@ -14,19 +15,98 @@ fn group<T: Send + 'static>(
     timeouts: RingTimeouts,
     body: impl Fn(TcpRing) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), world, 0).unwrap();
+    let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), world, 0, key()).unwrap();
     let addr = server.addr().to_string();
     let handles: Vec<_> = (0..world)
         .map(|rank| {
             let (addr, body) = (addr.clone(), body.clone());
             std::thread::spawn(move || {
-                let mut store = StoreClient::join(&addr, rank, world, 0, timeouts.join).unwrap();
-                let ring = TcpRing::connect(&mut store, rank, world, timeouts).unwrap();
+                let mut store =
+                    StoreClient::join(&addr, rank, world, 0, &key(), timeouts.join).unwrap();
+                let ring = TcpRing::connect(&mut store, rank, world, 0, &key(), timeouts).unwrap();
                 body(ring)
             })
         })
         .collect();
     handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn key() -> GroupKey {
+    GroupKey::new(crate::util::SECRET).unwrap()
+}
+
+/// A stranger that connects to a rank's ring port before its predecessor,
+/// with a wrong secret or a replayed claim, or says nothing, is closed; the
+/// ring still forms with the real predecessor and reduces correctly.
+#[test]
+fn a_fake_ring_predecessor_is_refused_and_the_ring_forms() {
+    use std::io::{Read, Write};
+    let world = 2;
+    let timeouts = quick();
+    let server = StoreServer::start("127.0.0.1:0".parse().unwrap(), world, 0, key()).unwrap();
+    let addr = server.addr().to_string();
+    // Rank 0 joins and waits at its ring port; strangers get there before
+    // its predecessor, rank 1.
+    let a0 = addr.clone();
+    let rank0 = std::thread::spawn(move || {
+        let mut store = StoreClient::join(&a0, 0, world, 0, &key(), timeouts.join).unwrap();
+        let mut ring = TcpRing::connect(&mut store, 0, world, 0, &key(), timeouts).unwrap();
+        let mut v = vec![1.0f32; 1000];
+        ring.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        v
+    });
+    let a1 = addr.clone();
+    let started = Instant::now();
+    let rank1 = std::thread::spawn(move || {
+        let mut store = StoreClient::join(&a1, 1, world, 0, &key(), timeouts.join).unwrap();
+        let ring_port =
+            String::from_utf8(store.get("ring/addr/0", timeouts.join).unwrap()).unwrap();
+        let strangers = std::thread::spawn(move || {
+            let open = || {
+                let s = std::net::TcpStream::connect(&ring_port).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+                s
+            };
+            let (mut fake, mut garbage) = (open(), open());
+            let silent: Vec<_> = (0..4).map(|_| open()).collect();
+            let _ = garbage.write_all(&[0xAB; 200]);
+            let other = GroupKey::new("not this group's secret").unwrap();
+            let claim = trainyard_trainer::collective::auth::claim(&[1, 0, 0]);
+            let refused = trainyard_trainer::collective::auth::connect(
+                &mut fake,
+                &other,
+                trainyard_trainer::collective::auth::Purpose::Ring,
+                &claim,
+            );
+            let mut rest = Vec::new();
+            let _ = garbage.read_to_end(&mut rest);
+            drop(silent);
+            refused.is_err()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let joining = Instant::now();
+        let mut ring = TcpRing::connect(&mut store, 1, world, 0, &key(), timeouts).unwrap();
+        // Handshakes run side by side: silent strangers (closed at the 5 s
+        // handshake deadline) do not hold the predecessor up.
+        assert!(
+            joining.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            joining.elapsed()
+        );
+        let mut v = vec![2.0f32; 1000];
+        ring.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+        assert!(
+            strangers.join().unwrap(),
+            "the fake predecessor was refused"
+        );
+        v
+    });
+    let (v0, v1) = (rank0.join().unwrap(), rank1.join().unwrap());
+    assert!(v0.iter().chain(&v1).all(|&x| x == 3.0));
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "silent strangers did not hold up the ring"
+    );
 }
 
 fn quick() -> RingTimeouts {

@@ -219,6 +219,7 @@ fn train_group_in(
                     ("RANK", rank.to_string()),
                     ("WORLD_SIZE", world.to_string()),
                     ("MASTER_PORT", port),
+                    ("TRAINYARD_GROUP_SECRET", crate::util::SECRET.to_string()),
                 ];
                 let dist = DistEnv::from_lookup(|k| {
                     vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())

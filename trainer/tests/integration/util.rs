@@ -2,6 +2,9 @@ use std::path::{Path, PathBuf};
 
 use trainyard_trainer::config::TrainerConfig;
 
+/// The group secret the tests' multi-rank runs share.
+pub const SECRET: &str = "integration-test group secret";
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
