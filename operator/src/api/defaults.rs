@@ -220,6 +220,7 @@ impl Default for ServerOptimizerSpec {
             beta1: None,
             beta2: None,
             tau: None,
+            bias_correction: None,
         }
     }
 }

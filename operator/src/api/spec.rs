@@ -46,6 +46,8 @@ use super::status::TrainingJobStatus;
     validation = Rule::new("!has(self.distributed) || !has(self.distributed.localSgd) || self.distributed.accumulateSteps == 1").message("localSgd and accumulateSteps > 1 cannot be combined").field_path(".distributed.localSgd"),
     validation = Rule::new("!has(self.distributed) || !has(self.distributed.compression) || (self.distributed.compression.type == 'TopK') == has(self.distributed.compression.ratio)").message("ratio is required with compression type TopK and allowed only there").field_path(".distributed.compression"),
     validation = Rule::new("!has(self.federated) || self.federated.minClients <= self.federated.clients").message("minClients must not exceed clients").field_path(".federated.minClients"),
+    validation = Rule::new("!has(self.federated) || !has(self.federated.serverOptimizer) || self.federated.serverOptimizer.type != 'Sgd' || (!has(self.federated.serverOptimizer.beta1) && !has(self.federated.serverOptimizer.beta2) && !has(self.federated.serverOptimizer.tau) && !has(self.federated.serverOptimizer.biasCorrection))").message("beta1, beta2, tau and biasCorrection apply to serverOptimizer type Adam or Yogi only").field_path(".federated.serverOptimizer"),
+    validation = Rule::new("!has(self.federated) || !has(self.federated.serverOptimizer) || self.federated.serverOptimizer.type == 'Sgd' || !has(self.federated.serverOptimizer.momentum)").message("momentum applies to serverOptimizer type Sgd only").field_path(".federated.serverOptimizer"),
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrainingJobSpec {
@@ -606,6 +608,20 @@ pub struct ServerOptimizerSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub tau: Option<f64>,
+    /// Adam/Yogi step-size bias correction: Flower (η·√(1 − β2^(t+1))/(1 − β1^(t+1))
+    /// in round t, as Flower's FedAdam) or None (Reddi et al.'s rule). Default:
+    /// what Flower does for the rule (Flower for Adam, None for Yogi).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias_correction: Option<BiasCorrectionSpec>,
+}
+
+/// Bias correction of an adaptive server optimiser's step size.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BiasCorrectionSpec {
+    /// As Flower's FedAdam.
+    Flower,
+    /// As Reddi et al. (2020), Algorithm 2.
+    None,
 }
 
 /// Server optimisers.

@@ -541,6 +541,28 @@ spec:
     }
 
     #[test]
+    fn server_optimizer_settings_belong_to_their_rule() {
+        let fl = |opt: &str| {
+            format!(
+                "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: fl}}\nspec:\n  mode: Federated\n  image: t:1\n  federated: {{clients: 3, minClients: 2, serverOptimizer: {opt}}}\n"
+            )
+        };
+        assert!(problems(&fl("{type: Adam, biasCorrection: None}")).is_empty());
+        let p = problems(&fl("{type: Sgd, biasCorrection: Flower}"));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("apply to serverOptimizer type Adam or Yogi only")),
+            "{p:?}"
+        );
+        let p = problems(&fl("{type: Yogi, momentum: 0.9}"));
+        assert!(
+            p.iter()
+                .any(|m| m.contains("momentum applies to serverOptimizer type Sgd only")),
+            "{p:?}"
+        );
+    }
+
+    #[test]
     fn duplicate_exit_codes_are_refused() {
         let p = problems(&with_spec(
             "  runPolicy:\n    failureRules:\n    - {exitCodes: [3, 4], action: FailJob}\n    - {exitCodes: [4], action: RestartGang}\n",

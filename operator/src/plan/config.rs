@@ -262,6 +262,10 @@ fn federated_config(f: &api::FederatedSpec) -> tc::FederatedConfig {
         beta1: s.beta1.unwrap_or(defaults.beta1),
         beta2: s.beta2.unwrap_or(defaults.beta2),
         tau: s.tau.unwrap_or(defaults.tau),
+        bias_correction: s.bias_correction.map(|b| match b {
+            api::BiasCorrectionSpec::Flower => tc::BiasCorrection::Flower,
+            api::BiasCorrectionSpec::None => tc::BiasCorrection::None,
+        }),
     };
     let s = &f.server_optimizer;
     let a = &f.aggregation;

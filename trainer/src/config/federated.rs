@@ -143,6 +143,21 @@ pub struct AdaptiveServer {
     pub beta2: f64,
     /// Adaptivity τ.
     pub tau: f64,
+    /// How FedAdam's step size is corrected for the moments' zero start;
+    /// absent: as Flower does for the rule (FedAdam `flower`, FedYogi `none`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bias_correction: Option<BiasCorrection>,
+}
+
+/// Bias correction of an adaptive server optimiser's step size η.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BiasCorrection {
+    /// Flower's `FedAdam`: η·√(1 − β2^(t+1)) / (1 − β1^(t+1)) in round t
+    /// (counted from 1), so the same job gives Flower's model.
+    Flower,
+    /// Reddi et al. (2020), Algorithm 2: η as it is.
+    None,
 }
 
 impl Default for AdaptiveServer {
@@ -152,6 +167,7 @@ impl Default for AdaptiveServer {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
+            bias_correction: None,
         }
     }
 }

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use federated::{
-    AdaptiveClipping, AdaptiveServer, Aggregation, FederatedConfig, Partition, PrivacyConfig,
-    ServerOptimizer, client_token,
+    AdaptiveClipping, AdaptiveServer, Aggregation, BiasCorrection, FederatedConfig, Partition,
+    PrivacyConfig, ServerOptimizer, client_token,
 };
 pub use peft::PeftConfig;
 

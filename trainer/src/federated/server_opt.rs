@@ -1,9 +1,11 @@
 //! Server optimisers: how the aggregated client change Δ (mean of
 //! `local − global`) moves the global model. FedAvg and FedAvgM are the
 //! local-SGD outer optimiser of data-parallel training (pseudo-gradient −Δ);
-//! FedAdam and FedYogi follow Flower's `FedAdam`/`FedYogi` updates.
+//! FedAdam and FedYogi follow Flower's `FedAdam`/`FedYogi` updates, FedAdam's
+//! step-size bias correction included unless `bias_correction: none` asks
+//! for Reddi et al.'s uncorrected rule.
 
-use crate::config::{AdaptiveServer, OuterConfig, ServerOptimizer};
+use crate::config::{AdaptiveServer, BiasCorrection, OuterConfig, ServerOptimizer};
 use crate::train::optim::OuterOptimizer;
 
 /// A server optimiser with its state.
@@ -71,13 +73,19 @@ impl Server {
                 }
                 *t += 1;
                 let (b1, b2, tau) = (config.beta1 as f32, config.beta2 as f32, config.tau as f32);
-                // Flower's FedAdam corrects the learning rate for bias; its
-                // FedYogi does not.
-                let lr = if *yogi {
-                    config.lr
+                let correction = config.bias_correction.unwrap_or(if *yogi {
+                    BiasCorrection::None
                 } else {
-                    let t = *t as f64;
-                    config.lr * (1.0 - config.beta2.powf(t)).sqrt() / (1.0 - config.beta1.powf(t))
+                    BiasCorrection::Flower
+                });
+                let lr = match correction {
+                    BiasCorrection::None => config.lr,
+                    BiasCorrection::Flower => {
+                        // Flower's exponent is the round plus one.
+                        let e = *t as f64 + 1.0;
+                        config.lr * (1.0 - config.beta2.powf(e)).sqrt()
+                            / (1.0 - config.beta1.powf(e))
+                    }
                 } as f32;
                 for (((w, &d), m), v) in global
                     .iter_mut()
@@ -153,7 +161,9 @@ mod tests {
         assert_eq!(w, vec![2.5]);
     }
 
-    /// Flower's FedAdam and FedYogi written out for one coordinate.
+    /// Flower's FedAdam (fedadam.py: η·√(1 − β2^(round+1)) / (1 − β1^(round+1)),
+    /// rounds from 1) and FedYogi written out for one coordinate; and Reddi
+    /// et al.'s FedAdam without the correction.
     #[test]
     fn adam_and_yogi_match_flowers_formulas() {
         let a = AdaptiveServer {
@@ -161,9 +171,19 @@ mod tests {
             beta1: 0.9,
             beta2: 0.99,
             tau: 1e-3,
+            bias_correction: None,
         };
         let deltas = [0.5f64, -0.2, 0.3];
-        for yogi in [false, true] {
+        for (yogi, correction) in [
+            (false, None),
+            (true, None),
+            (false, Some(BiasCorrection::None)),
+        ] {
+            let a = AdaptiveServer {
+                bias_correction: correction,
+                ..a.clone()
+            };
+            let corrected = !yogi && correction.is_none();
             let mut s = Server::new(&if yogi {
                 ServerOptimizer::Yogi(a.clone())
             } else {
@@ -179,18 +199,61 @@ mod tests {
                 } else {
                     0.99 * v + 0.01 * d * d
                 };
-                let t = (t + 1) as f64;
-                let lr = if yogi {
-                    0.1
+                let round = (t + 1) as f64;
+                let lr = if corrected {
+                    0.1 * (1.0 - 0.99f64.powf(round + 1.0)).sqrt()
+                        / (1.0 - 0.9f64.powf(round + 1.0))
                 } else {
-                    0.1 * (1.0 - 0.99f64.powf(t)).sqrt() / (1.0 - 0.9f64.powf(t))
+                    0.1
                 };
                 rw += lr * m / (v.sqrt() + 1e-3);
                 assert!(
                     (w[0] as f64 - rw).abs() < 1e-5,
-                    "yogi={yogi} t={t}: {} vs {rw}",
+                    "yogi={yogi} {correction:?} round {round}: {} vs {rw}",
                     w[0]
                 );
+            }
+        }
+    }
+
+    /// Flower 1.42.0's own `FedAdam` and `FedYogi` (`aggregate_fit` over one
+    /// client whose model is w + Δ; η 0.1, β 0.9/0.99, τ 1e-3), three rounds,
+    /// printed by that version's strategies; the same deltas here.
+    #[test]
+    fn three_rounds_equal_flowers_own_strategies() {
+        let deltas = [[0.5f32, -0.2, 0.1], [-0.2, 0.3, 0.05], [0.3, 0.1, -0.4]];
+        let flower_adam = [
+            [1.072790177779471, -2.070710462623849, 0.5674963506864013],
+            [1.1018981706539017, -2.05008538471658, 0.6408607875529332],
+            [1.1506129378300334, -2.0186470106371077, 0.6036527521451124],
+        ];
+        let flower_yogi = [
+            [1.0980392694473267, -2.095238208770752, 0.5909091234207153],
+            [1.143616795539856, -2.062854290008545, 0.7058484554290771],
+            [1.2274235486984253, -2.008711099624634, 0.6414280533790588],
+        ];
+        for (rule, expected) in [
+            (
+                ServerOptimizer::Adam(AdaptiveServer::default()),
+                flower_adam,
+            ),
+            (
+                ServerOptimizer::Yogi(AdaptiveServer::default()),
+                flower_yogi,
+            ),
+        ] {
+            let mut s = Server::new(&rule);
+            let mut w = vec![1.0f32, -2.0, 0.5];
+            for (round, (d, e)) in deltas.iter().zip(&expected).enumerate() {
+                s.step(&mut w, d);
+                for (ours, theirs) in w.iter().zip(e) {
+                    assert!(
+                        (f64::from(*ours) - theirs).abs() < 2e-6,
+                        "{} round {}: {w:?} vs Flower's {e:?}",
+                        s.kind(),
+                        round + 1
+                    );
+                }
             }
         }
     }
