@@ -48,6 +48,61 @@ pub enum CheckpointError {
         /// What is missing or wrong.
         message: String,
     },
+    /// Every checkpoint of a run failed to load.
+    #[error(
+        "no checkpoint in {dir} can be used: {}; restore one from a backup, or start afresh in another directory",
+        reasons.join("; ")
+    )]
+    NoneUsable {
+        /// The directory.
+        dir: PathBuf,
+        /// Each file and why it failed, newest first.
+        reasons: Vec<String>,
+    },
+}
+
+/// A checkpoint that failed to load and was set aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Where it was.
+    pub path: PathBuf,
+    /// Why it was skipped.
+    pub reason: String,
+}
+
+/// What resuming found: the newest checkpoint that loads, and the newer
+/// ones that did not.
+#[derive(Debug, Clone)]
+pub struct Resumable {
+    /// Its file.
+    pub path: PathBuf,
+    /// Its contents.
+    pub checkpoint: Checkpoint,
+    /// Newer checkpoints that failed to load, newest first.
+    pub skipped: Vec<Skipped>,
+}
+
+/// The digest that travels with a checkpoint's tensors: SHA-256 over each
+/// tensor's name, shape and little-endian values, in name order. safetensors
+/// itself checks only the layout, so a flipped bit in a value would
+/// otherwise resume silently.
+fn digest(tensors: &[(&str, &NamedTensor)]) -> String {
+    use sha2::Digest as _;
+    let mut sorted: Vec<&(&str, &NamedTensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let mut h = sha2::Sha256::new();
+    for (name, t) in sorted {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((t.shape.len() as u64).to_le_bytes());
+        for d in &t.shape {
+            h.update((*d as u64).to_le_bytes());
+        }
+        for v in &t.values {
+            h.update(v.to_le_bytes());
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Everything needed to continue a run exactly.
@@ -94,8 +149,11 @@ impl Checkpoint {
             ));
         }
         let config = serde_json::to_string(&self.config).expect("configs serialise to JSON");
+        let named: Vec<(&str, &NamedTensor)> =
+            tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let metadata = HashMap::from([
             ("format".to_owned(), FORMAT.to_owned()),
+            ("digest".to_owned(), digest(&named)),
             ("step".to_owned(), self.step.to_string()),
             ("data_position".to_owned(), self.data_position.to_string()),
             ("optimizer".to_owned(), self.optimizer.clone()),
@@ -126,6 +184,17 @@ impl Checkpoint {
                 .parse()
                 .map_err(|_| invalid(path, format!("metadata `{key}` is not a number")))
         };
+        // Checkpoints written before digests existed load unverified.
+        if let Some(expected) = file.metadata.get("digest") {
+            let named: Vec<(&str, &NamedTensor)> =
+                file.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            if &digest(&named) != expected {
+                return Err(invalid(
+                    path,
+                    "its tensors do not match the digest written with them (corrupted on disk?)",
+                ));
+            }
+        }
         let config: TrainerConfig = serde_json::from_str(meta("config")?)
             .map_err(|e| invalid(path, format!("embedded config does not parse: {e}")))?;
         let mut model = Vec::new();
@@ -211,6 +280,47 @@ impl CheckpointDir {
         Ok(self.list()?.pop().map(|(_, p)| p))
     }
 
+    /// The newest checkpoint that loads and verifies. Newer ones that do not
+    /// (truncated, corrupted, not ours) are logged, renamed to
+    /// `<name>.skipped` (kept for a look, never tried again) and reported.
+    /// `None` for a directory without checkpoints; an error only when there
+    /// are some and none loads.
+    pub fn load_newest(&self) -> Result<Option<Resumable>, CheckpointError> {
+        let all = self.list()?;
+        if all.is_empty() {
+            return Ok(None);
+        }
+        let mut skipped = Vec::new();
+        for (_, path) in all.into_iter().rev() {
+            match Checkpoint::load(&path) {
+                Ok(checkpoint) => {
+                    return Ok(Some(Resumable {
+                        path,
+                        checkpoint,
+                        skipped,
+                    }));
+                }
+                Err(e @ (CheckpointError::File(_) | CheckpointError::Invalid { .. })) => {
+                    let reason = e.to_string();
+                    tracing::warn!(path = %path.display(), %reason, "skipping a checkpoint that does not load; trying an older one");
+                    let aside = path.with_extension("safetensors.skipped");
+                    if let Err(e) = std::fs::rename(&path, &aside) {
+                        tracing::warn!(path = %path.display(), error = %e, "could not set the checkpoint aside");
+                    }
+                    skipped.push(Skipped { path, reason });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(CheckpointError::NoneUsable {
+            dir: self.dir.clone(),
+            reasons: skipped
+                .into_iter()
+                .map(|s| format!("{}: {}", s.path.display(), s.reason))
+                .collect(),
+        })
+    }
+
     /// Saves `checkpoint` and deletes all but the newest `keep_last`.
     pub fn save(
         &self,
@@ -268,6 +378,58 @@ mod tests {
         assert_eq!(steps, vec![9, 12]);
         let latest = cd.latest().unwrap().unwrap();
         assert_eq!(Checkpoint::load(&latest).unwrap(), checkpoint(12));
+    }
+
+    /// A flipped bit in a value, a truncated file: each newest checkpoint that
+    /// does not load is set aside and the next older one resumes; only when
+    /// none loads is it an error, naming every file.
+    #[test]
+    fn resume_falls_back_past_corrupt_and_truncated_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let cd = CheckpointDir::new(dir.path());
+        for step in [3, 6, 9] {
+            cd.save(&checkpoint(step), 3).unwrap();
+        }
+        // Flip one bit of the last tensor byte of step 9: safetensors still parses it.
+        let mut bytes = std::fs::read(cd.path_for(9)).unwrap();
+        *bytes.last_mut().unwrap() ^= 0x01;
+        std::fs::write(cd.path_for(9), &bytes).unwrap();
+        assert!(
+            tensorfile::read(&cd.path_for(9)).is_ok(),
+            "only the digest notices"
+        );
+        // Truncate step 6.
+        let bytes = std::fs::read(cd.path_for(6)).unwrap();
+        std::fs::write(cd.path_for(6), &bytes[..bytes.len() / 2]).unwrap();
+        let found = cd.load_newest().unwrap().unwrap();
+        assert_eq!(found.checkpoint, checkpoint(3));
+        let skipped: Vec<&Path> = found.skipped.iter().map(|s| s.path.as_path()).collect();
+        assert_eq!(
+            skipped,
+            [cd.path_for(9).as_path(), cd.path_for(6).as_path()]
+        );
+        assert!(
+            found.skipped[0].reason.contains("digest"),
+            "{:?}",
+            found.skipped
+        );
+        // Set aside, not tried again; the usable one is now the latest.
+        assert_eq!(cd.latest().unwrap(), Some(cd.path_for(3)));
+        assert!(
+            dir.path()
+                .join("step-00000009.safetensors.skipped")
+                .exists()
+        );
+        std::fs::write(cd.path_for(3), b"not a checkpoint").unwrap();
+        let e = cd.load_newest().unwrap_err();
+        assert!(matches!(e, CheckpointError::NoneUsable { .. }), "{e}");
+        assert!(e.to_string().contains("step-00000003"), "{e}");
+        assert!(
+            CheckpointDir::new(dir.path().join("empty"))
+                .load_newest()
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

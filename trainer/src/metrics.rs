@@ -27,6 +27,8 @@ pub mod names {
     pub const CHECKPOINTS_TOTAL: &str = "trainyard_trainer_checkpoints_total";
     /// Seconds to write a checkpoint (histogram).
     pub const CHECKPOINT_SECONDS: &str = "trainyard_trainer_checkpoint_seconds";
+    /// Checkpoints that failed to load on resume and were set aside (counter).
+    pub const CHECKPOINTS_SKIPPED_TOTAL: &str = "trainyard_trainer_checkpoints_skipped_total";
     /// Seconds spent in all-reduce (data-parallel synchronisation; counter).
     pub const ALLREDUCE_SECONDS_TOTAL: &str = "trainyard_trainer_allreduce_seconds_total";
     /// Bytes this rank put into all-reduce (after compression; counter).
@@ -69,6 +71,8 @@ pub struct TrainerMetrics {
     pub checkpoints_total: IntCounter,
     /// See [`names::CHECKPOINT_SECONDS`].
     pub checkpoint_seconds: prometheus::Histogram,
+    /// See [`names::CHECKPOINTS_SKIPPED_TOTAL`].
+    pub checkpoints_skipped_total: IntCounter,
     /// See [`names::ALLREDUCE_SECONDS_TOTAL`].
     pub allreduce_seconds_total: prometheus::Counter,
     /// See [`names::ALLREDUCE_BYTES_TOTAL`].
@@ -120,6 +124,10 @@ impl TrainerMetrics {
             checkpoints_total: counter(
                 names::CHECKPOINTS_TOTAL,
                 "Checkpoints written by this process.",
+            ),
+            checkpoints_skipped_total: counter(
+                names::CHECKPOINTS_SKIPPED_TOTAL,
+                "Checkpoints that failed to load on resume and were set aside.",
             ),
             checkpoint_seconds: reg(
                 &registry,

@@ -219,52 +219,57 @@ pub fn run(
     })?;
     let checkpoints = CheckpointDir::new(opts.out_dir.join(crate::run_dir::CHECKPOINTS_DIR));
     let mut start_round = 1;
-    match (opts.resume, checkpoints.latest()?) {
-        (true, Some(path)) => {
-            let ck = Checkpoint::load(&path)?;
-            let by_name: HashMap<&str, &NamedTensor> =
-                ck.model.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            global.clear();
-            for (name, shape) in &schema.entries {
-                let t = by_name
-                    .get(name.as_str())
-                    .filter(|t| &t.shape == shape)
-                    .ok_or_else(|| {
-                        FederatedError::Other(format!(
-                            "{}: tensor `{name}` is missing or has another shape",
-                            path.display()
-                        ))
-                    })?;
-                global.extend_from_slice(&t.values);
-            }
-            let get = |slot: &str| {
-                ck.optimizer_state
-                    .iter()
-                    .find(|(n, _)| n == slot)
-                    .map(|(_, v)| v.clone())
-            };
-            server.load_state(ck.optimizer_step, get);
-            if let (Some(a), Some(p)) = (accountant.as_mut(), fed.privacy.as_ref()) {
-                sampled_history = get("privacy/sampled").unwrap_or_default();
-                let clip = get("privacy/clip_norm")
-                    .and_then(|v| v.first().copied())
-                    .map_or(p.clip_norm, f64::from);
-                let rounds: Vec<(f64, u64)> = sampled_history
-                    .iter()
-                    .map(|&m| (m as f64 / fed.clients as f64, 1))
-                    .collect();
-                *a = Accountant::restore(p, clip, &rounds);
-            }
-            start_round = ck.step + 1;
-            tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming after round");
+    if !opts.resume && checkpoints.latest()?.is_some() {
+        return Err(crate::train::TrainError::Exists {
+            path: checkpoints.dir().to_owned(),
         }
-        (false, Some(_)) => {
-            return Err(crate::train::TrainError::Exists {
-                path: checkpoints.dir().to_owned(),
-            }
-            .into());
+        .into());
+    }
+    let found = if opts.resume {
+        checkpoints.load_newest()?
+    } else {
+        None
+    };
+    if let (Some(found), Some(m)) = (&found, &opts.metrics) {
+        m.checkpoints_skipped_total
+            .inc_by(found.skipped.len() as u64);
+    }
+    if let Some((path, ck)) = found.map(|f| (f.path, f.checkpoint)) {
+        let by_name: HashMap<&str, &NamedTensor> =
+            ck.model.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        global.clear();
+        for (name, shape) in &schema.entries {
+            let t = by_name
+                .get(name.as_str())
+                .filter(|t| &t.shape == shape)
+                .ok_or_else(|| {
+                    FederatedError::Other(format!(
+                        "{}: tensor `{name}` is missing or has another shape",
+                        path.display()
+                    ))
+                })?;
+            global.extend_from_slice(&t.values);
         }
-        _ => {}
+        let get = |slot: &str| {
+            ck.optimizer_state
+                .iter()
+                .find(|(n, _)| n == slot)
+                .map(|(_, v)| v.clone())
+        };
+        server.load_state(ck.optimizer_step, get);
+        if let (Some(a), Some(p)) = (accountant.as_mut(), fed.privacy.as_ref()) {
+            sampled_history = get("privacy/sampled").unwrap_or_default();
+            let clip = get("privacy/clip_norm")
+                .and_then(|v| v.first().copied())
+                .map_or(p.clip_norm, f64::from);
+            let rounds: Vec<(f64, u64)> = sampled_history
+                .iter()
+                .map(|&m| (m as f64 / fed.clients as f64, 1))
+                .collect();
+            *a = Accountant::restore(p, clip, &rounds);
+        }
+        start_round = ck.step + 1;
+        tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming after round");
     }
     tensorfile::write_bytes_atomic(
         &opts.out_dir.join("config.json"),

@@ -596,50 +596,56 @@ fn build_model(
     }
 }
 
-/// Rank 0's start: the newest checkpoint with `--resume` (returns its step),
-/// a fresh run otherwise; a run directory that already holds checkpoints is
-/// refused without `--resume`.
+/// Rank 0's start: with `--resume`, the newest checkpoint that loads (newer
+/// ones that do not are set aside and counted); a fresh run otherwise. A run
+/// directory that already holds checkpoints is refused without `--resume`.
+/// Returns the step resumed from.
 fn open_checkpoints(
     resume: bool,
     checkpoints: &CheckpointDir,
     config: &TrainerConfig,
     learner: &mut Learner,
     local_sgd: Option<&mut LocalSgd>,
+    metrics: Option<&TrainerMetrics>,
 ) -> Result<Option<u64>, TrainError> {
-    match (resume, checkpoints.latest()?) {
-        (true, Some(path)) => {
-            let ck = Checkpoint::load(&path)?;
-            if ck.config.model != config.model || ck.config.data != config.data {
-                tracing::warn!(
-                    checkpoint = %path.display(),
-                    "the model or data config differs from the one this checkpoint was trained with; \
-                     the continued run will not match an uninterrupted one"
-                );
-            }
-            restore(learner, &ck, &path)?;
-            if let Some(l) = local_sgd {
-                l.reset(learner.params());
-                if let Some(outer) = l.outer.as_mut() {
-                    outer.momentum = ck
-                        .optimizer_state
-                        .iter()
-                        .find(|(n, _)| n == OUTER_MOMENTUM)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default();
-                }
-            }
-            tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
-            Ok(Some(ck.step))
-        }
-        (true, None) => {
-            tracing::info!(dir = %checkpoints.dir().display(), "no checkpoint to resume from; starting fresh");
-            Ok(None)
-        }
-        (false, Some(_)) => Err(TrainError::Exists {
-            path: checkpoints.dir().to_owned(),
-        }),
-        (false, None) => Ok(None),
+    if !resume {
+        return match checkpoints.latest()? {
+            Some(_) => Err(TrainError::Exists {
+                path: checkpoints.dir().to_owned(),
+            }),
+            None => Ok(None),
+        };
     }
+    let Some(found) = checkpoints.load_newest()? else {
+        tracing::info!(dir = %checkpoints.dir().display(), "no checkpoint to resume from; starting fresh");
+        return Ok(None);
+    };
+    if let Some(m) = metrics {
+        m.checkpoints_skipped_total
+            .inc_by(found.skipped.len() as u64);
+    }
+    let (path, ck) = (found.path, found.checkpoint);
+    if ck.config.model != config.model || ck.config.data != config.data {
+        tracing::warn!(
+            checkpoint = %path.display(),
+            "the model or data config differs from the one this checkpoint was trained with; \
+             the continued run will not match an uninterrupted one"
+        );
+    }
+    restore(learner, &ck, &path)?;
+    if let Some(l) = local_sgd {
+        l.reset(learner.params());
+        if let Some(outer) = l.outer.as_mut() {
+            outer.momentum = ck
+                .optimizer_state
+                .iter()
+                .find(|(n, _)| n == OUTER_MOMENTUM)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default();
+        }
+    }
+    tracing::info!(checkpoint = %path.display(), step = ck.step, "resuming");
+    Ok(Some(ck.step))
 }
 
 /// The checkpoint of step `done`: the whole model, the optimiser state and
@@ -713,6 +719,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             config,
             &mut learner,
             local_sgd.as_mut(),
+            opts.metrics.as_ref(),
         )?
     } else {
         None

@@ -768,3 +768,53 @@ fn outsiders_at_the_rendezvous_port_cannot_stop_a_two_rank_job() {
     );
     drop(silent);
 }
+
+/// A truncated newest checkpoint (a node lost mid-write on a volume without
+/// atomic rename, a disk fault) no longer fails the job for good: resume
+/// takes the newest one that loads, says which it skipped and why, and the
+/// run continues from there.
+#[test]
+fn resume_skips_a_truncated_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "job.yaml",
+        "model: {widths: [8, 16]}\n\
+         data: {shapes: {samples: 64, image_size: 32}}\n\
+         train: {steps: 8, batch_size: 4, val_every: 0}\n\
+         checkpoint: {every: 4, keep_last: 3}\n",
+    );
+    let run = dir.path().join("run");
+    let run = run.to_str().unwrap();
+    let o = trainer(&["train", "--config", &config, "--out", run]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let newest = Path::new(run).join("checkpoints/step-00000008.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() - 100]).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
+        .args([
+            "train",
+            "--config",
+            &config,
+            "--out",
+            run,
+            "--resume",
+            "--set",
+            "train.steps=12",
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("skipping a checkpoint") && err.contains("step-00000008"),
+        "{err}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(run).join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["resumed_from"], 4);
+    assert_eq!(summary["steps"], 12);
+}
