@@ -554,3 +554,42 @@ fn the_federated_example_survives_a_killed_client_and_improves() {
     let client = json(&out.join("replicas/shapes-fl-client-3/summary.json"));
     assert!(client["rounds"].as_u64().unwrap() >= 1, "{client}");
 }
+
+/// One runner per output directory, and no replica outlives its runner: a
+/// second `trainyard local` on a running `--out` is refused naming the first
+/// one's pid, and SIGKILL of the runner (which gets no chance to stop
+/// anything) takes its replicas with it.
+#[test]
+fn one_runner_per_out_and_replicas_die_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest(dir.path(), "lock", 1_000_000);
+    let out = dir.path().join("out");
+    let mut runner = local(&manifest, &out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pids = Vec::new();
+    wait_for("both workers", Duration::from_secs(60), || {
+        pids = ["lock-worker-0", "lock-worker-1"]
+            .iter()
+            .filter_map(|r| pid_of(&out, r).map(|(pid, _)| pid))
+            .collect();
+        pids.len() == 2
+    });
+    let second = local(&manifest, &out).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{err}");
+    assert!(err.contains(&format!("pid {}", runner.id())), "{err}");
+    assert!(
+        pids.iter().all(|&p| alive(p)),
+        "the second runner touched nothing"
+    );
+    kill(Pid::from_raw(runner.id() as i32), Signal::SIGKILL).unwrap();
+    runner.wait().unwrap();
+    wait_for(
+        "the replicas to die with the runner",
+        Duration::from_secs(10),
+        || pids.iter().all(|&p| !alive(p)),
+    );
+}

@@ -145,6 +145,9 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
     let out = absolute(&opts.out)?;
     std::fs::create_dir_all(out.join("logs"))
         .with_context(|| format!("failed to create {}", out.display()))?;
+    // Held until this run ends: two runners on one directory would start
+    // two gangs over the same checkpoints.
+    let _lock = lock_out(&out)?;
     let name = job.metadata.name.clone().unwrap_or_default();
     job.metadata
         .namespace
@@ -334,6 +337,38 @@ async fn flush(store: Option<&Store>) {
     }
 }
 
+/// Takes `<out>/.lock` for this process (an advisory lock the kernel drops
+/// with the process, however it dies), writing our pid into it; refused,
+/// naming the holder's pid, while another `trainyard local` holds it.
+fn lock_out(out: &Path) -> anyhow::Result<std::fs::File> {
+    let path = out.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "{} is in use by another `trainyard local` (pid {}); wait for it to finish or stop it, or choose another --out",
+                out.display(),
+                holder.trim()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("failed to lock {}", path.display()));
+        }
+    }
+    file.set_len(0)?;
+    write!(file, "{}", std::process::id())?;
+    file.flush()?;
+    Ok(file)
+}
+
 /// The run's secret, kept beside its outputs (owner-only) so a resumed run
 /// hands out the same group secret and client tokens.
 fn local_secret(out: &Path) -> anyhow::Result<String> {
@@ -444,6 +479,24 @@ fn spawn(
         // replicas in order (graceful first).
         .process_group(0)
         .kill_on_drop(true);
+    let runner = Pid::this();
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (prctl, getppid).
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(move || {
+            // Replicas die with the runner, however it dies (SIGKILL included):
+            // kill_on_drop covers only an orderly exit. The signal follows the
+            // forking thread; local mode's runtime is single-threaded, so that
+            // is the runner's main thread.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // The runner may have died before the line above took effect.
+            if nix::unistd::getppid() != runner {
+                return Err(std::io::Error::other("the runner exited during the start"));
+            }
+            Ok(())
+        });
+    }
     for var in &replica.env {
         cmd.env(&var.name, var.value.as_deref().unwrap_or(""));
     }
