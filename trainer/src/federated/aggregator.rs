@@ -16,7 +16,9 @@ use serde::Serialize;
 use super::privacy::{self, Accountant};
 use super::server_opt::Server;
 use super::update::{self, Rejection, Schema};
-use super::{AVAILABLE_WINDOW, FederatedError, LONG_POLL, TASK_PATH, UPDATE_PATH, aggregate};
+use super::{
+    AVAILABLE_WINDOW, FederatedError, LONG_POLL, TASK_PATH, UPDATE_PATH, aggregate, partition,
+};
 use crate::checkpoint::{Checkpoint, CheckpointDir};
 use crate::config::{FederatedConfig, TrainerConfig, client_token};
 use crate::infer::{self, Predictor};
@@ -128,9 +130,65 @@ struct Shared {
     wake: tokio::sync::Notify,
     schema: Schema,
     tokens: Vec<String>,
+    /// The largest valid update ([`Schema::max_update_bytes`]).
     max_bytes: usize,
     max_norm: Option<f64>,
     metrics: Option<crate::metrics::TrainerMetrics>,
+    /// Clients whose update body is being received: one at a time each.
+    in_flight: Mutex<BTreeSet<usize>>,
+    /// Updates decoded at once (each holds its body and its values).
+    decoding: tokio::sync::Semaphore,
+    /// How long an update's body may take to arrive.
+    body_timeout: Duration,
+    /// Most examples each client can have (its partition, or the dataset).
+    example_caps: Vec<u64>,
+}
+
+/// Updates decoded concurrently.
+const DECODERS: usize = 2;
+
+/// An update's body may take 30 s, plus a second per MiB of the largest
+/// valid update (1 MiB/s is a slow client link): a slow body holds at most
+/// one update's memory, for a bounded time.
+fn body_timeout(max_bytes: usize) -> Duration {
+    Duration::from_secs(30 + (max_bytes >> 20) as u64)
+}
+
+/// The most examples each client can claim: its partition's size when the
+/// aggregator can compute the split (every partition but `own`), otherwise
+/// the whole training split, which no client can exceed either.
+fn example_caps(
+    config: &TrainerConfig,
+    fed: &FederatedConfig,
+    setup: &crate::train::Setup,
+) -> Result<Vec<u64>, FederatedError> {
+    let parts = partition::client_parts(
+        fed,
+        setup.dataset.as_ref(),
+        &setup.split.train,
+        config.model.classes,
+    )?;
+    let all = setup.split.train.len() as u64;
+    Ok(match parts {
+        Some(parts) => parts.iter().map(|p| p.len() as u64).collect(),
+        None => vec![all; fed.clients],
+    })
+}
+
+/// Keeps a client's place among the updates in flight, freed when dropped.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    client: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .remove(&self.client);
+    }
 }
 
 impl Shared {
@@ -193,19 +251,22 @@ pub fn run(
     let device = Device::flex().autodiff();
     let model = SegNet::new(&config.model, config.train.seed, &device);
     let schema = Schema::of(&Layout::of(&model));
-    // Every honest update carries every parameter: a limit below their
-    // size would refuse every client, each seeing a closed connection.
-    let max_bytes = (fed.max_update_mb * (1 << 20) as f64) as usize;
-    let parameter_bytes = schema.len * std::mem::size_of::<f32>();
-    if parameter_bytes > max_bytes {
+    // A valid update has exactly the model's tensors: nothing larger is
+    // read. A configured limit below that would refuse every client, each
+    // seeing a closed connection.
+    let valid_bytes = schema.max_update_bytes();
+    let configured = (fed.max_update_mb * (1 << 20) as f64) as usize;
+    if configured < valid_bytes {
         return Err(FederatedError::Other(format!(
             "federated.max_update_mb ({} MiB) is below the {:.2} MiB of parameters \
-             ({}, f32) every update of this model carries: raise it",
+             ({}, f32, with the update's header) every update of this model carries: raise it",
             fed.max_update_mb,
-            parameter_bytes as f64 / (1 << 20) as f64,
+            valid_bytes as f64 / (1 << 20) as f64,
             schema.len
         )));
     }
+    let max_bytes = valid_bytes;
+    let example_caps = example_caps(config, &fed, &setup)?;
     let mut global: Vec<f32> = params::named_values(&model)
         .into_iter()
         .flat_map(|(_, v)| v)
@@ -290,6 +351,10 @@ pub fn run(
         max_bytes,
         max_norm: fed.max_update_norm,
         metrics: opts.metrics.clone(),
+        in_flight: Mutex::new(BTreeSet::new()),
+        decoding: tokio::sync::Semaphore::new(DECODERS),
+        body_timeout: body_timeout(max_bytes),
+        example_caps,
     });
     let server_addr = serve(shared.clone(), opts.bind, opts.tls.clone())?;
     tracing::info!(addr = %server_addr, clients = fed.clients, rounds = fed.rounds, "aggregator listening");
@@ -759,19 +824,43 @@ fn router(shared: Arc<Shared>) -> axum::Router {
                 return refuse(shared.reject(r));
             }
         }
-        let bytes = match axum::body::to_bytes(body, shared.max_bytes).await {
-            Ok(b) => b,
-            Err(_) => {
-                let size = headers
-                    .get("content-length")
-                    .and_then(|v| v.to_str().ok()?.parse().ok())
-                    .unwrap_or(shared.max_bytes + 1);
+        // Declared too large: refused before a byte of the body is read.
+        let declared: Option<usize> = headers
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        if let Some(bytes) = declared.filter(|&b| b > shared.max_bytes) {
+            return refuse(shared.reject(Rejection::TooLarge {
+                bytes,
+                limit: shared.max_bytes,
+            }));
+        }
+        if !shared
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .insert(q.client)
+        {
+            return refuse(shared.reject(Rejection::Busy(q.client)));
+        }
+        let _in_flight = InFlight {
+            shared: &shared,
+            client: q.client,
+        };
+        let read = tokio::time::timeout(
+            shared.body_timeout,
+            axum::body::to_bytes(body, shared.max_bytes),
+        );
+        let bytes = match read.await {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => {
                 return refuse(shared.reject(Rejection::TooLarge {
-                    bytes: size,
+                    bytes: declared.unwrap_or(shared.max_bytes + 1),
                     limit: shared.max_bytes,
                 }));
             }
+            Err(_) => return refuse(shared.reject(Rejection::Slow(shared.body_timeout))),
         };
+        let _decoding = shared.decoding.acquire().await.expect("never closed");
         let checked = tokio::task::spawn_blocking({
             let shared = shared.clone();
             move || -> Result<Received, Rejection> {
@@ -788,6 +877,10 @@ fn router(shared: Arc<Shared>) -> axum::Router {
                     return Err(Rejection::Malformed(
                         "metadata `examples` must be at least 1".into(),
                     ));
+                }
+                let cap = shared.example_caps[q.client];
+                if examples > cap {
+                    return Err(Rejection::Examples { got: examples, cap });
                 }
                 let loss: f64 = update::meta(&meta, "loss")?;
                 if !loss.is_finite() {

@@ -10,7 +10,7 @@ use burn::tensor::Device;
 
 use super::update::{self, Schema};
 use super::{FederatedError, LONG_POLL, TASK_PATH, UPDATE_PATH, partition};
-use crate::config::{Partition, TrainerConfig};
+use crate::config::TrainerConfig;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout, Trainable};
 use crate::tensorfile::NamedTensor;
@@ -59,22 +59,13 @@ pub fn run(config: &TrainerConfig, opts: &ClientOptions) -> Result<ClientSummary
         )));
     }
     let mut setup = Setup::new(config)?;
-    // Every client computes the same split and keeps its own part: the data
-    // stays where it is, only indices are decided by the shared seed.
-    if !matches!(fed.partition, Partition::Own) {
-        let labels = partition::labels_of(
-            setup.dataset.as_ref(),
-            &setup.split.train,
-            config.model.classes,
-        );
-        let parts = partition::split(
-            &fed.partition,
-            &setup.split.train,
-            &labels,
-            fed.clients,
-            config.model.classes,
-        )?;
-        setup.split.train = parts[opts.index].clone();
+    if let Some(mut parts) = partition::client_parts(
+        &fed,
+        setup.dataset.as_ref(),
+        &setup.split.train,
+        config.model.classes,
+    )? {
+        setup.split.train = parts.swap_remove(opts.index);
     }
     let examples = setup.split.train.len();
     tracing::info!(client = opts.index, examples, "client partition ready");

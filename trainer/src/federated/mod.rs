@@ -13,9 +13,19 @@
 //! - `POST /v1/federated/update?client=i&round=r` with the change
 //!   `local − global` (safetensors; metadata `round`, `examples`, `loss`).
 //!   `200` accepted; `401` bad token, `404` unknown client, `409` stale round
-//!   or no open task, `413` too large, `422` wrong names, shapes, dtypes,
-//!   NaN/Inf or an excessive norm. Rejections are counted by reason and never
-//!   aggregated.
+//!   or no open task, `413` larger than a valid update of this model
+//!   ([`update::Schema::max_update_bytes`]: refused from `Content-Length`
+//!   unread, or as soon as an undeclared body passes it), `429` another update
+//!   of this client still in flight, `408` a body slower than its deadline
+//!   (30 s plus 1 s per MiB of a valid update), `422` wrong names, shapes,
+//!   dtypes, NaN/Inf, an excessive norm, or more `examples` than the client's
+//!   partition holds (the aggregator computes the split the clients do; with
+//!   `partition: own`, the whole training split). Rejections are counted by
+//!   reason and never aggregated. Token and round are checked before a byte
+//!   of the body is read, and at most two bodies are decoded at once, so the
+//!   aggregator holds at most one body per sampled client, two decoded
+//!   updates and the accepted deltas: about 2 × clients × update size plus a
+//!   constant.
 //!
 //! A round: wait (at most `sampling_timeout_seconds`) until `min_available`
 //! clients are polling; sample `max(⌈fraction·available⌉, min_clients)` of

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma};
 
-use crate::config::{IGNORE_INDEX, Partition};
+use crate::config::{FederatedConfig, IGNORE_INDEX, Partition};
 use crate::data::Dataset;
 
 /// Why a split is impossible.
@@ -40,6 +40,23 @@ pub fn labels_of(dataset: &dyn Dataset, indices: &[usize], classes: usize) -> Ve
         .iter()
         .map(|&i| dominant_class(&dataset.get(i).mask, classes))
         .collect()
+}
+
+/// Every client's share of the training split `train` of `dataset`, as every
+/// client computes it from the shared config (the data stays where it is;
+/// only indices are decided by the seed); `None` for `own`, where each client
+/// brings its own data.
+pub fn client_parts(
+    fed: &FederatedConfig,
+    dataset: &dyn Dataset,
+    train: &[usize],
+    classes: usize,
+) -> Result<Option<Vec<Vec<usize>>>, PartitionError> {
+    if matches!(fed.partition, Partition::Own) {
+        return Ok(None);
+    }
+    let labels = labels_of(dataset, train, classes);
+    split(&fed.partition, train, &labels, fed.clients, classes).map(Some)
 }
 
 /// Splits `indices` (with their `labels`) into `clients` disjoint parts whose

@@ -42,8 +42,10 @@ pub enum Rejection {
         /// The round.
         round: u64,
     },
-    /// The body exceeds the configured limit.
-    #[error("update of {bytes} bytes exceeds federated.max_update_mb ({limit} bytes)")]
+    /// The body exceeds the largest valid update (or federated.max_update_mb).
+    #[error(
+        "an update of {bytes} bytes is more than the {limit} bytes a valid update of this model can be"
+    )]
     TooLarge {
         /// Body size.
         bytes: usize,
@@ -74,6 +76,20 @@ pub enum Rejection {
     /// NaN or infinity.
     #[error("tensor `{0}` holds NaN or infinite values")]
     NonFinite(String),
+    /// The client already has an update being received.
+    #[error("client {0} already has an update in flight; one at a time")]
+    Busy(usize),
+    /// The body did not arrive within its deadline.
+    #[error("the update's body did not arrive within {0:?}")]
+    Slow(std::time::Duration),
+    /// The client claims more examples than it can hold.
+    #[error("metadata `examples` is {got}, more than the {cap} this client can have")]
+    Examples {
+        /// Claimed.
+        got: u64,
+        /// The cap.
+        cap: u64,
+    },
     /// The update's L2 norm is beyond `federated.max_update_norm`.
     #[error("update norm {norm:.4} exceeds federated.max_update_norm {bound}")]
     Norm {
@@ -98,6 +114,9 @@ impl Rejection {
             Self::Shape { .. } => "shape",
             Self::NonFinite(_) => "non_finite",
             Self::Norm { .. } => "norm",
+            Self::Busy(_) => "busy",
+            Self::Slow(_) => "slow",
+            Self::Examples { .. } => "examples",
         }
     }
 
@@ -108,6 +127,8 @@ impl Rejection {
             Self::UnknownClient(_) => 404,
             Self::Stale { .. } | Self::NotExpected { .. } => 409,
             Self::TooLarge { .. } => 413,
+            Self::Busy(_) => 429,
+            Self::Slow(_) => 408,
             _ => 422,
         }
     }
@@ -144,6 +165,20 @@ impl Schema {
                 )
             })
             .collect()
+    }
+
+    /// The size of the largest valid update: every tensor, with the metadata
+    /// a client sends (`round`, `examples`, `loss`) at its longest. Nothing
+    /// larger is read.
+    pub fn max_update_bytes(&self) -> usize {
+        let longest = HashMap::from([
+            ("round".to_string(), u64::MAX.to_string()),
+            ("examples".to_string(), u64::MAX.to_string()),
+            ("loss".to_string(), f64::MIN.to_string()),
+        ]);
+        // The header is JSON: a different order or spacing of the same keys
+        // stays well within this slack.
+        self.encode(&vec![0.0; self.len], longest).len() + 1024
     }
 
     /// Safetensors bytes of a flat vector with metadata.

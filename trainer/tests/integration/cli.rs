@@ -818,3 +818,166 @@ fn resume_skips_a_truncated_newest_checkpoint() {
     assert_eq!(summary["resumed_from"], 4);
     assert_eq!(summary["steps"], 12);
 }
+
+/// The peak memory of a process, from procfs.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A sampled client with its own valid token (or several) cannot make the
+/// aggregator buffer more than one update each: bodies declared larger than
+/// a valid update are refused unread, undeclared ones are cut off at that
+/// size, a second update in flight from the same client is refused, and a
+/// silent body holds nothing. Measured as the aggregator process's peak RSS
+/// (VmHWM), against clients × 2 × the largest valid update + 32 MiB.
+#[test]
+fn hostile_clients_cannot_grow_the_aggregators_memory() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use trainyard_trainer::config::client_token;
+    const SECRET: &str = "aggregator memory test secret";
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "fl.yaml",
+        "model: {widths: [8, 16]}\n\
+         data: {shapes: {samples: 64, image_size: 32}}\n\
+         train: {batch_size: 4}\n\
+         federated: {clients: 3, rounds: 1, min_clients: 3, min_available: 3}\n",
+    );
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut agg = Command::new(env!("CARGO_BIN_EXE_trainyard-trainer"))
+        .args([
+            "aggregate",
+            "--config",
+            &config,
+            "--out",
+            dir.path().join("agg").to_str().unwrap(),
+            "--bind",
+            &addr,
+            "--threads",
+            "1",
+        ])
+        .envs([
+            ("TRAINYARD_FEDERATION_SECRET", SECRET),
+            ("RUST_LOG", "error"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let request = |head: String| -> std::net::TcpStream {
+        let mut s = loop {
+            if let Ok(s) = std::net::TcpStream::connect(&addr) {
+                break s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s
+    };
+    let status_of = |s: &mut std::net::TcpStream| -> u16 {
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap_or(0);
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    };
+    let auth = |i: usize| format!("Bearer {}", client_token(SECRET, i));
+    // Every client polls, so the round opens and samples all three.
+    let pollers: Vec<_> = (0..3)
+        .map(|i| {
+            let mut s = request(format!(
+                "GET /v1/federated/task?client={i} HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
+                auth(i)
+            ));
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                let _ = s.read_to_end(&mut all);
+                all
+            })
+        })
+        .collect();
+    for p in pollers {
+        let got = p.join().unwrap();
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got[..got.len().min(200)])
+        );
+    }
+    let baseline = vm_hwm_kib(agg.id());
+    let post = |client: usize, framing: &str| {
+        request(format!(
+            "POST /v1/federated/update?client={client}&round=1 HTTP/1.1\r\nHost: x\r\nAuthorization: {}\r\n{framing}\r\n",
+            auth(client)
+        ))
+    };
+    // Four updates of 256 MiB declared, from each client: refused unread.
+    let declared: Vec<_> = (0..3)
+        .flat_map(|c| (0..4).map(move |_| c))
+        .map(|c| {
+            let mut s = post(c, "Content-Length: 268435456\r\n");
+            let _ = s.write_all(&vec![0u8; 1 << 20]);
+            status_of(&mut s)
+        })
+        .collect();
+    assert!(declared.iter().all(|&c| c == 413), "{declared:?}");
+    // Undeclared (chunked) bodies streamed at once from every client: cut off.
+    let chunk = [
+        format!("{:x}\r\n", 1 << 20).into_bytes(),
+        vec![7u8; 1 << 20],
+        b"\r\n".to_vec(),
+    ]
+    .concat();
+    let streams: Vec<_> = (0..3)
+        .map(|c| {
+            let chunk = chunk.clone();
+            let mut s = post(c, "Transfer-Encoding: chunked\r\n");
+            std::thread::spawn(move || {
+                for _ in 0..64 {
+                    if s.write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+                status_of(&mut s)
+            })
+        })
+        .collect();
+    let cut: Vec<u16> = streams.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(cut.iter().all(|&c| c == 413 || c == 0), "{cut:?}");
+    // A silent body holds its client's place: a second update from it is refused.
+    let _silent = post(1, "Content-Length: 1000\r\n");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut second = post(1, "Content-Length: 10\r\n");
+    let _ = second.write_all(&[0u8; 10]);
+    assert_eq!(status_of(&mut second), 429);
+    let peak = vm_hwm_kib(agg.id());
+    let model = trainyard_trainer::model::SegNet::new(
+        &trainyard_trainer::config::TrainerConfig::load(Path::new(&config), &[])
+            .unwrap()
+            .model,
+        0,
+        &burn::tensor::Device::flex(),
+    );
+    let update_kib = trainyard_trainer::federated::update::Schema::of(
+        &trainyard_trainer::model::params::Layout::of(&model),
+    )
+    .max_update_bytes() as u64
+        / 1024;
+    let bound = baseline + 3 * 2 * update_kib + 32 * 1024;
+    eprintln!(
+        "aggregator VmHWM: {baseline} KiB before the attacks, {peak} KiB after; bound {bound} KiB (largest valid update {update_kib} KiB)"
+    );
+    agg.kill().unwrap();
+    let _ = agg.wait();
+    assert!(
+        peak <= bound,
+        "peak RSS {peak} KiB above the bound {bound} KiB (baseline {baseline} KiB)"
+    );
+}

@@ -302,6 +302,16 @@ fn hostile_updates_are_refused_counted_and_never_aggregated() {
             ) => {}
         Err(e) => panic!("oversize update: {e}"),
     }
+    // Claiming more examples than its partition holds, to take FedAvg's weight.
+    let greedy = tensorfile::to_bytes(
+        &zeros,
+        HashMap::from([
+            ("round".to_string(), "1".to_string()),
+            ("examples".to_string(), u64::MAX.to_string()),
+            ("loss".to_string(), "0.5".to_string()),
+        ]),
+    );
+    assert_eq!(post("client=2&round=1", &token, greedy), 422);
     // A well-formed update is still taken, once.
     assert_eq!(
         post("client=2&round=1", &token, update_bytes(&zeros, 1)),
@@ -329,6 +339,7 @@ fn hostile_updates_are_refused_counted_and_never_aggregated() {
         ("malformed", 1),
         ("too_large", 1),
         ("not_expected", 1),
+        ("examples", 1),
     ] {
         assert_eq!(
             rejected.get(reason).copied(),
