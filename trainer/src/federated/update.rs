@@ -332,4 +332,30 @@ mod tests {
         let bytes = safetensors::serialize([("a.weight", view)], None).unwrap();
         assert_eq!(s.decode(&bytes).unwrap_err().reason(), "malformed");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Arbitrary bytes never panic the decoder and never pass as an update.
+        #[test]
+        fn arbitrary_bytes_are_refused_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            proptest::prop_assert!(schema().decode(&bytes).is_err());
+        }
+
+        /// A valid update with any one byte changed decodes to the same tensors
+        /// or is refused; it never panics (header bytes change the JSON, data
+        /// bytes change a value, possibly to NaN).
+        #[test]
+        fn single_byte_corruptions_are_refused_or_harmless(at in 0usize..200, to in proptest::num::u8::ANY) {
+            let s = schema();
+            let flat: Vec<f32> = (0..7).map(|i| i as f32 * 0.5).collect();
+            let mut bytes = s.encode(&flat, HashMap::from([("round".into(), "1".into())]));
+            let at = at % bytes.len();
+            bytes[at] = to;
+            if let Ok((values, _)) = s.decode(&bytes) {
+                proptest::prop_assert_eq!(values.len(), 7);
+                proptest::prop_assert!(values.iter().all(|v| v.is_finite()));
+            }
+        }
+    }
 }
