@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use trainyard::api::{Phase, crd, validate};
 use trainyard::local::{self, LocalOptions};
 use trainyard::store::Store;
+use trainyard_trainer::serve::{Limits, serve};
 
 /// Trainyard: Kubernetes-native training orchestration.
 ///
@@ -150,11 +151,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                             .await
                             .with_context(|| format!("cannot listen on {progress_addr}"))?;
                         let app = trainyard::progress::router(hub.clone());
-                        tokio::spawn(async move {
-                            if let Err(e) = axum::serve(listener, app).await {
-                                tracing::error!(error = %e, "the progress endpoint stopped");
-                            }
-                        });
+                        tokio::spawn(serve(listener, app, None, Limits::default()));
                         Some(trainyard::k8s::ProgressEndpoint { url, hub })
                     }
                     None => None,

@@ -374,7 +374,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
-    axum::serve(listener, router(metrics, store)).await?;
+    trainyard_trainer::serve::serve(
+        listener,
+        router(metrics, store),
+        None,
+        trainyard_trainer::serve::Limits::default(),
+    )
+    .await;
     Ok(())
 }
 

@@ -19,7 +19,8 @@
 //! # Features
 //! `engine` (default) is everything that trains. Without it the crate is only
 //! [`config`], [`env`], [`exit`], [`protocol`] and [`run_dir`]: what the operator needs to hand a replica its job,
-//! without compiling the ML stack.
+//! without compiling the ML stack; `serve` adds the bounded HTTP server every
+//! Trainyard port uses (the operator's too).
 
 pub mod config;
 pub mod env;
@@ -59,6 +60,8 @@ pub mod model;
 pub mod peft;
 #[cfg(feature = "engine")]
 pub mod report;
+#[cfg(feature = "serve")]
+pub mod serve;
 #[cfg(feature = "engine")]
 pub mod tensorfile;
 #[cfg(feature = "engine")]

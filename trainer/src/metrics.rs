@@ -206,7 +206,7 @@ impl TrainerMetrics {
             .name("metrics-server".into())
             .spawn(move || {
                 let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
+                    .enable_all()
                     .build()
                     .expect("a current-thread runtime builds");
                 runtime.block_on(async move {
@@ -234,9 +234,7 @@ impl TrainerMetrics {
                             }),
                         )
                         .route("/healthz", axum::routing::get(|| async { "ok" }));
-                    if let Err(e) = axum::serve(listener, app).await {
-                        tracing::error!(error = %e, "metrics server stopped");
-                    }
+                    crate::serve::serve(listener, app, None, crate::serve::Limits::default()).await;
                 });
             })?;
         Ok(local)

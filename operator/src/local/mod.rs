@@ -185,11 +185,12 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
                 .await
                 .with_context(|| format!("--metrics-addr {addr}: cannot listen"))?;
             let app = crate::metrics::router(metrics.clone(), opts.store.clone());
-            tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app).await {
-                    tracing::warn!(error = %e, "the metrics server stopped");
-                }
-            });
+            tokio::spawn(trainyard_trainer::serve::serve(
+                listener,
+                app,
+                None,
+                trainyard_trainer::serve::Limits::default(),
+            ));
             Some(metrics)
         }
         None => None,

@@ -727,14 +727,7 @@ fn serve(
                 let listener =
                     tokio::net::TcpListener::from_std(listener).expect("a bound listener");
                 let app = router(shared);
-                match tls {
-                    Some(config) => super::tls::serve(listener, config, app).await,
-                    None => {
-                        if let Err(e) = axum::serve(listener, app).await {
-                            tracing::error!(error = %e, "the federation endpoint stopped");
-                        }
-                    }
-                }
+                crate::serve::serve(listener, app, tls, crate::serve::Limits::default()).await;
             });
         })
         .map_err(|e| FederatedError::Other(e.to_string()))?;

@@ -57,38 +57,3 @@ pub fn client_tls(ca: &Path) -> Result<ureq::tls::TlsConfig, FederatedError> {
         .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
         .build())
 }
-
-/// Serves `app` over TLS on `listener` until the process ends.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    app: axum::Router,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                continue;
-            }
-        };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-}
