@@ -359,14 +359,13 @@ pub fn run(
     let server_addr = serve(shared.clone(), opts.bind, opts.tls.clone())?;
     tracing::info!(addr = %server_addr, clients = fed.clients, rounds = fed.rounds, "aggregator listening");
 
-    let mut metrics_log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(opts.out_dir.join(crate::run_dir::METRICS_FILE))
-        .map_err(|source| crate::train::TrainError::Write {
-            path: opts.out_dir.join(crate::run_dir::METRICS_FILE),
-            source,
-        })?;
+    // Rows of rounds after the checkpoint resumed from (a crash, or newer
+    // checkpoints set aside) are dropped: those rounds run again.
+    let mut metrics_log = crate::train::MetricsLog::open(
+        &opts.out_dir.join(crate::run_dir::METRICS_FILE),
+        (start_round > 1).then_some(start_round - 1),
+        "round",
+    )?;
     let mut summary = FederatedSummary {
         rounds: start_round - 1,
         val_miou: Vec::new(),
@@ -519,17 +518,8 @@ pub fn run(
             epsilon,
             clip_norm: accountant.as_ref().map(|a| a.clip_norm),
         };
-        use std::io::Write;
-        writeln!(
-            metrics_log,
-            "{}",
-            serde_json::to_string(&row).expect("rows serialise")
-        )
-        .and_then(|_| metrics_log.flush())
-        .map_err(|source| crate::train::TrainError::Write {
-            path: opts.out_dir.join(crate::run_dir::METRICS_FILE),
-            source,
-        })?;
+        metrics_log.write(&row)?;
+        metrics_log.flush()?;
         tracing::info!(round, participants, sampled, loss = ?loss, val_miou = ?val_miou, epsilon = ?epsilon, "round done");
         summary.rounds = round;
         summary.final_loss = loss;

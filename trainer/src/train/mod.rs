@@ -447,8 +447,8 @@ fn validate_group(
     Ok(counts.report())
 }
 
-/// Appends rows to `metrics.jsonl`.
-struct MetricsLog {
+/// Appends rows to `metrics.jsonl` (the trainer's steps, the aggregator's rounds).
+pub(crate) struct MetricsLog {
     path: PathBuf,
     file: std::io::BufWriter<std::fs::File>,
     /// Loss of the last training row kept from an earlier run, if any.
@@ -456,22 +456,27 @@ struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens the log, first dropping rows past `keep_through_step` (written
-    /// after the checkpoint a resumed run restarts from).
-    fn open(path: &Path, keep_through_step: Option<u64>) -> Result<Self, TrainError> {
+    /// Opens the log, first dropping rows whose `key` (`step`, `round`) is past
+    /// `keep_through` (written after the checkpoint a resumed run restarts
+    /// from); a fresh run (`None`) starts it empty.
+    pub(crate) fn open(
+        path: &Path,
+        keep_through: Option<u64>,
+        key: &str,
+    ) -> Result<Self, TrainError> {
         let werr = |source| TrainError::Write {
             path: path.to_owned(),
             source,
         };
         let mut last_loss = None;
-        match keep_through_step {
+        match keep_through {
             Some(step) if path.exists() => {
                 let f = std::fs::File::open(path).map_err(werr)?;
                 let mut kept = String::new();
                 for line in std::io::BufReader::new(f).lines() {
                     let line = line.map_err(werr)?;
                     let row = serde_json::from_str::<serde_json::Value>(&line).ok();
-                    let row_step = row.as_ref().and_then(|v| v.get("step")?.as_u64());
+                    let row_step = row.as_ref().and_then(|v| v.get(key)?.as_u64());
                     if row_step.is_some_and(|s| s <= step) {
                         if let Some(loss) = row.as_ref().and_then(|v| v.get("loss")?.as_f64()) {
                             last_loss = Some(loss);
@@ -499,7 +504,7 @@ impl MetricsLog {
         })
     }
 
-    fn write(&mut self, row: &Row) -> Result<(), TrainError> {
+    pub(crate) fn write(&mut self, row: &impl Serialize) -> Result<(), TrainError> {
         let line = serde_json::to_string(row).expect("rows serialise");
         writeln!(self.file, "{line}").map_err(|source| TrainError::Write {
             path: self.path.clone(),
@@ -507,7 +512,7 @@ impl MetricsLog {
         })
     }
 
-    fn flush(&mut self) -> Result<(), TrainError> {
+    pub(crate) fn flush(&mut self) -> Result<(), TrainError> {
         self.file.flush().map_err(|source| TrainError::Write {
             path: self.path.clone(),
             source,
@@ -748,6 +753,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         Some(MetricsLog::open(
             &out.join(crate::run_dir::METRICS_FILE),
             resumed_from,
+            "step",
         )?)
     } else {
         None

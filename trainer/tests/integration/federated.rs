@@ -400,6 +400,52 @@ fn a_restarted_aggregator_resumes_after_its_last_round() {
     assert_eq!(rounds, [1, 2, 3, 4], "no round ran twice");
 }
 
+/// A corrupt newest round checkpoint does not stop the aggregator: it
+/// resumes after the round before, runs the lost round again, and the round
+/// log holds each round once.
+#[test]
+fn a_corrupt_round_checkpoint_is_skipped_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&["federated.clients=2"]);
+    let port = free_port();
+    let agg = start_aggregator(&c, dir.path(), port, false);
+    let clients: Vec<_> = (0..2).map(|i| start_client(&c, i, port)).collect();
+    assert_eq!(agg.join().unwrap().unwrap().rounds, 2);
+    clients
+        .into_iter()
+        .for_each(|h| assert!(h.join().unwrap().is_ok()));
+    let newest = dir.path().join("checkpoints/step-00000002.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&newest, &bytes).unwrap();
+
+    let more = config(&["federated.clients=2", "federated.rounds=3"]);
+    let port = free_port();
+    let agg = start_aggregator(&more, dir.path(), port, true);
+    let clients: Vec<_> = (0..2).map(|i| start_client(&more, i, port)).collect();
+    let summary = agg.join().unwrap().unwrap();
+    clients
+        .into_iter()
+        .for_each(|h| assert!(h.join().unwrap().is_ok()));
+    assert_eq!(summary.rounds, 3);
+    let rounds: Vec<u64> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rounds, [1, 2, 3], "round 2 ran again and is logged once");
+    assert!(
+        dir.path()
+            .join("checkpoints/step-00000002.safetensors.skipped")
+            .exists()
+    );
+}
+
 /// With privacy on, the summary reports the ε the accountant gives for the
 /// rounds run (every client sampled: q = 1).
 #[test]
