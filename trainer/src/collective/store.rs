@@ -325,10 +325,12 @@ fn serve(mut conn: TcpStream, peer: SocketAddr, shared: &Shared, slot: PendingSl
         None
     };
     if let Some(reason) = refusal {
+        // Counted before the reply, so whoever reads the refusal also sees it counted.
+        shared.refuse(peer, &reason);
         let _ = conn
             .write_all(&[ERR])
             .and_then(|_| write_frame(&mut conn, reason.as_bytes()));
-        return shared.refuse(peer, &reason);
+        return;
     }
     shared.changed.notify_all();
     // A member: it waits on keys for as long as it needs, but must read its
