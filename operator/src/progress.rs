@@ -21,6 +21,15 @@ use crate::plan::ProgressReport;
 /// Shortest accepted interval between two reports of one job.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
 
+/// The longest path a report may name (Linux's PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// A path a report names, fit for the status and for PostgreSQL (which
+/// refuses a NUL byte in text for good).
+fn valid_path(path: &str) -> bool {
+    path.len() <= MAX_PATH_BYTES && !path.contains('\0')
+}
+
 /// Tokens of the known jobs and their newest reports.
 pub struct ProgressHub {
     tokens: RwLock<HashMap<String, String>>,
@@ -98,6 +107,17 @@ impl ProgressHub {
         }
         let message: ProgressMessage = serde_json::from_slice(body)
             .map_err(|_| (StatusCode::BAD_REQUEST, "malformed progress report"))?;
+        let paths = message
+            .checkpoint
+            .iter()
+            .map(|c| c.path.as_str())
+            .chain(message.adapter.as_deref());
+        if !paths.into_iter().all(valid_path) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "a path in the report holds a NUL byte or is longer than 4096 bytes",
+            ));
+        }
         let mut latest = self.latest.lock().expect("hub lock");
         if latest
             .get(&k)
@@ -229,6 +249,23 @@ mod tests {
             post(&hub, url, Some("tok"), vec![b' '; MAX_REPORT_BYTES + 1]).await,
             StatusCode::PAYLOAD_TOO_LARGE
         );
+        // PostgreSQL would refuse a NUL in text for good; the status has no
+        // use for a path longer than the kernel's.
+        for path in [
+            "/ck/a\0b".to_string(),
+            format!("/{}", "x".repeat(MAX_PATH_BYTES)),
+        ] {
+            let bad = serde_json::to_vec(&ProgressMessage {
+                step: 3,
+                adapter: Some(path),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(
+                post(&hub, url, Some("tok"), bad).await,
+                StatusCode::BAD_REQUEST
+            );
+        }
         assert_eq!(
             post(&hub, url, Some("tok"), report(7)).await,
             StatusCode::NO_CONTENT
@@ -242,7 +279,7 @@ mod tests {
         for (result, n) in [
             ("unknown_job", 1),
             ("bad_token", 2),
-            ("malformed", 1),
+            ("malformed", 3),
             ("oversize", 1),
             ("accepted", 1),
             ("rate_limited", 1),
