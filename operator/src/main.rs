@@ -93,6 +93,9 @@ enum Command {
     },
 }
 
+/// How long an exiting operator waits for queued history to be written.
+const HISTORY_FLUSH: Duration = Duration::from_secs(10);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -126,11 +129,19 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 .build()
                 .context("failed to start the async runtime")?;
             runtime.block_on(async {
-                let client = kube::Client::try_default()
+                let mut config = kube::Config::infer()
                     .await
                     .context("no Kubernetes config: set KUBECONFIG or run in a cluster")?;
+                // A connection that stays silent past the watches' own
+                // server-side timeout (290 s) is dead; reconcile calls have
+                // their own deadlines (k8s::API_TIMEOUT).
+                config.read_timeout = Some(Duration::from_secs(330));
+                let client = kube::Client::try_from(config)
+                    .context("cannot build a Kubernetes client from the config")?;
+                // The database is not needed to start: history is queued and
+                // written once PostgreSQL is reachable (HistoryDegraded meanwhile).
                 let store = match database_url {
-                    Some(url) => Some(Store::connect(&url, 100_000).await?),
+                    Some(url) => Some(Store::start(&url, 100_000)?),
                     None => {
                         tracing::warn!("no --database-url: job history is not recorded");
                         None
@@ -178,17 +189,29 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     }
                 };
                 tracing::info!("reconciling TrainingJobs");
-                tokio::select! {
+                let outcome = tokio::select! {
                     // Another replica may lead now: stop at once and let the
                     // pod restart as a candidate.
                     () = lost => Err(anyhow::anyhow!("lost leadership; exiting so another replica can lead")),
-                    done = trainyard::k8s::run(client, instance, store, metrics, progress) => done,
+                    done = trainyard::k8s::run(client, instance, store.clone(), metrics, progress) => done,
                     served = server => Err(match served {
                         Ok(Err(e)) => e.context(format!("the metrics server on {metrics_addr} stopped")),
                         Ok(Ok(())) => anyhow::anyhow!("the metrics server on {metrics_addr} stopped"),
                         Err(e) => anyhow::anyhow!("the metrics server panicked: {e}"),
                     }),
+                };
+                // Stopped (SIGTERM) or stepped down: what is queued for
+                // history is written first, within a bound that leaves the
+                // pod's grace period room.
+                if let Some(store) = &store
+                    && !store.flush(HISTORY_FLUSH).await
+                {
+                    tracing::error!(
+                        queued = store.stats().queued.load(std::sync::atomic::Ordering::Relaxed),
+                        "history records still queued at exit are lost"
+                    );
                 }
+                outcome
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -32,7 +32,7 @@ pub mod names {
     pub const TIME_TO_RUNNING_SECONDS: &str = "trainyard_job_time_to_running_seconds";
     /// Reconcile duration, by result.
     pub const RECONCILE_SECONDS: &str = "trainyard_reconcile_duration_seconds";
-    /// Failed reconciles.
+    /// Failed reconciles, by category (`conflict`, `api`, `invalid_object`, `store`).
     pub const RECONCILE_ERRORS_TOTAL: &str = "trainyard_reconcile_errors_total";
     /// History records written to PostgreSQL.
     pub const STORE_WRITES_TOTAL: &str = "trainyard_store_writes_total";
@@ -40,9 +40,11 @@ pub mod names {
     pub const STORE_WRITE_ERRORS_TOTAL: &str = "trainyard_store_write_errors_total";
     /// History records lost to a full queue.
     pub const STORE_DROPPED_TOTAL: &str = "trainyard_store_dropped_total";
+    /// History records PostgreSQL refused for good (logged, then skipped).
+    pub const STORE_SET_ASIDE_TOTAL: &str = "trainyard_store_set_aside_total";
     /// History records waiting to be written.
     pub const STORE_QUEUE_DEPTH: &str = "trainyard_store_queue_depth";
-    /// 1 while the last history write succeeded.
+    /// 1 while history is written (connected, migrated, last write ok).
     pub const STORE_UP: &str = "trainyard_store_up";
     /// Progress reports received, by result (accepted, bad_token, ...).
     pub const PROGRESS_REPORTS_TOTAL: &str = "trainyard_progress_reports_total";
@@ -70,13 +72,14 @@ pub struct OperatorMetrics {
     time_to_running: HistogramVec,
     /// Reconcile durations by result (`ok`, `error`).
     pub reconcile_seconds: HistogramVec,
-    /// Failed reconciles.
-    pub reconcile_errors: IntCounter,
+    /// Failed reconciles by category.
+    pub reconcile_errors: IntCounterVec,
     /// Progress reports by result.
     pub progress_reports: IntCounterVec,
     store_writes: IntCounter,
     store_errors: IntCounter,
     store_dropped: IntCounter,
+    store_set_aside: IntCounter,
     store_queue: IntGauge,
     store_up: IntGauge,
     job_step: GaugeVec,
@@ -181,10 +184,10 @@ impl OperatorMetrics {
                 )
                 .expect("valid metric"),
             ),
-            reconcile_errors: reg(
-                &r,
-                IntCounter::new(names::RECONCILE_ERRORS_TOTAL, "Failed reconciles.")
-                    .expect("valid metric"),
+            reconcile_errors: counter(
+                names::RECONCILE_ERRORS_TOTAL,
+                "Failed reconciles, by category.",
+                &["category"],
             ),
             progress_reports: counter(
                 names::PROGRESS_REPORTS_TOTAL,
@@ -203,11 +206,18 @@ impl OperatorMetrics {
                 names::STORE_DROPPED_TOTAL,
                 "History records lost to a full queue.",
             ),
+            store_set_aside: store_total(
+                names::STORE_SET_ASIDE_TOTAL,
+                "History records PostgreSQL refused for good (logged, then skipped).",
+            ),
             store_queue: store_gauge(
                 names::STORE_QUEUE_DEPTH,
                 "History records waiting to be written.",
             ),
-            store_up: store_gauge(names::STORE_UP, "1 while the last history write succeeded."),
+            store_up: store_gauge(
+                names::STORE_UP,
+                "1 while history is written (connected, migrated, last write ok).",
+            ),
             job_step: job_gauge(names::JOB_STEP, "Latest step of a running job."),
             job_loss: job_gauge(names::JOB_LOSS, "Latest training loss of a running job."),
             job_sps: job_gauge(
@@ -225,6 +235,9 @@ impl OperatorMetrics {
         };
         // Every phase and mode from the start, so dashboards show zeros, not gaps.
         metrics.recount();
+        for category in crate::k8s::ReconcileError::CATEGORIES {
+            metrics.reconcile_errors.with_label_values(&[category]);
+        }
         metrics
     }
 
@@ -350,6 +363,7 @@ impl OperatorMetrics {
             catch_up(&self.store_writes, &s.written);
             catch_up(&self.store_errors, &s.write_errors);
             catch_up(&self.store_dropped, &s.dropped);
+            catch_up(&self.store_set_aside, &s.set_aside);
             self.store_queue
                 .set(i64::try_from(s.queued.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             self.store_up.set(i64::from(store.healthy()));

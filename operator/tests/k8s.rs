@@ -27,7 +27,33 @@ struct World {
     secrets: BTreeMap<String, Value>,
     events: Vec<Value>,
     requests: Vec<String>,
+    /// The job is gone from the API server (deleted, no finalizer left).
     job_deleted: bool,
+    /// Every write to the job bumps its resourceVersion, as on a real server.
+    job_version: u64,
+}
+
+impl World {
+    /// A write to the job: a new resourceVersion; a job being deleted whose
+    /// last finalizer went is gone.
+    fn job_written(&mut self) {
+        self.job_version += 1;
+        self.job["metadata"]["resourceVersion"] = json!(self.job_version.to_string());
+        let finalizers = self.job["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if !self.job["metadata"]["deletionTimestamp"].is_null() && !finalizers {
+            self.job_deleted = true;
+        }
+    }
+}
+
+fn conflict(message: &str) -> Response<Body> {
+    respond(
+        StatusCode::CONFLICT,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": "Conflict", "code": 409}),
+    )
 }
 
 /// Every (API group, resource, verb) any fake API server in this file was
@@ -123,6 +149,14 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
             )
         }
         ("PATCH", ["api", "v1", "namespaces", _, "pods", name]) => {
+            if let Err(why) = restricted(&body) {
+                return respond(
+                    StatusCode::FORBIDDEN,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": format!("pods \"{name}\" is forbidden: violates PodSecurity \"restricted:latest\": {why}"),
+                            "reason": "Forbidden", "code": 403}),
+                );
+            }
             let name = name.to_string();
             let pod = match w.pods.get(&name) {
                 // Server-side apply by the only manager: its spec is what it applied.
@@ -151,8 +185,24 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
         },
         ("POST", ["api", "v1", "namespaces", _, "secrets"]) => {
             let name = body["metadata"]["name"].as_str().unwrap().to_string();
-            w.secrets.insert(name, body.clone());
-            respond(StatusCode::CREATED, &body)
+            if w.secrets.contains_key(&name) {
+                return conflict("already exists");
+            }
+            let mut secret = body.clone();
+            secret["metadata"]["uid"] = json!(format!("secret-{name}-{}", w.requests.len()));
+            w.secrets.insert(name, secret.clone());
+            respond(StatusCode::CREATED, &secret)
+        }
+        ("DELETE", ["api", "v1", "namespaces", _, "secrets", name]) => {
+            let Some(secret) = w.secrets.get(*name) else {
+                return not_found(name);
+            };
+            let precondition = &body["preconditions"]["uid"];
+            if !precondition.is_null() && *precondition != secret["metadata"]["uid"] {
+                return conflict("the uid precondition failed");
+            }
+            let secret = w.secrets.remove(*name).unwrap();
+            respond(StatusCode::OK, &secret)
         }
         ("PATCH", ["api", "v1", "namespaces", _, "services", name]) => {
             w.services.insert(name.to_string(), body.clone());
@@ -186,7 +236,56 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
                 "status",
             ],
         ) => {
+            // An apply that names a resourceVersion is conditional on it.
+            let version = &body["metadata"]["resourceVersion"];
+            if !version.is_null() && *version != w.job["metadata"]["resourceVersion"] {
+                return conflict(
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
             w.job["status"] = body["status"].clone();
+            w.job_written();
+            let job = w.job.clone();
+            respond(StatusCode::OK, &job)
+        }
+        (
+            "PATCH",
+            [
+                "apis",
+                "trainyard.dev",
+                "v1alpha1",
+                "namespaces",
+                _,
+                "trainingjobs",
+                _,
+            ],
+        ) => {
+            // The JSON patches of kube-runtime's finalizer helper; a failed
+            // `test` operation is refused as the API server refuses it.
+            assert!(
+                content_type.starts_with("application/json-patch"),
+                "{content_type}"
+            );
+            let mut ops: json_patch::Patch = serde_json::from_value(body).unwrap();
+            // The API server's JSON patch (evanphx/json-patch) reads a
+            // missing member as null in a `test`; json-patch refuses it.
+            let job_now = w.job.clone();
+            ops.0.retain(|op| match op {
+                json_patch::PatchOperation::Test(t) => {
+                    !(t.value.is_null() && t.path.resolve(&job_now).is_err())
+                }
+                _ => true,
+            });
+            let mut job = w.job.clone();
+            if let Err(e) = json_patch::patch(&mut job, &ops) {
+                return respond(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": e.to_string(), "reason": "Invalid", "code": 422}),
+                );
+            }
+            w.job = job;
+            w.job_written();
             let job = w.job.clone();
             respond(StatusCode::OK, &job)
         }
@@ -202,7 +301,11 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
                 _,
             ],
         ) => {
-            w.job_deleted = true;
+            // With finalizers the object stays, marked for deletion.
+            if w.job["metadata"]["deletionTimestamp"].is_null() {
+                w.job["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+            }
+            w.job_written();
             let job = w.job.clone();
             respond(StatusCode::OK, &job)
         }
@@ -210,13 +313,68 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
     }
 }
 
-/// A world holding the one job of `manifest` (name, namespace and uid in it).
+/// Pod Security admission at `restricted`, as every namespace of this fake
+/// enforces it (the checks of the restricted profile that a pod spec can
+/// fail; a container's settings override the pod's).
+fn restricted(pod: &Value) -> Result<(), String> {
+    let spec = &pod["spec"];
+    let pod_sc = &spec["securityContext"];
+    for c in spec["containers"].as_array().into_iter().flatten() {
+        let sc = &c["securityContext"];
+        let either = |key: &str| {
+            if sc[key].is_null() {
+                pod_sc[key].clone()
+            } else {
+                sc[key].clone()
+            }
+        };
+        if sc["allowPrivilegeEscalation"] != json!(false) {
+            return Err("allowPrivilegeEscalation != false".into());
+        }
+        if !sc["capabilities"]["drop"]
+            .as_array()
+            .is_some_and(|d| d.contains(&json!("ALL")))
+        {
+            return Err("unrestricted capabilities".into());
+        }
+        if either("runAsNonRoot") != json!(true) {
+            return Err("runAsNonRoot != true".into());
+        }
+        if either("runAsUser") == json!(0) {
+            return Err("runAsUser=0".into());
+        }
+        let seccomp = either("seccompProfile");
+        if !matches!(
+            seccomp["type"].as_str(),
+            Some("RuntimeDefault" | "Localhost")
+        ) {
+            return Err("seccompProfile".into());
+        }
+    }
+    if spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|v| !v["hostPath"].is_null())
+    {
+        return Err("restricted volume types".into());
+    }
+    Ok(())
+}
+
+/// A world holding the one job of `manifest` (name, namespace and uid in
+/// it), stored as the API server keeps it, and carrying the operator's
+/// finalizer as every job does after its first reconcile.
 fn world_of(manifest: &str) -> World {
     let job = trainyard::api::validate::parse_manifests(manifest)
         .unwrap()
         .remove(0);
+    let mut job = serde_json::to_value(&job).unwrap();
+    job["metadata"]["finalizers"] = json!([k8s::FINALIZER]);
+    job["metadata"]["resourceVersion"] = json!("1");
     World {
-        job: serde_json::to_value(&job).unwrap(),
+        job,
+        job_version: 1,
         ..Default::default()
     }
 }
@@ -236,14 +394,7 @@ impl Harness {
         let manifest = format!(
             "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: seg, namespace: ml, uid: job-uid, generation: 1}}\nspec:\n  mode: Distributed\n  image: reg/trainer:1\n  distributed: {{workers: 2}}\n{spec_extra}"
         );
-        let job = trainyard::api::validate::parse_manifests(&manifest)
-            .unwrap()
-            .remove(0);
-        let world = Arc::new(Mutex::new(World {
-            job: serde_json::to_value(&job).unwrap(),
-            ..Default::default()
-        }));
-        Self::over(world)
+        Self::over(Arc::new(Mutex::new(world_of(&manifest))))
     }
 
     /// A harness (an operator process) over an existing world.
@@ -304,21 +455,37 @@ impl Harness {
 
     /// Reconciles the job as the API server has it now; returns the requests made.
     async fn reconcile(&self) -> Vec<String> {
-        let job: TrainingJob = {
-            let mut w = self.world.lock().unwrap();
-            w.requests.clear();
-            serde_json::from_value(w.job.clone()).unwrap()
-        };
+        let job = self.job();
+        let (result, requests) = self.reconcile_as(job).await;
+        result.expect("reconcile succeeds");
+        requests
+    }
+
+    /// The job as the API server has it now.
+    fn job(&self) -> TrainingJob {
+        serde_json::from_value(self.world.lock().unwrap().job.clone()).unwrap()
+    }
+
+    /// Reconciles `job` as a cache may hold it (perhaps older than the
+    /// API server's); returns the outcome and the requests made.
+    async fn reconcile_as(
+        &self,
+        job: TrainingJob,
+    ) -> (
+        Result<kube::runtime::controller::Action, k8s::ReconcileError>,
+        Vec<String>,
+    ) {
+        self.world.lock().unwrap().requests.clear();
         self.sync_caches();
-        k8s::reconcile(Arc::new(job), self.ctx.clone())
-            .await
-            .expect("reconcile succeeds");
+        let result = k8s::reconcile(Arc::new(job), self.ctx.clone()).await;
         let w = self.world.lock().unwrap();
-        w.requests
+        let requests = w
+            .requests
             .iter()
             .filter(|r| !r.contains("/events"))
             .cloned()
-            .collect()
+            .collect();
+        (result, requests)
     }
 
     fn status(&self) -> Value {
@@ -816,15 +983,255 @@ async fn progress_reports() {
     assert_eq!(status["progress"]["summary"], "4% 42/1000");
 }
 
+const JOB_PATH: &str = "/apis/trainyard.dev/v1alpha1/namespaces/ml/trainingjobs/seg";
+
+/// A job the operator has never seen gets the finalizer and nothing else
+/// (the patch's watch event brings the next reconcile); a job deleted
+/// before that is never given one.
+#[tokio::test]
+async fn a_new_job_gets_the_finalizer_first_and_a_deleted_one_never() {
+    let h = Harness::new("");
+    let fresh = |h: &Harness| {
+        let mut w = h.world.lock().unwrap();
+        w.job["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("finalizers");
+    };
+    fresh(&h);
+    assert_eq!(h.reconcile().await, [format!("PATCH {JOB_PATH}")]);
+    assert_eq!(
+        h.world.lock().unwrap().job["metadata"]["finalizers"],
+        json!([k8s::FINALIZER])
+    );
+    assert!(h.pods().is_empty());
+    assert!(!h.reconcile().await.is_empty(), "the next reconcile plans");
+
+    let h = Harness::new("");
+    fresh(&h);
+    h.world.lock().unwrap().job["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+    assert_eq!(h.reconcile().await, Vec::<String>::new());
+}
+
+/// `kubectl delete` of a running job: the operator's finalizer holds the
+/// object until the cleanup ran: the job's metric series and phase count,
+/// its progress token and report are gone, and then so is the object.
+#[tokio::test]
+async fn a_deleted_job_is_cleaned_up_and_let_go() {
+    deleted_job_life().await
+}
+
+async fn deleted_job_life() {
+    use tower::ServiceExt;
+    use trainyard::k8s::ProgressEndpoint;
+    use trainyard::progress::{ProgressHub, router};
+    let world = Arc::new(Mutex::new(world_of(
+        "apiVersion: trainyard.dev/v1alpha1\nkind: TrainingJob\nmetadata: {name: seg, namespace: ml, uid: job-uid, generation: 1}\nspec:\n  mode: Distributed\n  image: reg/trainer:1\n  distributed: {workers: 2}\n",
+    )));
+    let hub = Arc::new(ProgressHub::new(None));
+    let endpoint = ProgressEndpoint {
+        url: "http://op:8081".into(),
+        hub: hub.clone(),
+    };
+    let h = Harness::with(world, |ctx| ctx.with_progress(endpoint));
+    h.reconcile().await;
+    h.reconcile().await;
+    for p in h.pods() {
+        h.set_pod(&p, running());
+    }
+    h.reconcile().await;
+    let token = h.world.lock().unwrap().secrets["seg-progress"]["stringData"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let post = |token: &str| {
+        http::Request::post("/v1/progress/ml/seg")
+            .header("authorization", format!("Bearer {token}"))
+            .body(axum::body::Body::from(
+                r#"{"step": 7, "total_steps": 100, "loss": 0.5}"#,
+            ))
+            .unwrap()
+    };
+    let ok = router(hub.clone()).oneshot(post(&token)).await.unwrap();
+    assert_eq!(ok.status(), http::StatusCode::NO_CONTENT);
+    h.reconcile().await;
+    let scrape = h.ctx.metrics.render(None);
+    assert!(
+        scrape.contains("trainyard_job_step{job_name=\"seg\",job_namespace=\"ml\"} 7"),
+        "{scrape}"
+    );
+    assert!(scrape.contains("trainyard_jobs{mode=\"Distributed\",phase=\"Running\"} 1"));
+
+    // kubectl delete: the API server marks it; the finalizer keeps it.
+    {
+        let mut w = h.world.lock().unwrap();
+        w.job["metadata"]["deletionTimestamp"] = json!("2026-12-01T00:00:00Z");
+        w.job_written();
+        assert!(!w.job_deleted, "the finalizer holds the object");
+    }
+    let requests = h.reconcile().await;
+    assert_eq!(
+        requests,
+        [format!("PATCH {JOB_PATH}")],
+        "only the finalizer's removal"
+    );
+    assert!(h.world.lock().unwrap().job_deleted, "then it is gone");
+    let scrape = h.ctx.metrics.render(None);
+    assert!(!scrape.contains("trainyard_job_step{"), "{scrape}");
+    assert!(!scrape.contains("trainyard_job_gang_restarts{"), "{scrape}");
+    assert!(scrape.contains("trainyard_jobs{mode=\"Distributed\",phase=\"Running\"} 0"));
+    assert_eq!(hub.latest("ml", "seg"), None);
+    let late = router(hub.clone()).oneshot(post(&token)).await.unwrap();
+    assert_eq!(
+        late.status(),
+        http::StatusCode::NOT_FOUND,
+        "the token is forgotten"
+    );
+}
+
+/// The restart race: after the operator restarted the gang (attempt 1),
+/// a reconcile reads the job from a cache that has not seen that status
+/// yet (Restarting, attempt 0). Nothing of the new gang is deleted: this
+/// operator waits for its own write, and a fresh operator (no memory of
+/// the write) keeps the new gang and has its stale status write refused.
+#[tokio::test]
+async fn a_stale_read_never_deletes_the_new_gang() {
+    let h = Harness::cached("");
+    h.reconcile().await;
+    h.reconcile().await;
+    for p in h.pods() {
+        h.set_pod(&p, running());
+    }
+    h.reconcile().await;
+    h.set_pod("seg-worker-1", exited(137));
+    h.reconcile().await;
+    assert_eq!(h.status()["phase"], "Restarting");
+    let restarting = h.job();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.reconcile().await;
+    assert_eq!(
+        (h.status()["phase"].clone(), h.status()["attempt"].clone()),
+        (json!("Pending"), json!(1))
+    );
+    assert_eq!(h.pods(), ["seg-worker-0", "seg-worker-1"]);
+
+    let (result, requests) = h.reconcile_as(restarting.clone()).await;
+    result.unwrap();
+    assert_eq!(requests, Vec::<String>::new(), "it waits for the cache");
+
+    let fresh = Harness::over(h.world.clone());
+    let fresh = Harness {
+        caches: h.caches,
+        ..fresh
+    };
+    let (result, requests) = fresh.reconcile_as(restarting).await;
+    assert!(
+        requests.iter().all(|r| !r.starts_with("DELETE")),
+        "{requests:?}"
+    );
+    let e = result.unwrap_err();
+    assert_eq!(e.category(), "conflict", "{e}");
+    assert_eq!(fresh.pods(), ["seg-worker-0", "seg-worker-1"]);
+    assert_eq!(fresh.status()["attempt"], 1);
+}
+
+/// `kubectl delete` then `kubectl apply` of the same name: the new job
+/// (new uid) replaces the Secrets its predecessor left (they would be
+/// garbage-collected with it, under the new pods), says so in an Event,
+/// waits for the predecessor's pods to go instead of applying over them,
+/// and writes below a run directory of its own.
+#[tokio::test]
+async fn a_recreated_job_replaces_its_predecessors_secrets_and_waits_for_its_pods() {
+    recreated_job().await
+}
+
+async fn recreated_job() {
+    let h = Harness::new("");
+    {
+        let mut w = h.world.lock().unwrap();
+        let old_owner = json!([{"apiVersion": "trainyard.dev/v1alpha1", "kind": "TrainingJob", "name": "seg", "uid": "old-job-uid", "controller": true}]);
+        w.secrets.insert(
+            "seg-group".into(),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "seg-group", "uid": "s-old", "ownerReferences": old_owner},
+                   "stringData": {"secret": "the predecessor's"}}),
+        );
+        w.pods.insert(
+            "seg-worker-1".into(),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "seg-worker-1", "uid": "p-old",
+                   "labels": {"trainyard.dev/job-name": "seg", "trainyard.dev/attempt": "3"}, "ownerReferences": old_owner},
+                   "spec": {"containers": [{"name": "trainer", "image": "old"}]}, "status": running()}),
+        );
+    }
+    let requests = h.reconcile().await;
+    {
+        let w = h.world.lock().unwrap();
+        let group = &w.secrets["seg-group"];
+        assert_eq!(group["metadata"]["ownerReferences"][0]["uid"], "job-uid");
+        assert_ne!(group["stringData"]["secret"], "the predecessor's");
+        assert!(requests.contains(&"DELETE /api/v1/namespaces/ml/secrets/seg-group".to_string()));
+        assert!(
+            !requests.contains(&format!("PATCH {PODS}/seg-worker-1")),
+            "never applied over the predecessor's pod: {requests:?}"
+        );
+        assert!(requests.contains(&format!("PATCH {PODS}/seg-worker-0")));
+        assert_eq!(
+            w.pods["seg-worker-1"]["spec"]["containers"][0]["image"],
+            "old"
+        );
+        let reasons: Vec<&str> = w
+            .events
+            .iter()
+            .filter_map(|e| e["reason"].as_str())
+            .collect();
+        assert!(reasons.contains(&"ReplacedSecret"), "{reasons:?}");
+        assert!(reasons.contains(&"WaitingForPredecessor"), "{reasons:?}");
+        let args = w.pods["seg-worker-0"]["spec"]["containers"][0]["args"].to_string();
+        assert!(
+            args.contains("/var/lib/trainyard/run/seg-job-uid/seg-worker-0"),
+            "{args}"
+        );
+    }
+    // The garbage collector removes the predecessor's pod: it is created.
+    h.world.lock().unwrap().pods.remove("seg-worker-1");
+    h.reconcile().await;
+    assert_eq!(h.pods(), ["seg-worker-0", "seg-worker-1"]);
+}
+
+/// A Secret of a job's name that no TrainingJob owns is someone else's:
+/// refused, named, never touched.
+#[tokio::test]
+async fn a_foreign_secret_of_the_same_name_is_refused_and_kept() {
+    let h = Harness::new("");
+    h.world.lock().unwrap().secrets.insert(
+        "seg-group".into(),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "seg-group", "uid": "s-user"}, "stringData": {"secret": "theirs"}}),
+    );
+    let job = h.job();
+    let (result, _) = h.reconcile_as(job).await;
+    let e = result.unwrap_err();
+    assert!(e.to_string().contains("seg-group"), "{e}");
+    assert_eq!(e.category(), "invalid_object");
+    assert_eq!(
+        h.world.lock().unwrap().secrets["seg-group"]["stringData"]["secret"],
+        "theirs"
+    );
+    assert!(h.pods().is_empty());
+}
+
 /// A fake Lease API with optimistic concurrency: a write with a stale
-/// resourceVersion is a 409, as on a real API server.
-fn lease_api(store: Arc<Mutex<Option<Value>>>) -> Client {
+/// resourceVersion is a 409, as on a real API server. While `hang` is set,
+/// requests never get an answer (a dead connection without a read timeout).
+fn lease_api(store: Arc<Mutex<Option<Value>>>, hang: Arc<std::sync::atomic::AtomicBool>) -> Client {
     let service = tower::service_fn(move |req: Request<Body>| {
         let store = store.clone();
+        let hang = hang.clone();
         async move {
             let method = req.method().clone();
             record_access(&method, "", req.uri().path(), "");
             let body = req.into_body().collect_bytes().await.unwrap();
+            if hang.load(std::sync::atomic::Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             let mut lease = store.lock().unwrap();
             let response = match method.as_str() {
                 "GET" => match lease.as_ref() {
@@ -836,17 +1243,14 @@ fn lease_api(store: Arc<Mutex<Option<Value>>>) -> Client {
                     let current = lease
                         .as_ref()
                         .map(|l| l["metadata"]["resourceVersion"].clone());
-                    let conflict = match (method.as_str(), &current) {
+                    let stale = match (method.as_str(), &current) {
                         ("POST", Some(_)) => true,
                         ("PUT", Some(v)) => &new["metadata"]["resourceVersion"] != v,
                         ("PUT", None) => true,
                         _ => false,
                     };
-                    if conflict {
-                        respond(
-                            StatusCode::CONFLICT,
-                            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"}),
-                        )
+                    if stale {
+                        conflict("conflict")
                     } else {
                         let version = current
                             .and_then(|v| v.as_str().and_then(|s| s.parse::<u64>().ok()))
@@ -865,48 +1269,104 @@ fn lease_api(store: Arc<Mutex<Option<Value>>>) -> Client {
     Client::new(service, "ops")
 }
 
+fn elector(store: &Arc<Mutex<Option<Value>>>, identity: &str) -> trainyard::k8s::leader::Elector {
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    trainyard::k8s::leader::Elector::new(
+        kube::Api::namespaced(lease_api(store.clone(), hang), "ops"),
+        "lead",
+        identity,
+    )
+}
+
 #[tokio::test]
 async fn one_leader_at_a_time_and_takeover_after_expiry() {
     leader_election().await
 }
 
 async fn leader_election() {
-    use k8s_openapi::jiff::{SignedDuration, Timestamp};
-    use trainyard::k8s::leader::{Elector, LEASE_DURATION, Standing};
+    use tokio::time::Instant;
+    use trainyard::k8s::leader::{LEASE_DURATION, Standing};
     let store = Arc::new(Mutex::new(None));
-    let a = Elector::new(
-        kube::Api::namespaced(lease_api(store.clone()), "ops"),
-        "lead",
-        "a",
-    );
-    let b = Elector::new(
-        kube::Api::namespaced(lease_api(store.clone()), "ops"),
-        "lead",
-        "b",
-    );
-    let t0 = Timestamp::from_second(1_800_000_000).unwrap();
-    let at = |s: i64| t0 + SignedDuration::from_secs(s);
+    let (a, b) = (elector(&store, "a"), elector(&store, "b"));
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
     assert_eq!(a.try_acquire(at(0)).await.unwrap(), Standing::Leader);
     assert_eq!(
         b.try_acquire(at(1)).await.unwrap(),
         Standing::Follower { holder: "a".into() }
     );
-    // a renews; b still waits.
+    // a renews at 5; b sees the changed record at 10 and starts counting again.
     assert_eq!(a.try_acquire(at(5)).await.unwrap(), Standing::Leader);
     assert_eq!(
         b.try_acquire(at(10)).await.unwrap(),
         Standing::Follower { holder: "a".into() }
     );
-    // a stops renewing; once the lease expires, b takes over and a must not.
-    let expiry = 5 + LEASE_DURATION.as_secs() as i64;
-    assert_eq!(b.try_acquire(at(expiry)).await.unwrap(), Standing::Leader);
+    // a stops renewing. b takes over only once it has seen the same record
+    // for a whole lease duration on its own clock, and then a must not lead.
+    let seen = 10 + LEASE_DURATION.as_secs();
     assert_eq!(
-        a.try_acquire(at(expiry + 1)).await.unwrap(),
+        b.try_acquire(at(seen - 1)).await.unwrap(),
+        Standing::Follower { holder: "a".into() }
+    );
+    assert_eq!(b.try_acquire(at(seen)).await.unwrap(), Standing::Leader);
+    assert_eq!(
+        a.try_acquire(at(seen + 1)).await.unwrap(),
         Standing::Follower { holder: "b".into() }
     );
     let lease = store.lock().unwrap().clone().unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "b");
     assert_eq!(lease["spec"]["leaseTransitions"], 1);
+}
+
+/// The holder's clock is an hour behind: its renewTime looks long expired
+/// to anyone comparing it with their own wall clock. A candidate that has
+/// just seen it renewed must not take it.
+#[tokio::test]
+async fn clock_skew_cannot_steal_a_live_lease() {
+    use trainyard::k8s::leader::Standing;
+    let store = Arc::new(Mutex::new(None));
+    let (a, b) = (elector(&store, "a"), elector(&store, "b"));
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(a.try_acquire(t0).await.unwrap(), Standing::Leader);
+    {
+        let mut lease = store.lock().unwrap();
+        let lease = lease.as_mut().unwrap();
+        lease["spec"]["renewTime"] = json!("2026-11-30T23:00:00.000000Z");
+    }
+    assert_eq!(
+        b.try_acquire(t0 + Duration::from_secs(1)).await.unwrap(),
+        Standing::Follower { holder: "a".into() }
+    );
+}
+
+/// A leader whose renewals hang (the API server stops answering) steps
+/// down by its renew deadline, before a candidate could take the lease.
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_renewals_hang_steps_down_by_the_renew_deadline() {
+    use trainyard::k8s::leader::{Elector, Timing};
+    let store = Arc::new(Mutex::new(None));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let timing = Timing::default();
+    let a = Elector::new(
+        kube::Api::namespaced(lease_api(store.clone(), hang.clone()), "ops"),
+        "lead",
+        "a",
+    )
+    .with_timing(timing);
+    a.wait_for_leadership().await;
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let stepped_down = tokio::time::timeout(timing.lease_duration, a.keep_leading()).await;
+    assert!(
+        stepped_down.is_ok(),
+        "still leading a lease it could not renew for {:?}",
+        timing.lease_duration
+    );
+    let after = started.elapsed();
+    assert!(
+        after <= timing.renew_deadline + timing.retry_period,
+        "stepped down after {after:?}"
+    );
 }
 
 /// The chart's RBAC rules (`charts/trainyard/files/rbac/`) grant exactly
@@ -922,6 +1382,8 @@ async fn the_charts_rbac_allows_exactly_what_the_operator_does() {
     progress_reports().await;
     leader_election().await;
     finished_job_is_deleted_after_its_ttl().await;
+    deleted_job_life().await;
+    recreated_job().await;
 
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -974,7 +1436,8 @@ async fn federated_secret_gains_keys_for_new_clients() {
     let world = Arc::new(Mutex::new(World {
         secrets: BTreeMap::from([(
             "fl-federation".to_string(),
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fl-federation"},
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "fl-federation", "uid": "s-1",
+                   "ownerReferences": [{"apiVersion": "trainyard.dev/v1alpha1", "kind": "TrainingJob", "name": "fl", "uid": "job-uid"}]},
                    "stringData": {"secret": master, "client-0": "kept"}}),
         )]),
         ..world_of(FEDERATED)
@@ -1011,5 +1474,11 @@ async fn finished_job_is_deleted_after_its_ttl() {
         "Succeeded",
         "the final status is written before the job is deleted"
     );
-    assert!(h.world.lock().unwrap().job_deleted, "deleted after its TTL");
+    assert!(
+        !h.world.lock().unwrap().job["metadata"]["deletionTimestamp"].is_null(),
+        "deleted after its TTL"
+    );
+    // The deletion reaches the operator: it cleans up and lets the job go.
+    h.reconcile().await;
+    assert!(h.world.lock().unwrap().job_deleted);
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use trainyard::api::validate::parse_manifests;
 use trainyard::api::{Phase, TrainingJob, TrainingJobStatus};
-use trainyard::store::{Record, Store, history};
+use trainyard::store::{Health, Record, Store, history};
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -459,4 +459,170 @@ fn trainyard_local_records_the_jobs_history() {
         .unwrap();
         assert!(checkpoints >= 1);
     });
+}
+
+async fn wait_for(store: &Store, want: impl Fn(Health) -> bool, within: Duration) -> Health {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = store.health();
+        if want(now) || tokio::time::Instant::now() >= deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The operator starts with PostgreSQL down: the store starts at once,
+/// queues history, and connects, migrates and writes it all once the
+/// database is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_starts_without_postgres_and_catches_up() {
+    let pg = Postgres::start();
+    pg.down();
+    let started = std::time::Instant::now();
+    let store = Store::start(&pg.url(), 1000).unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "start never waits"
+    );
+    for r in life() {
+        store.record(r);
+    }
+    let health = wait_for(&store, |h| h == Health::Failing, Duration::from_secs(20)).await;
+    assert_eq!(health, Health::Failing);
+    assert!(!store.healthy());
+    let scrape = trainyard::metrics::OperatorMetrics::new().render(Some(&store));
+    assert!(scrape.contains("\ntrainyard_store_up 0\n"), "{scrape}");
+    pg.up();
+    assert!(store.flush(Duration::from_secs(60)).await, "caught up");
+    assert!(store.healthy());
+    assert_eq!(count(&store, "transitions").await, 5);
+    assert_eq!(count(&store, "progress").await, 4);
+}
+
+/// Records PostgreSQL can never take (a NUL byte in text; a transition of
+/// a job whose row never arrived) are set aside, counted, and do not hold
+/// up the records behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_postgres_refuses_for_good_is_set_aside() {
+    let pg = Postgres::start();
+    let store = Store::connect(&pg.url(), 1000).await.unwrap();
+    let t = Timestamp::from_second(1_800_000_000).unwrap();
+    let mut records = life();
+    records.insert(
+        1,
+        Record::Checkpoint {
+            uid: "uid-1".into(),
+            kind: "checkpoint",
+            location: "/ck/a\0b".into(),
+            step: 5,
+            size_bytes: None,
+            at: t,
+        },
+    );
+    records.insert(
+        0,
+        Record::Transition {
+            uid: "a-job-never-recorded".into(),
+            at: t,
+            from: None,
+            to: Phase::Pending,
+            reason: "Created".into(),
+            message: String::new(),
+            attempt: 0,
+            restarts: 0,
+        },
+    );
+    for r in records {
+        store.record(r);
+    }
+    assert!(
+        store.flush(Duration::from_secs(20)).await,
+        "the queue moved on past the bad records"
+    );
+    let set_aside = store
+        .stats()
+        .set_aside
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(set_aside, 2);
+    assert_eq!(count(&store, "transitions").await, 5);
+    assert_eq!(count(&store, "artifacts").await, 4);
+    assert!(store.healthy(), "a bad record is not an outage");
+    let scrape = trainyard::metrics::OperatorMetrics::new().render(Some(&store));
+    assert!(
+        scrape.contains("\ntrainyard_store_set_aside_total 2\n"),
+        "{scrape}"
+    );
+}
+
+/// A database a newer release migrated: this release never writes to it,
+/// says why, and keeps running (the writer waits; `connect` refuses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_migrated_by_a_newer_release_is_never_written() {
+    let pg = Postgres::start();
+    let store = Store::connect(&pg.url(), 10).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (9999, 'from the future', true, '\\x00'::bytea, 1)",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let newer = Store::start(&pg.url(), 10).unwrap();
+    let health = wait_for(&newer, |h| h != Health::Connecting, Duration::from_secs(20)).await;
+    assert_eq!(health, Health::SchemaNewer(9999));
+    for r in life() {
+        newer.record(r);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count(&store, "jobs").await, 0, "nothing written");
+    let e = Store::connect(&pg.url(), 10).await.unwrap_err();
+    assert!(e.to_string().contains("newer Trainyard"), "{e}");
+}
+
+/// Deleting a job closes its history: a finished job keeps the phase it
+/// ended in, a running one ends as Deleted; both get a Deleted transition,
+/// once however often it is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_job_is_closed_in_history() {
+    let pg = Postgres::start();
+    let store = Store::connect(&pg.url(), 1000).await.unwrap();
+    let t = |s: i64| Timestamp::from_second(1_800_000_100 + s).unwrap();
+    let mut finished = job();
+    finished.status = Some(status(Phase::Succeeded, 100, 1));
+    finished.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(0)));
+    let mut running = job();
+    running.metadata.uid = Some("uid-2".into());
+    running.status = Some(status(Phase::Running, 10, 0));
+    running.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t(1)));
+    for r in life() {
+        store.record(r);
+    }
+    store
+        .record(history::records(&running, None, running.status.as_ref().unwrap(), t(0)).remove(0));
+    for _ in 0..2 {
+        store.record(history::deleted(&finished, t(5)));
+        store.record(history::deleted(&running, t(5)));
+    }
+    assert!(store.flush(Duration::from_secs(20)).await);
+    let rows: Vec<(String, String, bool)> =
+        sqlx::query_as("SELECT uid, phase, deleted_at IS NOT NULL FROM jobs ORDER BY uid")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("uid-1".to_string(), "Succeeded".to_string(), true),
+            ("uid-2".to_string(), "Deleted".to_string(), true)
+        ]
+    );
+    let deleted: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM transitions WHERE to_phase = 'Deleted'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(deleted, 2);
 }

@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, Toleration, Volume, VolumeMount,
+    Affinity, EnvVar, LocalObjectReference, PodSecurityContext, ResourceRequirements,
+    SecurityContext, Toleration, Volume, VolumeMount,
 };
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -753,8 +754,9 @@ pub struct CheckpointSpec {
     #[schemars(range(min = 1, max = 1000))]
     pub keep: u32,
     /// Directory inside the container for run outputs; each replica writes
-    /// below `<location>/<replica>`, and a gang restart resumes from what
-    /// worker 0 wrote there. Mount a persistent volume at this path, or a
+    /// below `<location>/<job>-<uid>/<replica>`, and a gang restart resumes
+    /// from what worker 0 wrote there (a job deleted and recreated under the
+    /// same name has a new uid, so it starts afresh). Mount a persistent volume at this path, or a
     /// restart starts over. `trainyard local` uses its `--out` directory instead.
     #[schemars(length(min = 1))]
     pub location: String,
@@ -801,6 +803,21 @@ pub struct PodTemplateOverrides {
     /// Scheduler of the pods (e.g. volcano); gang gating is then left to it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scheduler_name: Option<String>,
+    /// The pods' security context. Default: Pod Security `restricted`
+    /// (non-root as 65532, the images' user; group 65532 owns mounted
+    /// volumes; seccomp RuntimeDefault). Given, it replaces the default whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<PodSecurityContext>,
+    /// The trainer container's security context. Default: no privilege
+    /// escalation, every capability dropped, read-only root filesystem
+    /// (the run directory, /tmp and /dev/shm are writable mounts). Given, it
+    /// replaces the default whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_security_context: Option<SecurityContext>,
+    /// Mount the service account's API token into the pods. Default false:
+    /// trainers never call the Kubernetes API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub automount_service_account_token: Option<bool>,
 }
 
 /// Restarts, deadlines, clean-up and suspension.

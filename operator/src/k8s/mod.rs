@@ -35,15 +35,100 @@ use trainyard_trainer::protocol::PROGRESS_PATH;
 /// The field manager of every write (server-side apply).
 pub const MANAGER: &str = "trainyard-operator";
 
+/// The finalizer that makes a deletion reach [`reconcile`]. Without the
+/// operator nothing removes it: `kubectl patch trainingjob NAME --type=json
+/// -p '[{"op":"remove","path":"/metadata/finalizers"}]'` lets the job go.
+pub const FINALIZER: &str = "trainyard.dev/cleanup";
+
+/// The longest any one API call may take before the reconcile gives up on it
+/// (kube's client has no read timeout: a hung call would hold the job's
+/// reconcile for ever).
+pub const API_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest a whole reconcile may take.
+pub const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a status we wrote may take to reach the cache before a
+/// reconcile acts on the older one anyway (the status write's
+/// resourceVersion precondition still refuses it).
+const EXPECTATION_TTL: Duration = Duration::from_secs(30);
+
 /// Why a reconcile failed (it is retried with backoff).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     /// The API server refused or could not be reached.
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    /// An API call got no answer in time.
+    #[error("Kubernetes API: {call} got no answer within {timeout:?}")]
+    Timeout {
+        /// What was asked.
+        call: &'static str,
+        /// How long it was given.
+        timeout: Duration,
+    },
     /// The object lacks what every stored object has.
-    #[error("{0}")]
-    Malformed(&'static str),
+    #[error("the TrainingJob has no metadata.{0}")]
+    MissingMetadata(&'static str),
+    /// One of the job's Secrets lacks the key the operator put there.
+    #[error(
+        "Secret {secret} has no key {key:?}; delete the Secret and the operator creates a new one"
+    )]
+    SecretWithoutKey {
+        /// The Secret.
+        secret: String,
+        /// The key.
+        key: String,
+    },
+    /// A Secret with the name of one of the job's is not a TrainingJob's.
+    #[error(
+        "Secret {secret} exists and belongs to no TrainingJob; rename the job, or delete the Secret if it is not needed"
+    )]
+    ForeignSecret {
+        /// The Secret.
+        secret: String,
+    },
+    /// The operating system gave no randomness for a new secret.
+    #[error("no randomness for a new secret: {0}")]
+    Randomness(getrandom::Error),
+    /// kube-runtime's finalizer helper refused the object.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl ReconcileError {
+    /// Every value of [`ReconcileError::category`].
+    pub const CATEGORIES: [&'static str; 5] =
+        ["conflict", "api", "timeout", "invalid_object", "randomness"];
+
+    /// The label of `trainyard_reconcile_errors_total`: a conflict (another
+    /// writer, or our own stale read: harmless, retried), another API error,
+    /// a call that hung, an object the operator cannot work with, or no
+    /// randomness. (History never fails a reconcile: it is queued.)
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
+            Self::Kube(_) => "api",
+            Self::Timeout { .. } => "timeout",
+            Self::MissingMetadata(_)
+            | Self::SecretWithoutKey { .. }
+            | Self::ForeignSecret { .. }
+            | Self::Finalizer(_) => "invalid_object",
+            Self::Randomness(_) => "randomness",
+        }
+    }
+}
+
+/// `call`, given at most [`API_TIMEOUT`].
+async fn api<T>(
+    call: &'static str,
+    fut: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, ReconcileError> {
+    match tokio::time::timeout(API_TIMEOUT, fut).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => Err(ReconcileError::Timeout {
+            call,
+            timeout: API_TIMEOUT,
+        }),
+    }
 }
 
 /// Shared by every reconcile.
@@ -60,6 +145,10 @@ pub struct Context {
     pub progress: Option<ProgressEndpoint>,
     /// The watched children; without it every reconcile lists pods.
     pub children: Option<Children>,
+    /// Per job uid: the resourceVersion our last status write replaced, and
+    /// when. A reconcile that reads that version again reads a cache that
+    /// has not seen our write yet, and must not act on it.
+    written: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
 }
 
 /// Reflector caches of the pods and Services the operator owns, kept by the
@@ -74,16 +163,14 @@ pub struct Children {
 }
 
 impl Children {
-    /// `job`'s pods in the cache: same namespace, its label, owned by its uid
-    /// (a job recreated under the same name must not adopt its predecessor's pods).
-    fn pods_of(&self, ns: &str, name: &str, uid: &str) -> Vec<Pod> {
+    /// The cached pods labelled with `job`'s name in its namespace, of any owner.
+    fn pods_named(&self, ns: &str, name: &str) -> Vec<Pod> {
         self.pods
             .state()
             .into_iter()
             .filter(|p| {
                 p.metadata.namespace.as_deref() == Some(ns)
                     && p.labels().get(labels::JOB_NAME).map(String::as_str) == Some(name)
-                    && owned_by(p.as_ref(), uid)
             })
             .map(|p| p.as_ref().clone())
             .collect()
@@ -124,6 +211,37 @@ impl Context {
             metrics: Arc::new(OperatorMetrics::new()),
             progress: None,
             children: None,
+            written: Default::default(),
+        }
+    }
+
+    /// Whether `job` is older than what we last wrote for it.
+    fn is_stale(&self, job: &TrainingJob) -> bool {
+        let (Some(uid), Some(version)) = (job.uid(), job.resource_version()) else {
+            return false;
+        };
+        let mut written = self.written.lock().expect("expectations lock");
+        match written.get(&uid) {
+            Some((replaced, at)) if at.elapsed() < EXPECTATION_TTL => *replaced == version,
+            Some(_) => {
+                written.remove(&uid);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers that our write replaced `read` (the version we planned on)
+    /// with `now`; a write that changed nothing leaves nothing to wait for.
+    fn wrote(&self, job: &TrainingJob, now: Option<String>) {
+        let (Some(uid), Some(read)) = (job.uid(), job.resource_version()) else {
+            return;
+        };
+        let mut written = self.written.lock().expect("expectations lock");
+        if now.as_deref() == Some(read.as_str()) {
+            written.remove(&uid);
+        } else {
+            written.insert(uid, (read, std::time::Instant::now()));
         }
     }
 
@@ -212,64 +330,144 @@ pub async fn run(
     Ok(())
 }
 
+/// The span every reconcile of `job` runs in.
+fn span_of(job: &TrainingJob) -> tracing::Span {
+    tracing::info_span!(
+        "reconcile",
+        namespace = job.metadata.namespace.as_deref().unwrap_or(""),
+        name = job.metadata.name.as_deref().unwrap_or(""),
+        uid = job.metadata.uid.as_deref().unwrap_or(""),
+    )
+}
+
 async fn reconcile_timed(
     job: Arc<TrainingJob>,
     ctx: Arc<Context>,
 ) -> Result<Requeue, ReconcileError> {
+    use tracing::Instrument;
     let started = std::time::Instant::now();
-    let result = reconcile(job, ctx.clone()).await;
+    let span = span_of(&job);
+    let result = reconcile(job, ctx.clone()).instrument(span).await;
     let outcome = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics
         .reconcile_seconds
         .with_label_values(&[outcome])
         .observe(started.elapsed().as_secs_f64());
-    if result.is_err() {
-        ctx.metrics.reconcile_errors.inc();
+    if let Err(e) = &result {
+        ctx.metrics
+            .reconcile_errors
+            .with_label_values(&[e.category()])
+            .inc();
     }
     result
 }
 
-fn error_policy(_job: Arc<TrainingJob>, error: &ReconcileError, _ctx: Arc<Context>) -> Requeue {
-    tracing::warn!(%error, "reconcile failed; retrying");
-    Requeue::requeue(Duration::from_secs(5))
+fn error_policy(job: Arc<TrainingJob>, error: &ReconcileError, _ctx: Arc<Context>) -> Requeue {
+    let _span = span_of(&job).entered();
+    tracing::warn!(%error, category = error.category(), "reconcile failed; retrying");
+    // Our own stale read: the cache catches up within moments.
+    let after = if error.category() == "conflict" { 1 } else { 5 };
+    Requeue::requeue(Duration::from_secs(after))
 }
 
-/// One reconcile of one job: observe, plan, act.
+/// One reconcile of one job, within [`RECONCILE_TIMEOUT`]: a live job is
+/// given the finalizer, then observed, planned and acted on; a deleted one
+/// is cleaned up and let go.
 pub async fn reconcile(
     job: Arc<TrainingJob>,
     ctx: Arc<Context>,
 ) -> Result<Requeue, ReconcileError> {
-    if job.metadata.deletion_timestamp.is_some() {
-        // Owner references let the garbage collector remove the children;
-        // the history stays in PostgreSQL.
-        let ns = job.namespace().unwrap_or_default();
-        ctx.metrics.forget(&ns, &job.name_any());
-        if let Some(p) = &ctx.progress {
-            p.hub.forget(&ns, &job.name_any());
-        }
+    use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalized, finalizer};
+    let ns = job
+        .namespace()
+        .ok_or(ReconcileError::MissingMetadata("namespace"))?;
+    if job.metadata.deletion_timestamp.is_some() && !job.finalizers().iter().any(|f| f == FINALIZER)
+    {
+        // Deleted before it carried our finalizer: nothing waits for us,
+        // but what we hold for it goes all the same.
+        cleanup(&job, &ctx);
         return Ok(Requeue::await_change());
     }
-    let ns = job.namespace().ok_or(ReconcileError::Malformed(
-        "a TrainingJob without a namespace",
-    ))?;
+    let jobs = Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns);
+    let run = finalizer(&jobs, FINALIZER, job, |event| async {
+        match event {
+            Finalized::Apply(job) => apply(job, ctx.clone()).await,
+            Finalized::Cleanup(job) => {
+                cleanup(&job, &ctx);
+                Ok(Requeue::await_change())
+            }
+        }
+    });
+    match tokio::time::timeout(RECONCILE_TIMEOUT, run).await {
+        Err(_) => Err(ReconcileError::Timeout {
+            call: "reconcile",
+            timeout: RECONCILE_TIMEOUT,
+        }),
+        Ok(Ok(requeue)) => Ok(requeue),
+        Ok(Err(FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e))) => Err(e),
+        Ok(Err(FinalizerError::AddFinalizer(e) | FinalizerError::RemoveFinalizer(e))) => {
+            Err(e.into())
+        }
+        Ok(Err(e)) => Err(ReconcileError::Finalizer(e.to_string())),
+    }
+}
+
+/// What the operator holds for a job that is gone: its metric series, its
+/// progress token and report, and the expectation of its status; history
+/// records that it was deleted. The children go with their owner (garbage
+/// collection); the history stays in PostgreSQL.
+fn cleanup(job: &TrainingJob, ctx: &Context) {
+    let ns = job.namespace().unwrap_or_default();
     let name = job.name_any();
-    let uid = job
-        .uid()
-        .ok_or(ReconcileError::Malformed("a TrainingJob without a uid"))?;
+    ctx.metrics.forget(&ns, &name);
+    if let Some(p) = &ctx.progress {
+        p.hub.forget(&ns, &name);
+    }
+    if let Some(uid) = job.uid() {
+        ctx.written.lock().expect("expectations lock").remove(&uid);
+    }
+    if let Some(store) = &ctx.store {
+        store.record(history::deleted(job, Timestamp::now()));
+    }
+    tracing::info!("deleted; its metrics, progress token and expectations are released");
+}
+
+/// Observe, plan, act, for a job that is not being deleted.
+async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, ReconcileError> {
+    let ns = job
+        .namespace()
+        .ok_or(ReconcileError::MissingMetadata("namespace"))?;
+    let name = job.name_any();
+    let uid = job.uid().ok_or(ReconcileError::MissingMetadata("uid"))?;
+    if ctx.is_stale(&job) {
+        // Deciding on a status older than our own last write could undo it
+        // (delete the gang it created, count a restart twice).
+        tracing::debug!("the cache has not seen our last status write yet");
+        return Ok(Requeue::requeue(Duration::from_millis(500)));
+    }
     let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
-    let pods: Vec<Pod> = match &ctx.children {
-        Some(children) => children.pods_of(&ns, &name, &uid),
-        None => pods_api
-            .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME)))
+    let labelled: Vec<Pod> = match &ctx.children {
+        Some(children) => children.pods_named(&ns, &name),
+        None => {
+            api(
+                "list pods",
+                pods_api
+                    .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME))),
+            )
             .await?
             .items
-            .into_iter()
-            .filter(|p| owned_by(p, &uid))
-            .collect(),
+        }
     };
+    // A job recreated under the same name must not adopt its predecessor's
+    // pods, nor apply its own over theirs (same names): it waits for the
+    // garbage collector to remove them.
+    let (pods, predecessors): (Vec<Pod>, Vec<Pod>) =
+        labelled.into_iter().partition(|p| owned_by(p, &uid));
+    let predecessors: std::collections::BTreeSet<String> =
+        predecessors.into_iter().map(|p| p.name_any()).collect();
     let progress_env = match &ctx.progress {
         Some(p) => {
-            let token = ensure_token(&ctx.client, &job, &ns, &name).await?;
+            let token = ensure_token(&ctx, &job, &ns, &name).await?;
             p.hub.register(&ns, &name, &token);
             Some(resources::ProgressEnv {
                 url: format!("{}{PROGRESS_PATH}/{ns}/{name}", p.url.trim_end_matches('/')),
@@ -306,9 +504,12 @@ pub async fn reconcile(
             .is_some_and(|c| c.has_service(&ns, &name, &uid))
     {
         let service = resources::service(&job, leader);
-        Api::<Service>::namespaced(ctx.client.clone(), &ns)
-            .patch(&name, &apply, &Patch::Apply(&service))
-            .await?;
+        let services = Api::<Service>::namespaced(ctx.client.clone(), &ns);
+        api(
+            "apply the Service",
+            services.patch(&name, &apply, &Patch::Apply(&service)),
+        )
+        .await?;
     }
     // Gates hold a starting gang together; a replica recreated alone in a
     // running job (federated) has no gang to wait for.
@@ -321,7 +522,7 @@ pub async fn reconcile(
             .iter()
             .any(|a| matches!(a, Action::Create(_)))
     {
-        ensure_federation_secret(&ctx.client, &job, &ns, &name, f.clients as usize).await?;
+        ensure_federation_secret(&ctx, &job, &ns, &name, f.clients as usize).await?;
     }
     // Workers prove the group's secret to each other: the Secret must exist
     // before any of them is created.
@@ -334,28 +535,32 @@ pub async fn reconcile(
         .any(|a| matches!(a, Action::Create(_)))
     {
         use crate::plan::replicas::{GROUP_SECRET_KEY, group_secret_name};
-        ensure_random_secret(
-            &ctx.client,
-            &job,
-            &ns,
-            &group_secret_name(&name),
-            GROUP_SECRET_KEY,
-        )
-        .await?;
+        ensure_random_secret(&ctx, &job, &ns, &group_secret_name(&name), GROUP_SECRET_KEY).await?;
     }
+    let mut waiting = Vec::new();
     for action in &decision.actions {
         match action {
+            Action::Create(replica) if predecessors.contains(&replica.name) => {
+                waiting.push(replica.name.clone());
+            }
             Action::Create(replica) => {
                 let pod = resources::pod(&job, replica, gated, progress_env.as_ref());
-                pods_api
-                    .patch(&replica.name, &apply, &Patch::Apply(&pod))
-                    .await?;
+                api(
+                    "apply a pod",
+                    pods_api.patch(&replica.name, &apply, &Patch::Apply(&pod)),
+                )
+                .await?;
             }
             Action::Delete { name } => {
-                match pods_api.delete(name, &DeleteParams::default()).await {
+                match api(
+                    "delete a pod",
+                    pods_api.delete(name, &DeleteParams::default()),
+                )
+                .await
+                {
                     Ok(_) => {}
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
+                    Err(ReconcileError::Kube(kube::Error::Api(e))) if e.code == 404 => {}
+                    Err(e) => return Err(e),
                 }
             }
             Action::Event {
@@ -374,21 +579,43 @@ pub async fn reconcile(
                     secondary: None,
                 };
                 // Events are for people; losing one must not stall the job.
-                if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-                    tracing::warn!(job = %name, error = %e, "failed to publish an event");
+                let reference = job.object_ref(&());
+                if let Err(e) =
+                    api("publish an event", ctx.recorder.publish(&event, &reference)).await
+                {
+                    tracing::warn!(error = %e, "failed to publish an event");
                 }
             }
             Action::DeleteJob => {
                 // The final status first, so that watchers see how the job
                 // ended even when a TTL of 0 deletes it in the same pass.
                 if job.status.as_ref() != Some(&decision.status) {
-                    write_status(&ctx.client, &ns, &name, &decision.status).await?;
+                    write_status(&ctx, &job, &decision.status).await?;
                 }
-                Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns)
-                    .delete(&name, &DeleteParams::background())
-                    .await?;
+                let jobs = Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns);
+                api(
+                    "delete the TrainingJob",
+                    jobs.delete(&name, &DeleteParams::background()),
+                )
+                .await?;
                 return Ok(Requeue::await_change());
             }
+        }
+    }
+    if !waiting.is_empty() {
+        let event = Event {
+            type_: KubeEventType::Normal,
+            reason: "WaitingForPredecessor".into(),
+            note: Some(format!(
+                "{} still exist(s), left by an earlier TrainingJob of this name; created once the garbage collector removes them",
+                waiting.join(", ")
+            )),
+            action: "Creating".into(),
+            secondary: None,
+        };
+        let reference = job.object_ref(&());
+        if let Err(e) = api("publish an event", ctx.recorder.publish(&event, &reference)).await {
+            tracing::warn!(error = %e, "failed to publish an event");
         }
     }
     // The gang is complete: lift the gates together, so no partial gang
@@ -416,62 +643,149 @@ pub async fn reconcile(
                 .find(|p| p.metadata.name.as_deref() == Some(&replica.name));
             if pod.is_some_and(|p| observe::is_gated(p)) {
                 let ungated = resources::pod(&job, replica, false, progress_env.as_ref());
-                pods_api
-                    .patch(&replica.name, &apply, &Patch::Apply(&ungated))
-                    .await?;
+                api(
+                    "lift a pod's scheduling gate",
+                    pods_api.patch(&replica.name, &apply, &Patch::Apply(&ungated)),
+                )
+                .await?;
             }
         }
     }
     if job.status.as_ref() != Some(&decision.status) {
-        write_status(&ctx.client, &ns, &name, &decision.status).await?;
+        write_status(&ctx, &job, &decision.status).await?;
     }
     // Reports arrive without a Kubernetes event: look again soon while
     // running, so progress reaches the status at a bounded rate.
     let poll = (ctx.progress.is_some() && decision.status.phase == Phase::Running)
         .then_some(PROGRESS_POLL);
-    Ok(match decision.requeue_after.into_iter().chain(poll).min() {
-        Some(after) => Requeue::requeue(after.max(Duration::from_millis(500))),
-        None => Requeue::await_change(),
-    })
+    let predecessor_gone = (!waiting.is_empty()).then_some(Duration::from_secs(2));
+    Ok(
+        match decision
+            .requeue_after
+            .into_iter()
+            .chain(poll)
+            .chain(predecessor_gone)
+            .min()
+        {
+            Some(after) => Requeue::requeue(after.max(Duration::from_millis(500))),
+            None => Requeue::await_change(),
+        },
+    )
 }
 
-/// Server-side applies the job's status subresource.
+/// Server-side applies the job's status subresource, on the condition that
+/// the job is still the version the status was planned on (a 409 otherwise:
+/// the reconcile is retried on fresh state), and remembers the write so the
+/// next reconcile waits for the cache to see it.
 async fn write_status(
-    client: &Client,
-    ns: &str,
-    name: &str,
+    ctx: &Context,
+    job: &TrainingJob,
     status: &crate::api::TrainingJobStatus,
 ) -> Result<(), ReconcileError> {
     let body = serde_json::json!({
         "apiVersion": TrainingJob::api_version(&()),
         "kind": TrainingJob::kind(&()),
+        "metadata": { "resourceVersion": job.resource_version() },
         "status": status,
     });
-    Api::<TrainingJob>::namespaced(client.clone(), ns)
-        .patch_status(
-            name,
+    let jobs =
+        Api::<TrainingJob>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let written = api(
+        "write the status",
+        jobs.patch_status(
+            &job.name_any(),
             &PatchParams::apply(MANAGER).force(),
             &Patch::Apply(&body),
-        )
-        .await?;
+        ),
+    )
+    .await?;
+    ctx.wrote(job, written.resource_version());
     Ok(())
 }
 
 /// How often a running job's status takes in its progress reports.
 pub const PROGRESS_POLL: Duration = Duration::from_secs(10);
 
+/// 256 random bits, hex.
+fn random_hex() -> Result<String, ReconcileError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(ReconcileError::Randomness)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The job's Secret `secret_name`, if it exists and is this job's. One left
+/// by an earlier TrainingJob of the same name (deleted and recreated) would
+/// be garbage-collected with its old owner under the new pods: it is
+/// deleted (only that very object: a uid precondition) to be created anew,
+/// and an Event says so. A Secret of that name that no TrainingJob owns is
+/// someone else's and is never touched.
+async fn own_secret(
+    ctx: &Context,
+    job: &TrainingJob,
+    secrets: &Api<Secret>,
+    secret_name: &str,
+) -> Result<Option<Secret>, ReconcileError> {
+    let Some(existing) = api("get a Secret", secrets.get_opt(secret_name)).await? else {
+        return Ok(None);
+    };
+    let uid = job.uid().unwrap_or_default();
+    if owned_by(&existing, &uid) {
+        return Ok(Some(existing));
+    }
+    let predecessor = existing.owner_references().iter().find(|o| {
+        o.kind == TrainingJob::kind(&()) && o.api_version == TrainingJob::api_version(&())
+    });
+    let Some(predecessor) = predecessor else {
+        return Err(ReconcileError::ForeignSecret {
+            secret: secret_name.into(),
+        });
+    };
+    let delete = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: existing.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api(
+        "delete a predecessor's Secret",
+        secrets.delete(secret_name, &delete),
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(ReconcileError::Kube(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => {}
+        Err(e) => return Err(e),
+    }
+    let event = Event {
+        type_: KubeEventType::Warning,
+        reason: "ReplacedSecret".into(),
+        note: Some(format!(
+            "Secret {secret_name} belonged to an earlier TrainingJob of this name (uid {}); it was deleted and is created anew for this one",
+            predecessor.uid
+        )),
+        action: "ReplacedSecret".into(),
+        secondary: None,
+    };
+    let reference = job.object_ref(&());
+    if let Err(e) = api("publish an event", ctx.recorder.publish(&event, &reference)).await {
+        tracing::warn!(error = %e, "failed to publish an event");
+    }
+    Ok(None)
+}
+
 /// The Secret with the federation secret (for the aggregator) and one
 /// derived token per client (each client pod reads only its own key),
 /// created on first use; keys for clients added later are filled in.
 async fn ensure_federation_secret(
-    client: &Client,
+    ctx: &Context,
     job: &TrainingJob,
     ns: &str,
     name: &str,
     clients: usize,
 ) -> Result<(), ReconcileError> {
     use crate::plan::replicas::{FEDERATION_SECRET_KEY, client_token_key, federation_secret_name};
-    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
     let secret_name = federation_secret_name(name);
     let read = resources::secret_value;
     let keys = |secret: &str| -> std::collections::BTreeMap<String, String> {
@@ -484,46 +798,50 @@ async fn ensure_federation_secret(
             }))
             .collect()
     };
-    if let Some(existing) = secrets.get_opt(&secret_name).await? {
-        let secret = read(&existing, FEDERATION_SECRET_KEY).ok_or(ReconcileError::Malformed(
-            "the job's federation Secret has no secret",
-        ))?;
+    if let Some(existing) = own_secret(ctx, job, &secrets, &secret_name).await? {
+        let secret = read(&existing, FEDERATION_SECRET_KEY).ok_or_else(|| {
+            ReconcileError::SecretWithoutKey {
+                secret: secret_name.clone(),
+                key: FEDERATION_SECRET_KEY.into(),
+            }
+        })?;
         let missing: std::collections::BTreeMap<String, String> = keys(&secret)
             .into_iter()
             .filter(|(k, _)| read(&existing, k).is_none())
             .collect();
         if !missing.is_empty() {
             let patch = serde_json::json!({ "stringData": missing });
-            secrets
-                .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            api(
+                "add client keys to the federation Secret",
+                secrets.patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await?;
         }
         return Ok(());
     }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|_| ReconcileError::Malformed("no randomness for a federation secret"))?;
-    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut object = resources::token_secret(job, "");
-    object.metadata.name = Some(secret_name);
-    object.string_data = Some(keys(&secret));
-    match secrets.create(&PostParams::default(), &object).await {
+    let object = resources::job_secret(job, &secret_name, keys(&random_hex()?));
+    match api(
+        "create a Secret",
+        secrets.create(&PostParams::default(), &object),
+    )
+    .await
+    {
         Ok(_) => Ok(()),
         // Created concurrently by another reconcile: theirs stands.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(ReconcileError::Kube(kube::Error::Api(e))) if e.code == 409 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
 /// The job's progress token, from its Secret (created on first use).
 async fn ensure_token(
-    client: &Client,
+    ctx: &Context,
     job: &TrainingJob,
     ns: &str,
     name: &str,
 ) -> Result<String, ReconcileError> {
     ensure_random_secret(
-        client,
+        ctx,
         job,
         ns,
         &resources::token_secret_name(name),
@@ -535,33 +853,39 @@ async fn ensure_token(
 /// The random value under `key` in the job's Secret `secret_name`, which is
 /// created (256 random bits, hex) on first use.
 async fn ensure_random_secret(
-    client: &Client,
+    ctx: &Context,
     job: &TrainingJob,
     ns: &str,
     secret_name: &str,
     key: &str,
 ) -> Result<String, ReconcileError> {
-    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
     let read = |s: &Secret| {
-        resources::secret_value(s, key)
-            .ok_or(ReconcileError::Malformed("a job's Secret lacks its key"))
+        resources::secret_value(s, key).ok_or_else(|| ReconcileError::SecretWithoutKey {
+            secret: secret_name.into(),
+            key: key.into(),
+        })
     };
-    if let Some(existing) = secrets.get_opt(secret_name).await? {
+    if let Some(existing) = own_secret(ctx, job, &secrets, secret_name).await? {
         return read(&existing);
     }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|_| ReconcileError::Malformed("no randomness for a secret"))?;
-    let value: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let value = random_hex()?;
     let object = resources::job_secret(
         job,
         secret_name,
         std::collections::BTreeMap::from([(key.to_string(), value.clone())]),
     );
-    match secrets.create(&PostParams::default(), &object).await {
+    match api(
+        "create a Secret",
+        secrets.create(&PostParams::default(), &object),
+    )
+    .await
+    {
         Ok(_) => Ok(value),
         // Created concurrently (a second reconcile): use theirs.
-        Err(kube::Error::Api(e)) if e.code == 409 => read(&secrets.get(secret_name).await?),
-        Err(e) => Err(e.into()),
+        Err(ReconcileError::Kube(kube::Error::Api(e))) if e.code == 409 => {
+            read(&api("get a Secret", secrets.get(secret_name)).await?)
+        }
+        Err(e) => Err(e),
     }
 }

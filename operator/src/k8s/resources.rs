@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod, PodSchedulingGate,
-    PodSpec, ResourceRequirements, Secret, SecretKeySelector, Service, ServicePort, ServiceSpec,
-    Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod,
+    PodSchedulingGate, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -99,16 +99,6 @@ pub fn job_secret(job: &TrainingJob, secret: &str, data: BTreeMap<String, String
     }
 }
 
-/// The Secret holding the job's progress token; only the job's pods mount it.
-pub fn token_secret(job: &TrainingJob, token: &str) -> Secret {
-    let name = job.metadata.name.clone().unwrap_or_default();
-    job_secret(
-        job,
-        &token_secret_name(&name),
-        BTreeMap::from([(TOKEN_KEY.into(), token.into())]),
-    )
-}
-
 /// The value under `key` in a Secret (as read back, or as written).
 pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
     secret
@@ -177,6 +167,33 @@ pub fn pod(
         mount_path: "/dev/shm".into(),
         ..Default::default()
     });
+    // The root filesystem is read-only: what the trainer writes needs a
+    // mount. The run directory is the user's volume when they mount one at
+    // (or above) checkpoints.location, else an emptyDir (a restart of the
+    // pod then starts over, as it did on the container's own layer).
+    let covered = |path: &str| {
+        let path = path.trim_end_matches('/');
+        t.volume_mounts.iter().any(|m| {
+            let at = m.mount_path.trim_end_matches('/');
+            path == at || path.starts_with(&format!("{at}/"))
+        })
+    };
+    let scratch = [
+        ("trainyard-tmp", "/tmp"),
+        ("trainyard-run", spec.checkpoints.location.as_str()),
+    ];
+    for (volume, path) in scratch.into_iter().filter(|(_, path)| !covered(path)) {
+        volumes.push(Volume {
+            name: volume.into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: volume.into(),
+            mount_path: path.into(),
+            ..Default::default()
+        });
+    }
     for (i, (secret, path)) in replica.secret_mounts.iter().enumerate() {
         let name = format!("trainyard-secret-{i}");
         volumes.push(Volume {
@@ -236,6 +253,11 @@ pub fn pod(
         }),
         ports: (!ports.is_empty()).then_some(ports),
         volume_mounts: Some(mounts),
+        security_context: Some(
+            t.container_security_context
+                .clone()
+                .unwrap_or_else(restricted_container),
+        ),
         ..Default::default()
     };
     let name = job.metadata.name.clone().unwrap_or_default();
@@ -272,9 +294,50 @@ pub fn pod(
                 .then(|| t.image_pull_secrets.clone()),
             volumes: Some(volumes),
             containers: vec![container],
+            security_context: Some(t.security_context.clone().unwrap_or_else(restricted_pod)),
+            automount_service_account_token: Some(
+                t.automount_service_account_token.unwrap_or(false),
+            ),
             ..Default::default()
         }),
         status: None,
+    }
+}
+
+/// The user (and group) of the trainer images.
+pub const TRAINER_UID: i64 = 65532;
+
+/// Pod Security `restricted`, pod level: non-root as the images' user,
+/// volumes group-owned by it, the runtime's default seccomp profile.
+fn restricted_pod() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(TRAINER_UID),
+        run_as_group: Some(TRAINER_UID),
+        fs_group: Some(TRAINER_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Pod Security `restricted`, container level, and a read-only root.
+fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            localhost_profile: None,
+        }),
+        ..Default::default()
     }
 }
 
@@ -378,6 +441,67 @@ mod tests {
                 .unwrap()
                 .scheduling_gates
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn pods_meet_the_restricted_profile_unless_the_template_says_otherwise() {
+        let j = job("");
+        let rs = replicas::desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let spec = pod(&j, &rs[0], false, None).spec.unwrap();
+        let sc = spec.security_context.as_ref().unwrap();
+        assert_eq!(
+            (sc.run_as_non_root, sc.run_as_user, sc.fs_group),
+            (Some(true), Some(TRAINER_UID), Some(TRAINER_UID))
+        );
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let c = spec.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(c.allow_privilege_escalation, Some(false));
+        assert_eq!(c.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            c.capabilities.as_ref().unwrap().drop.as_deref(),
+            Some(&["ALL".to_string()][..])
+        );
+        // What a read-only root leaves writable: /tmp and the run directory.
+        let mounts: Vec<&str> = spec.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, ["/dev/shm", "/tmp", "/var/lib/trainyard/run"]);
+
+        let j = job(
+            "  checkpoints: {location: /ckpt/runs}\n  template:\n    securityContext: {runAsUser: 1000}\n    containerSecurityContext: {readOnlyRootFilesystem: false}\n    automountServiceAccountToken: true\n    volumes: [{name: ckpt, persistentVolumeClaim: {claimName: c}}]\n    volumeMounts: [{name: ckpt, mountPath: /ckpt}]\n",
+        );
+        let rs = replicas::desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let spec = pod(&j, &rs[0], false, None).spec.unwrap();
+        assert_eq!(
+            spec.security_context.as_ref().unwrap().run_as_user,
+            Some(1000)
+        );
+        assert_eq!(spec.automount_service_account_token, Some(true));
+        let c = &spec.containers[0];
+        assert_eq!(
+            c.security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(false)
+        );
+        let mounts: Vec<&str> = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(
+            mounts,
+            ["/ckpt", "/dev/shm", "/tmp"],
+            "the user's volume holds the run directory"
         );
     }
 

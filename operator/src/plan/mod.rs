@@ -27,7 +27,7 @@
 //! | Pending | gang not running `startupTimeoutSeconds` after creation | restart (StartupTimeout) | |
 //! | Pending | every gang member running | Running (GangRunning) | |
 //! | Pending, Running | otherwise | (same) | create missing gang members, delete replicas of older attempts |
-//! | Restarting | replicas remain | Restarting | delete them |
+//! | Restarting | replicas of this attempt or older remain | Restarting | delete them (never a later attempt's) |
 //! | Restarting | none remain, backoff over | Pending, attempt + 1 | create the gang |
 //!
 //! restart = `restarts < backoffLimit` ? Restarting (restarts + 1, backoff
@@ -276,6 +276,14 @@ impl Planner<'_> {
 
     fn active(&mut self, gang: Vec<Replica>) {
         let attempt = self.status.attempt;
+        // Replicas of a later attempt mean this status is older than the
+        // write that created them (a cache behind our own write): acting on
+        // it could only undo that write. A fresh read comes within moments.
+        if self.observed.replicas.iter().any(|r| r.attempt > attempt) {
+            self.timers.push(Duration::from_secs(1));
+            self.desired = gang;
+            return;
+        }
         if self.status.start_time.is_none() {
             self.status.start_time = Some(Time(self.now));
         }
@@ -401,7 +409,7 @@ impl Planner<'_> {
         // gang, and before new ones take their names.
         let mut stale = false;
         for r in &self.observed.replicas {
-            if r.attempt != attempt {
+            if r.attempt < attempt {
                 stale = true;
                 self.actions.push(Action::Delete {
                     name: r.name.clone(),
@@ -455,8 +463,17 @@ impl Planner<'_> {
     }
 
     fn restarting(&mut self, placement: &Placement) {
-        if !self.observed.replicas.is_empty() {
-            for r in &self.observed.replicas {
+        // Only the attempt being restarted (and older ones) go: replicas of
+        // the next attempt exist when the status that started it has not
+        // reached us yet, and they are the gang this plan would create.
+        let old: Vec<&ObservedReplica> = self
+            .observed
+            .replicas
+            .iter()
+            .filter(|r| r.attempt <= self.status.attempt)
+            .collect();
+        if !old.is_empty() {
+            for r in old {
                 self.actions.push(Action::Delete {
                     name: r.name.clone(),
                 });

@@ -165,7 +165,14 @@ pub fn desired(
         .map(|(role, index)| {
             let replica = replica_name(name, role, index);
             let out_dir = match placement {
-                Placement::Kubernetes => format!("{}/{replica}", spec.checkpoints.location),
+                // Keyed by the job's uid: a job recreated under the same
+                // name on the same volume starts afresh, never resuming (or
+                // "finishing" with) its predecessor's run.
+                Placement::Kubernetes => format!(
+                    "{}/{name}-{}/{replica}",
+                    spec.checkpoints.location,
+                    job.metadata.uid.as_deref().unwrap_or("")
+                ),
                 Placement::Local { out_root, .. } => format!("{out_root}/{replica}"),
             };
             let var = |k: &str, v: String| EnvVar {
@@ -433,6 +440,19 @@ mod tests {
         // CPU workers keep one process each, without the supervisor.
         let rs = desired(&job(), 0, &Placement::Kubernetes).unwrap();
         assert!(rs.iter().all(|r| r.gpus == 0 && r.args[0] == "train"));
+    }
+
+    #[test]
+    fn run_directories_on_a_cluster_are_keyed_by_the_jobs_uid() {
+        let dir = |uid: &str| {
+            let mut j = job();
+            j.metadata.uid = Some(uid.into());
+            desired(&j, 0, &Placement::Kubernetes).unwrap()[1]
+                .out_dir
+                .clone()
+        };
+        assert_eq!(dir("u-1"), "/var/lib/trainyard/run/seg-u-1/seg-worker-1");
+        assert_ne!(dir("u-1"), dir("u-2"), "a recreated job starts afresh");
     }
 
     #[test]

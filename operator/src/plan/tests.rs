@@ -387,6 +387,37 @@ fn restarting_starts_the_next_attempt_after_the_backoff() {
     assert!(p.desired.iter().all(|r| r.attempt == 1));
 }
 
+/// A status read from a cache that has not seen our last write (Restarting
+/// at attempt 0) beside the gang that write started (attempt 1): the new
+/// gang is kept, and the plan lands where that write had taken the job.
+#[test]
+fn a_stale_status_never_deletes_a_later_attempts_gang() {
+    let j = with_status(running_job(0), |s| {
+        s.phase = Phase::Restarting;
+        s.restarts = 1;
+        s.restart_after = Some(Time(at(1)));
+    });
+    let newer = gang(1, running(), running());
+    let p = run(&j, &newer, at(5));
+    assert!(deletes(&p).is_empty(), "{:?}", p.actions);
+    assert!(creates(&p).is_empty(), "{:?}", p.actions);
+    assert_eq!((p.status.phase, p.status.attempt), (Phase::Running, 1));
+    // Old and new side by side: only the old go.
+    let mut both = newer.clone();
+    both.replicas.push(replica("j-worker-0", 0, failed(137)));
+    let p = run(&j, &both, at(5));
+    assert_eq!(deletes(&p), ["j-worker-0"]);
+    assert_eq!(p.status.phase, Phase::Restarting);
+    // A stale Running status (attempt 0) with a failed member beside
+    // attempt 1's gang decides nothing.
+    let stale = running_job(0);
+    let mut o = newer;
+    o.replicas.push(replica("j-worker-1", 0, failed(137)));
+    let p = run(&stale, &o, at(5));
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.status.restarts, 0);
+}
+
 // --- Suspend ---
 
 #[test]

@@ -87,6 +87,19 @@ pub enum Record {
         /// When.
         at: Timestamp,
     },
+    /// The job's object left the cluster (its finalizer ran).
+    Deleted {
+        /// Job uid.
+        uid: String,
+        /// The object's deletion timestamp (stable across retries).
+        at: Timestamp,
+        /// Phase when it was deleted.
+        from: Option<Phase>,
+        /// Attempt when it was deleted.
+        attempt: u32,
+        /// Restarts when it was deleted.
+        restarts: u32,
+    },
     /// A checkpoint (or adapter) written by the job.
     Checkpoint {
         /// Job uid.
@@ -113,6 +126,7 @@ impl Record {
             Self::Progress { .. } => "progress",
             Self::Round { .. } => "round",
             Self::Checkpoint { .. } => "checkpoint",
+            Self::Deleted { .. } => "deleted",
         }
     }
 }
@@ -219,6 +233,22 @@ pub fn records(
         }
     }
     out
+}
+
+/// The record of `job` leaving the cluster, at its deletion timestamp.
+pub fn deleted(job: &TrainingJob, now: Timestamp) -> Record {
+    let status = job.status.as_ref();
+    Record::Deleted {
+        uid: job.metadata.uid.clone().unwrap_or_default(),
+        at: job
+            .metadata
+            .deletion_timestamp
+            .as_ref()
+            .map_or(now, |t| t.0),
+        from: status.map(|s| s.phase),
+        attempt: status.map_or(0, |s| s.attempt),
+        restarts: status.map_or(0, |s| s.restarts),
+    }
 }
 
 fn ts(t: &Timestamp) -> String {
@@ -358,6 +388,37 @@ pub async fn write(pool: &PgPool, record: &Record) -> Result<(), sqlx::Error> {
             .bind(epsilon)
             .bind(seconds)
             .bind(ts(at))
+            .execute(pool)
+            .await?;
+        }
+        Record::Deleted {
+            uid,
+            at,
+            from,
+            attempt,
+            restarts,
+        } => {
+            // One statement: the transition is written only for a job row
+            // that exists (one never recorded has nothing to close).
+            sqlx::query(
+                "WITH closed AS (
+                     UPDATE jobs SET
+                         deleted_at = COALESCE(deleted_at, $2::timestamptz),
+                         phase = CASE WHEN phase IN ('Succeeded', 'Failed') THEN phase ELSE 'Deleted' END,
+                         finished_at = COALESCE(finished_at, $2::timestamptz),
+                         updated_at = GREATEST(updated_at, $2::timestamptz)
+                     WHERE uid = $1
+                     RETURNING uid)
+                 INSERT INTO transitions (job_uid, at, from_phase, to_phase, reason, message, attempt, restarts)
+                 SELECT uid, $2::timestamptz, $3, 'Deleted', 'Deleted', 'the TrainingJob was deleted', $4, $5
+                 FROM closed
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(uid)
+            .bind(ts(at))
+            .bind(from.map(Phase::as_str))
+            .bind(i32::try_from(*attempt).unwrap_or(i32::MAX))
+            .bind(i32::try_from(*restarts).unwrap_or(i32::MAX))
             .execute(pool)
             .await?;
         }
