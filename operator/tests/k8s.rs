@@ -1197,6 +1197,58 @@ async fn recreated_job() {
     assert_eq!(h.pods(), ["seg-worker-0", "seg-worker-1"]);
 }
 
+/// A namespace enforcing Pod Security `restricted`: pods the defaults
+/// build are admitted (every test of this file checks that on every pod);
+/// a template that asks for privilege escalation is refused, the refusal
+/// shows as a condition and an Event with the API server's words, and
+/// after a bounded number of tries the job fails with them.
+#[tokio::test]
+async fn pods_refused_by_admission_show_in_the_status_and_fail_the_job_in_bounded_tries() {
+    use trainyard::plan::ADMISSION_TRIES;
+    let h =
+        Harness::new("  template: {containerSecurityContext: {allowPrivilegeEscalation: true}}\n");
+    let mut last = None;
+    for attempt in 1..=ADMISSION_TRIES {
+        let (result, _) = h.reconcile_as(h.job()).await;
+        let e = result.unwrap_err();
+        assert_eq!(e.category(), "refused", "{e}");
+        assert!(e.to_string().contains("PodSecurity"), "{e}");
+        if attempt > 1 {
+            let status = h.status();
+            let condition = status["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "AdmissionRefused")
+                .cloned()
+                .unwrap();
+            assert_eq!(condition["status"], "True");
+            assert!(
+                condition["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("allowPrivilegeEscalation"),
+                "{condition}"
+            );
+        }
+        last = Some(e);
+    }
+    assert!(last.is_some());
+    h.reconcile().await;
+    let status = h.status();
+    assert_eq!(status["phase"], "Failed");
+    assert_eq!(status["reason"], "AdmissionRefused");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("violates PodSecurity"),
+        "{status}"
+    );
+    assert!(h.event_reasons().iter().any(|r| r == "AdmissionRefused"));
+    assert!(h.pods().is_empty());
+}
+
 /// A Secret of a job's name that no TrainingJob owns is someone else's:
 /// refused, named, never touched.
 #[tokio::test]

@@ -86,6 +86,14 @@ pub enum ReconcileError {
         /// The Secret.
         secret: String,
     },
+    /// The API server refused a pod (admission, RBAC, an invalid field).
+    #[error("the API server refused pod {pod}: {message}")]
+    Refused {
+        /// The pod.
+        pod: String,
+        /// The API server's message.
+        message: String,
+    },
     /// The operating system gave no randomness for a new secret.
     #[error("no randomness for a new secret: {0}")]
     Randomness(getrandom::Error),
@@ -96,18 +104,26 @@ pub enum ReconcileError {
 
 impl ReconcileError {
     /// Every value of [`ReconcileError::category`].
-    pub const CATEGORIES: [&'static str; 5] =
-        ["conflict", "api", "timeout", "invalid_object", "randomness"];
+    pub const CATEGORIES: [&'static str; 6] = [
+        "conflict",
+        "api",
+        "timeout",
+        "refused",
+        "invalid_object",
+        "randomness",
+    ];
 
     /// The label of `trainyard_reconcile_errors_total`: a conflict (another
     /// writer, or our own stale read: harmless, retried), another API error,
-    /// a call that hung, an object the operator cannot work with, or no
+    /// a call that hung, a pod the API server refused (admission), an
+    /// object the operator cannot work with, or no
     /// randomness. (History never fails a reconcile: it is queued.)
     pub fn category(&self) -> &'static str {
         match self {
             Self::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
             Self::Kube(_) => "api",
             Self::Timeout { .. } => "timeout",
+            Self::Refused { .. } => "refused",
             Self::MissingMetadata(_)
             | Self::SecretWithoutKey { .. }
             | Self::ForeignSecret { .. }
@@ -149,6 +165,9 @@ pub struct Context {
     /// when. A reconcile that reads that version again reads a cache that
     /// has not seen our write yet, and must not act on it.
     written: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+    /// Per job uid: admission refusals of its pods in a row (this process's
+    /// count: a restarted operator gives a job its tries again).
+    refusals: std::sync::Mutex<std::collections::HashMap<String, plan::AdmissionRefusal>>,
 }
 
 /// Reflector caches of the pods and Services the operator owns, kept by the
@@ -212,6 +231,35 @@ impl Context {
             progress: None,
             children: None,
             written: Default::default(),
+            refusals: Default::default(),
+        }
+    }
+
+    fn refusal(&self, uid: &str) -> Option<plan::AdmissionRefusal> {
+        self.refusals
+            .lock()
+            .expect("refusals lock")
+            .get(uid)
+            .cloned()
+    }
+
+    /// Counts a refusal of `uid`'s pod, or forgets them once one is admitted.
+    fn admitted(&self, uid: &str, refused: Option<String>) {
+        let mut refusals = self.refusals.lock().expect("refusals lock");
+        match refused {
+            None => {
+                refusals.remove(uid);
+            }
+            Some(message) => {
+                let r = refusals
+                    .entry(uid.to_string())
+                    .or_insert(plan::AdmissionRefusal {
+                        tries: 0,
+                        message: String::new(),
+                    });
+                r.tries += 1;
+                r.message = message;
+            }
         }
     }
 
@@ -425,6 +473,7 @@ fn cleanup(job: &TrainingJob, ctx: &Context) {
     }
     if let Some(uid) = job.uid() {
         ctx.written.lock().expect("expectations lock").remove(&uid);
+        ctx.refusals.lock().expect("refusals lock").remove(&uid);
     }
     if let Some(store) = &ctx.store {
         store.record(history::deleted(job, Timestamp::now()));
@@ -480,6 +529,7 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
         replicas: pods.iter().filter_map(observe::replica).collect(),
         progress: ctx.progress.as_ref().and_then(|p| p.hub.latest(&ns, &name)),
         history: ctx.store.as_ref().map(Store::healthy),
+        admission: ctx.refusal(&uid),
     };
     let now = Timestamp::now();
     let decision = plan::plan(&job, &observation, now, &Placement::Kubernetes);
@@ -538,6 +588,7 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
         ensure_random_secret(&ctx, &job, &ns, &group_secret_name(&name), GROUP_SECRET_KEY).await?;
     }
     let mut waiting = Vec::new();
+    let mut refused = None;
     for action in &decision.actions {
         match action {
             Action::Create(replica) if predecessors.contains(&replica.name) => {
@@ -545,11 +596,28 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
             }
             Action::Create(replica) => {
                 let pod = resources::pod(&job, replica, gated, progress_env.as_ref());
-                api(
+                match api(
                     "apply a pod",
                     pods_api.patch(&replica.name, &apply, &Patch::Apply(&pod)),
                 )
-                .await?;
+                .await
+                {
+                    Ok(_) => ctx.admitted(&uid, None),
+                    // Admission (Pod Security, a webhook, a quota) or RBAC
+                    // said no: the next plan shows it and, after a few
+                    // tries, fails the job with the API server's words.
+                    Err(ReconcileError::Kube(kube::Error::Api(e)))
+                        if matches!(e.code, 400 | 403 | 422) =>
+                    {
+                        ctx.admitted(&uid, Some(e.message.clone()));
+                        refused = Some(ReconcileError::Refused {
+                            pod: replica.name.clone(),
+                            message: e.message,
+                        });
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Action::Delete { name } => {
                 match api(
@@ -601,6 +669,14 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
                 return Ok(Requeue::await_change());
             }
         }
+    }
+    if let Some(refusal) = refused {
+        // The status still says so (the condition the plan set), and the
+        // retry comes with the error policy's backoff.
+        if job.status.as_ref() != Some(&decision.status) {
+            write_status(&ctx, &job, &decision.status).await?;
+        }
+        return Err(refusal);
     }
     if !waiting.is_empty() {
         let event = Event {

@@ -221,6 +221,7 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
                 .collect(),
             progress: tail.poll(),
             history: opts.store.as_ref().map(Store::healthy),
+            admission: None,
         };
         let now = Timestamp::now();
         let decision = plan::plan(&job, &observation, now, &placement);

@@ -124,7 +124,25 @@ pub struct Observation {
     pub progress: Option<ProgressReport>,
     /// Whether the history store took its last write (None: no store).
     pub history: Option<bool>,
+    /// The API server's admission refused the job's pods (None: it did not,
+    /// or the last pod written was admitted).
+    pub admission: Option<AdmissionRefusal>,
 }
+
+/// Pods of the job refused by admission (Pod Security, a webhook, a quota).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionRefusal {
+    /// Refusals in a row.
+    pub tries: u32,
+    /// The API server's message of the last one.
+    pub message: String,
+}
+
+/// A job whose pods admission refuses this many times in a row fails.
+pub const ADMISSION_TRIES: u32 = 5;
+
+/// The condition of a job whose pods admission refuses.
+pub const ADMISSION_REFUSED: &str = "AdmissionRefused";
 
 /// Normal or warning, as Kubernetes Events have it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +282,7 @@ impl Planner<'_> {
             self.step(placement);
             return;
         }
-        if self.deadline_passed() {
+        if self.deadline_passed() || self.refused() {
             return;
         }
         match phase {
@@ -272,6 +290,50 @@ impl Planner<'_> {
             Phase::Pending | Phase::Running => self.active(gang),
             Phase::Suspended | Phase::Succeeded | Phase::Failed => unreachable!("handled above"),
         }
+    }
+
+    /// Admission refusals: a condition and an Event with the API server's
+    /// message while tries remain, then the job fails; whether it ended it.
+    fn refused(&mut self) -> bool {
+        let generation = self.job.metadata.generation;
+        let Some(refusal) = &self.observed.admission else {
+            if self
+                .status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == ADMISSION_REFUSED)
+            {
+                side_condition(
+                    &mut self.status.conditions,
+                    ADMISSION_REFUSED,
+                    false,
+                    "Admitted",
+                    "the job's pods are admitted",
+                    generation,
+                    self.now,
+                );
+            }
+            return false;
+        };
+        let message = format!(
+            "the API server refused the job's pods ({} of {ADMISSION_TRIES} tries): {}",
+            refusal.tries, refusal.message
+        );
+        if refusal.tries >= ADMISSION_TRIES {
+            self.fail("AdmissionRefused", &message);
+            return true;
+        }
+        side_condition(
+            &mut self.status.conditions,
+            ADMISSION_REFUSED,
+            true,
+            "AdmissionRefused",
+            &message,
+            generation,
+            self.now,
+        );
+        self.event(EventType::Warning, "AdmissionRefused", message);
+        false
     }
 
     fn active(&mut self, gang: Vec<Replica>) {

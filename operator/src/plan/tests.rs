@@ -44,6 +44,7 @@ fn gang(attempt: u32, s0: ReplicaState, s1: ReplicaState) -> Observation {
         ],
         progress: None,
         history: None,
+        admission: None,
     }
 }
 
@@ -118,6 +119,7 @@ fn pending_creates_only_missing_members() {
         replicas: vec![replica("j-worker-0", 0, running())],
         progress: None,
         history: None,
+        admission: None,
     };
     let p = run(&job(), &o, t0());
     assert_eq!(creates(&p), ["j-worker-1"]);
@@ -188,6 +190,7 @@ fn old_attempt_replicas_are_deleted() {
         replicas: vec![replica("j-worker-0", 2, running())],
         progress: None,
         history: None,
+        admission: None,
     };
     let p = run(&j, &o, t0());
     assert_eq!(deletes(&p), ["j-worker-0"]);
@@ -260,6 +263,7 @@ fn a_vanished_member_restarts_the_gang() {
         replicas: vec![replica("j-worker-0", 0, running())],
         progress: None,
         history: None,
+        admission: None,
     };
     let p = run(&running_job(0), &o, at(1));
     assert_eq!(p.status.phase, Phase::Restarting);
@@ -418,7 +422,35 @@ fn a_stale_status_never_deletes_a_later_attempts_gang() {
     assert_eq!(p.status.restarts, 0);
 }
 
-// --- Suspend ---
+#[test]
+fn admission_refusals_are_a_condition_until_the_tries_run_out() {
+    let refused = |tries| Observation {
+        admission: Some(AdmissionRefusal {
+            tries,
+            message: "violates PodSecurity".into(),
+        }),
+        ..Default::default()
+    };
+    let p = run(&job(), &refused(1), t0());
+    assert_eq!(p.status.phase, Phase::Pending);
+    let c = condition(&p.status, ADMISSION_REFUSED).unwrap();
+    assert_eq!(c.status, "True");
+    assert!(c.message.contains("violates PodSecurity"), "{}", c.message);
+    assert_eq!(creates(&p).len(), 2, "tried again");
+    // Admitted at last: the condition clears.
+    let j = with_status(job(), |s| *s = p.status.clone());
+    let p = run(&j, &Observation::default(), t0());
+    assert_eq!(
+        condition(&p.status, ADMISSION_REFUSED).unwrap().status,
+        "False"
+    );
+    let p = run(&job(), &refused(ADMISSION_TRIES), t0());
+    assert_eq!(p.status.phase, Phase::Failed);
+    assert_eq!(p.status.reason, "AdmissionRefused");
+    assert!(creates(&p).is_empty());
+}
+
+// --- Suspend ---// --- Suspend ---
 
 #[test]
 fn suspend_tears_everything_down_and_resume_starts_a_new_attempt() {
@@ -610,6 +642,7 @@ fn a_store_outage_is_a_condition_that_phases_leave_alone() {
     let j = with_status(running_job(0), |s| *s = p.status.clone());
     let failing = Observation {
         history: Some(false),
+        admission: None,
         ..gang(0, running(), failed(137))
     };
     let p = run(&j, &failing, at(2));
@@ -619,6 +652,7 @@ fn a_store_outage_is_a_condition_that_phases_leave_alone() {
     let j = with_status(running_job(0), |s| *s = p.status.clone());
     let ok = Observation {
         history: Some(true),
+        admission: None,
         ..Observation::default()
     };
     let p = run(&j, &ok, at(3));
@@ -703,6 +737,7 @@ proptest! {
                 replicas: world.clone(),
                 progress: Some(ProgressReport { step, ..Default::default() }),
                 history: None,
+                admission: None,
             };
             let was_terminal = j.status.as_ref().is_some_and(|s| s.phase.is_terminal());
             let p = run(&j, &o, now);
