@@ -18,6 +18,13 @@ pub const GROUP_RANK: &str = "GROUP_RANK";
 pub const MASTER_ADDR: &str = "MASTER_ADDR";
 /// Port of rank 0's rendezvous store.
 pub const MASTER_PORT: &str = "MASTER_PORT";
+/// [`MASTER_PORT`] when it is not set (torchrun's default).
+pub const DEFAULT_MASTER_PORT: u16 = 29500;
+/// Seconds a group waits for every rank to join, unless told otherwise.
+pub const DEFAULT_JOIN_TIMEOUT_SECONDS: u64 = 300;
+/// Seconds a collective may stall before a peer is declared dead, unless
+/// told otherwise.
+pub const DEFAULT_COLLECTIVE_TIMEOUT_SECONDS: u64 = 300;
 /// Gang-restart counter set by the operator; a process from an older attempt
 /// is refused by the rendezvous.
 pub const RUN_ATTEMPT: &str = "TRAINYARD_RUN_ATTEMPT";

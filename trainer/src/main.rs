@@ -46,10 +46,10 @@ struct GroupArgs {
     #[arg(long)]
     master_port: Option<u16>,
     /// Seconds to wait for every rank to join.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS)]
     join_timeout: u64,
     /// Seconds a collective may stall before a peer is declared dead.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)]
     collective_timeout: u64,
     /// Form a group without TRAINYARD_GROUP_SECRET: connections still run the
     /// handshake, with a publicly known key, so anyone who can reach the
@@ -314,7 +314,7 @@ enum Command {
         #[arg(long)]
         aggregator: Option<String>,
         /// Seconds the aggregator may be unreachable before the client gives up (exit 75).
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS)]
         join_timeout: u64,
         /// Reach the aggregator over HTTPS, trusting only this CA (PEM).
         #[arg(long)]
@@ -453,10 +453,10 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
         /// Seconds to wait for all ranks to join.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS)]
         join_timeout: u64,
         /// Seconds a transfer may stall before a peer is declared dead.
-        #[arg(long, default_value_t = 300)]
+        #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)]
         collective_timeout: u64,
         /// Collective: the CPU TCP ring, or NCCL on GPU LOCAL_RANK (needs a
         /// build with `--features cuda`).

@@ -7,11 +7,11 @@ use trainyard_trainer::config as tc;
 use super::spec::*;
 
 pub(crate) fn lora_rank() -> u32 {
-    8
+    u32::try_from(tc::PeftConfig::default().r).expect("the default rank is small")
 }
 
 pub(crate) fn lora_alpha() -> f64 {
-    16.0
+    tc::PeftConfig::default().lora_alpha
 }
 
 pub(crate) fn lora_targets() -> Vec<String> {
@@ -146,9 +146,9 @@ impl Default for DistributedSpec {
             local_sgd: None,
             compression: CompressionSpec::default(),
             bucket_mib: t.bucket_mb,
-            port: 29500,
-            join_timeout_seconds: 300,
-            collective_timeout_seconds: 300,
+            port: trainyard_trainer::env::DEFAULT_MASTER_PORT,
+            join_timeout_seconds: trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS,
+            collective_timeout_seconds: trainyard_trainer::env::DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
         }
     }
 }

@@ -132,7 +132,10 @@ pub fn desired(
     let config_json = serde_json::to_string(&trainer_config).expect("a config serializes");
     let (leader_role, leader_port, followers, follower_role) = match spec.mode {
         Mode::Distributed | Mode::Peft => {
-            let port = spec.distributed.as_ref().map_or(29500, |d| d.port);
+            let port = spec
+                .distributed
+                .as_ref()
+                .map_or(env::DEFAULT_MASTER_PORT, |d| d.port);
             (Role::Worker, port, config::worker_pods(spec), Role::Worker)
         }
         Mode::Federated => {

@@ -379,7 +379,7 @@ impl DistEnv {
             world_size,
             local_rank: parse(&get, env::LOCAL_RANK, 0)?,
             master_addr,
-            master_port: parse(&get, env::MASTER_PORT, 29500)?,
+            master_port: parse(&get, env::MASTER_PORT, env::DEFAULT_MASTER_PORT)?,
             attempt: parse(&get, env::RUN_ATTEMPT, 0)?,
             key: match get(env::GROUP_SECRET) {
                 None => None,

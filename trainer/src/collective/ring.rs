@@ -36,8 +36,8 @@ pub struct RingTimeouts {
 impl Default for RingTimeouts {
     fn default() -> Self {
         Self {
-            join: Duration::from_secs(300),
-            collective: Duration::from_secs(300),
+            join: Duration::from_secs(crate::env::DEFAULT_JOIN_TIMEOUT_SECONDS),
+            collective: Duration::from_secs(crate::env::DEFAULT_COLLECTIVE_TIMEOUT_SECONDS),
         }
     }
 }
