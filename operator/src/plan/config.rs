@@ -348,6 +348,8 @@ fn spec_path(trainer_field: &str) -> String {
                 }
                 match out.as_str() {
                     "maxUpdateMb" => "maxUpdateMib".into(),
+                    // The trainer's enum tag; the spec calls it `type`.
+                    "kind" => "type".into(),
                     "adaptive" => "adaptiveClipping".into(),
                     _ => out,
                 }
@@ -418,6 +420,56 @@ mod tests {
     fn spec() -> TrainingJobSpec {
         serde_yaml::from_str("mode: Distributed\nimage: trainer:dev\ndistributed: {workers: 2}\n")
             .unwrap()
+    }
+
+    /// Whether `path` (`spec.a.b`) names a field of the generated CRD schema.
+    fn in_schema(schema: &serde_json::Value, path: &str) -> bool {
+        let mut node = schema;
+        for seg in path.split('.') {
+            match node["properties"].get(seg) {
+                Some(next) => node = next,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Every trainer config key (the leaves of a full config, federated and
+    /// PEFT sections included) is named in errors by a spec path that the
+    /// CRD really has, so a refusal always points at a field users can set.
+    #[test]
+    fn every_mapped_spec_path_exists_in_the_crd() {
+        fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+            match v.as_object() {
+                Some(map) if !map.is_empty() => {
+                    for (k, child) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        out.push(key.clone());
+                        leaves(&key, child, out);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let full = TrainerConfig {
+            federated: Some(tc::FederatedConfig::default()),
+            peft: Some(tc::PeftConfig::default()),
+            ..TrainerConfig::default()
+        };
+        let mut keys = Vec::new();
+        leaves("", &serde_json::to_value(&full).unwrap(), &mut keys);
+        let schema = crate::api::crd::schema();
+        let missing: Vec<String> = keys
+            .iter()
+            .map(|k| (k, spec_path(k)))
+            .filter(|(_, path)| !in_schema(&schema, path))
+            .map(|(k, path)| format!("{k} -> {path}"))
+            .collect();
+        assert!(missing.is_empty(), "not in the CRD: {missing:#?}");
     }
 
     #[test]
