@@ -18,10 +18,11 @@
 //!
 //! # Features
 //! `engine` (default) is everything that trains. Without it the crate is only
-//! [`config`], [`env`], [`exit`], [`protocol`] and [`run_dir`]: what the operator needs to hand a replica its job,
+//! [`cli`], [`config`], [`env`], [`exit`], [`protocol`] and [`run_dir`]: what the operator needs to hand a replica its job,
 //! without compiling the ML stack; `serve` adds the bounded HTTP server every
 //! Trainyard port uses (the operator's too).
 
+pub mod cli;
 pub mod config;
 pub mod env;
 pub mod exit;

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use trainyard_trainer::cli;
 use trainyard_trainer::config::{ShapesConfig, TrainerConfig};
 use trainyard_trainer::infer;
 use trainyard_trainer::metrics::TrainerMetrics;
@@ -46,10 +47,10 @@ struct GroupArgs {
     #[arg(long)]
     master_port: Option<u16>,
     /// Seconds to wait for every rank to join.
-    #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS)]
+    #[arg(long = cli::JOIN_TIMEOUT, default_value_t = trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS)]
     join_timeout: u64,
     /// Seconds a collective may stall before a peer is declared dead.
-    #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)]
+    #[arg(long = cli::COLLECTIVE_TIMEOUT, default_value_t = trainyard_trainer::env::DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)]
     collective_timeout: u64,
     /// Form a group without TRAINYARD_GROUP_SECRET: connections still run the
     /// handshake, with a publicly known key, so anyone who can reach the
@@ -218,6 +219,7 @@ enum Command {
     /// RANK = GROUP_RANK·N + LOCAL_RANK and WORLD_SIZE. Signals are forwarded;
     /// when one process fails the others are stopped, and the exit code is
     /// the one that tells the operator whether a restart can help.
+    #[command(name = cli::LAUNCH)]
     Launch {
         /// Processes to start, one per GPU (overrides LOCAL_WORLD_SIZE; default 1).
         #[arg(long)]
@@ -233,6 +235,7 @@ enum Command {
         command: Vec<std::ffi::OsString>,
     },
     /// Train a model.
+    #[command(name = cli::TRAIN)]
     Train {
         /// Config file (YAML or JSON) with sections model, data, train,
         /// checkpoint. Without it, the config is read inline from the
@@ -240,16 +243,16 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Run directory: config.json, metrics.jsonl, checkpoints/, summary.json.
-        #[arg(long)]
+        #[arg(long = cli::OUT)]
         out: PathBuf,
         /// Continue from the newest checkpoint in --out.
-        #[arg(long)]
+        #[arg(long = cli::RESUME)]
         resume: bool,
         /// Override a config key, e.g. --set train.steps=200 (repeatable; values are YAML).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
         /// Serve Prometheus metrics on this address while training (e.g. 0.0.0.0:9400).
-        #[arg(long)]
+        #[arg(long = cli::METRICS_ADDR)]
         metrics_addr: Option<SocketAddr>,
         /// Compute threads (overrides train.threads; default one per core).
         #[arg(long)]
@@ -262,15 +265,16 @@ enum Command {
     },
     /// Federated aggregator: samples clients each round, aggregates their
     /// updates, evaluates and checkpoints the global model.
+    #[command(name = cli::AGGREGATE)]
     Aggregate {
         /// Config file with a `federated` section (default: TRAINYARD_CONFIG).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Run directory: config.json, metrics.jsonl (one row per round), checkpoints/, summary.json.
-        #[arg(long)]
+        #[arg(long = cli::OUT)]
         out: PathBuf,
         /// Continue after the newest round checkpoint in --out.
-        #[arg(long)]
+        #[arg(long = cli::RESUME)]
         resume: bool,
         /// Override a config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -285,24 +289,25 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         linger_seconds: u64,
         /// Serve HTTPS with this certificate chain (PEM; with --tls-key).
-        #[arg(long, requires = "tls_key")]
+        #[arg(long = cli::TLS_CERT, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
         /// Private key of --tls-cert (PEM).
-        #[arg(long, requires = "tls_cert")]
+        #[arg(long = cli::TLS_KEY, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
         /// Serve Prometheus metrics on this address (rounds, participants,
         /// rejected updates by reason, privacy spent).
-        #[arg(long)]
+        #[arg(long = cli::METRICS_ADDR)]
         metrics_addr: Option<SocketAddr>,
     },
     /// Federated client: trains on its own partition when sampled and sends
     /// back only the change to the global model.
+    #[command(name = cli::CLIENT)]
     Client {
         /// Config file with a `federated` section (default: TRAINYARD_CONFIG).
         #[arg(long)]
         config: Option<PathBuf>,
         /// Directory for summary.json.
-        #[arg(long)]
+        #[arg(long = cli::OUT)]
         out: PathBuf,
         /// Override a config key (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -311,16 +316,16 @@ enum Command {
         #[arg(long)]
         index: Option<usize>,
         /// Aggregator URL (default http://$MASTER_ADDR:$MASTER_PORT).
-        #[arg(long)]
+        #[arg(long = cli::AGGREGATOR)]
         aggregator: Option<String>,
         /// Seconds the aggregator may be unreachable before the client gives up (exit 75).
-        #[arg(long, default_value_t = trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS)]
+        #[arg(long = cli::JOIN_TIMEOUT, default_value_t = trainyard_trainer::env::DEFAULT_JOIN_TIMEOUT_SECONDS)]
         join_timeout: u64,
         /// Reach the aggregator over HTTPS, trusting only this CA (PEM).
-        #[arg(long)]
+        #[arg(long = cli::TLS_CA)]
         tls_ca: Option<PathBuf>,
         /// Serve Prometheus metrics on this address.
-        #[arg(long)]
+        #[arg(long = cli::METRICS_ADDR)]
         metrics_addr: Option<SocketAddr>,
         /// Compute threads.
         #[arg(long)]

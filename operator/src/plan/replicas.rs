@@ -2,6 +2,7 @@
 //! turns into Pods and the local side into processes.
 
 use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
+use trainyard_trainer::cli::{self, flag};
 use trainyard_trainer::env;
 
 use super::config::{self, ConfigProblem};
@@ -263,30 +264,30 @@ pub fn desired(
             let supervised = role == Role::Worker && gpus > 0;
             let mut args: Vec<String> = match role {
                 Role::Worker => vec![
-                    "train".into(),
-                    "--out".into(),
+                    cli::TRAIN.into(),
+                    flag(cli::OUT),
                     out_dir.clone(),
                     // A fresh run directory starts fresh; after a gang restart
                     // rank 0 continues from its newest checkpoint.
-                    "--resume".into(),
-                    "--join-timeout".into(),
+                    flag(cli::RESUME),
+                    flag(cli::JOIN_TIMEOUT),
                     dist.join_timeout_seconds.to_string(),
-                    "--collective-timeout".into(),
+                    flag(cli::COLLECTIVE_TIMEOUT),
                     dist.collective_timeout_seconds.to_string(),
                 ],
                 // A restarted aggregator continues after its last round.
                 Role::Aggregator => vec![
-                    "aggregate".into(),
-                    "--out".into(),
+                    cli::AGGREGATE.into(),
+                    flag(cli::OUT),
                     out_dir.clone(),
-                    "--resume".into(),
+                    flag(cli::RESUME),
                 ],
-                Role::Client => vec!["client".into(), "--out".into(), out_dir.clone()],
+                Role::Client => vec![cli::CLIENT.into(), flag(cli::OUT), out_dir.clone()],
             };
             let mut ports = Vec::new();
             match placement {
                 Placement::Kubernetes => {
-                    args.push("--metrics-addr".into());
+                    args.push(flag(cli::METRICS_ADDR));
                     args.push(format!("0.0.0.0:{METRICS_PORT}"));
                     ports.push(("metrics".into(), METRICS_PORT));
                     if role == leader_role && index == 0 {
@@ -297,7 +298,7 @@ pub fn desired(
                     leader_metrics: Some(addr),
                     ..
                 } if role == leader_role && index == 0 => {
-                    args.push("--metrics-addr".into());
+                    args.push(flag(cli::METRICS_ADDR));
                     args.push(addr.to_string());
                 }
                 Placement::Local { .. } => {}
@@ -305,7 +306,7 @@ pub fn desired(
             if supervised {
                 // `launch -- train …`: the supervisor reads GROUP_RANK,
                 // LOCAL_WORLD_SIZE and WORLD_SIZE from the env above.
-                args.splice(0..0, ["launch".to_string(), "--".to_string()]);
+                args.splice(0..0, [cli::LAUNCH.to_string(), "--".to_string()]);
             }
             let mut secret_mounts = Vec::new();
             // TLS of the federation endpoint, on a cluster (loopback stays HTTP).
@@ -317,17 +318,17 @@ pub fn desired(
                 match role {
                     Role::Aggregator => {
                         args.extend([
-                            "--tls-cert".into(),
+                            flag(cli::TLS_CERT),
                             file("tls.crt"),
-                            "--tls-key".into(),
+                            flag(cli::TLS_KEY),
                             file("tls.key"),
                         ]);
                     }
                     Role::Client => {
                         args.extend([
-                            "--tls-ca".into(),
+                            flag(cli::TLS_CA),
                             file("ca.crt"),
-                            "--aggregator".into(),
+                            flag(cli::AGGREGATOR),
                             format!("https://{leader_host}:{master_port}"),
                         ]);
                     }
