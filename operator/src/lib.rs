@@ -10,3 +10,11 @@ pub mod metrics;
 pub mod plan;
 pub mod progress;
 pub mod store;
+
+/// `bytes` random bytes from the operating system, as lowercase hex: the
+/// one source of the operator's secrets, tokens and ids.
+pub fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -169,9 +169,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 };
                 let elector = (!no_leader_election).then(|| {
                     let identity = instance.clone().unwrap_or_else(|| {
-                        let mut b = [0u8; 4];
-                        let _ = getrandom::fill(&mut b);
-                        format!("trainyard-operator-{:02x}{:02x}{:02x}{:02x}", b[0], b[1], b[2], b[3])
+                        // Without randomness the name still works; two such
+                        // replicas would merely share it.
+                        let suffix = trainyard::random_hex(4).unwrap_or_else(|_| "00000000".into());
+                        format!("trainyard-operator-{suffix}")
                     });
                     trainyard::k8s::leader::Elector::new(
                         kube::Api::namespaced(client.clone(), &lease_namespace),

@@ -384,10 +384,8 @@ fn local_secret(out: &Path) -> anyhow::Result<String> {
             path.display()
         ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut bytes = [0u8; 32];
-            getrandom::fill(&mut bytes)
+            let secret = crate::random_hex(32)
                 .map_err(|e| anyhow::anyhow!("no randomness for the run's secret: {e}"))?;
-            let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             // Owner-only from the first byte.
             std::fs::OpenOptions::new()
                 .write(true)
@@ -407,10 +405,8 @@ fn local_uid(out: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(&path) {
         Ok(uid) => Ok(uid.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut bytes = [0u8; 8];
-            getrandom::fill(&mut bytes)
+            let hex = crate::random_hex(8)
                 .map_err(|e| anyhow::anyhow!("no randomness for a job id: {e}"))?;
-            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
             let uid = format!("local-{hex}");
             write_atomic(&path, uid.as_bytes())?;
             Ok(uid)
