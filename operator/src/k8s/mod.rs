@@ -635,25 +635,7 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
                 kind,
                 reason,
                 message,
-            } => {
-                let event = Event {
-                    type_: match kind {
-                        EventType::Normal => KubeEventType::Normal,
-                        EventType::Warning => KubeEventType::Warning,
-                    },
-                    reason: reason.clone(),
-                    note: Some(message.chars().take(1000).collect()),
-                    action: reason.clone(),
-                    secondary: None,
-                };
-                // Events are for people; losing one must not stall the job.
-                let reference = job.object_ref(&());
-                if let Err(e) =
-                    api("publish an event", ctx.recorder.publish(&event, &reference)).await
-                {
-                    tracing::warn!(error = %e, "failed to publish an event");
-                }
-            }
+            } => publish(&ctx, &job, *kind, reason, message).await,
             Action::DeleteJob => {
                 // The final status first, so that watchers see how the job
                 // ended even when a TTL of 0 deletes it in the same pass.
@@ -679,20 +661,18 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
         return Err(refusal);
     }
     if !waiting.is_empty() {
-        let event = Event {
-            type_: KubeEventType::Normal,
-            reason: "WaitingForPredecessor".into(),
-            note: Some(format!(
-                "{} still exist(s), left by an earlier TrainingJob of this name; created once the garbage collector removes them",
-                waiting.join(", ")
-            )),
-            action: "Creating".into(),
-            secondary: None,
-        };
-        let reference = job.object_ref(&());
-        if let Err(e) = api("publish an event", ctx.recorder.publish(&event, &reference)).await {
-            tracing::warn!(error = %e, "failed to publish an event");
-        }
+        let message = format!(
+            "{} still exist(s), left by an earlier TrainingJob of this name; created once the garbage collector removes them",
+            waiting.join(", ")
+        );
+        publish(
+            &ctx,
+            &job,
+            EventType::Normal,
+            "WaitingForPredecessor",
+            &message,
+        )
+        .await;
     }
     // The gang is complete: lift the gates together, so no partial gang
     // ever holds nodes.
@@ -784,9 +764,7 @@ pub const PROGRESS_POLL: Duration = Duration::from_secs(10);
 
 /// 256 random bits, hex.
 fn random_hex() -> Result<String, ReconcileError> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(ReconcileError::Randomness)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    crate::random_hex(32).map_err(ReconcileError::Randomness)
 }
 
 /// The job's Secret `secret_name`, if it exists and is this job's. One left
@@ -833,21 +811,32 @@ async fn own_secret(
         Err(ReconcileError::Kube(kube::Error::Api(e))) if e.code == 404 || e.code == 409 => {}
         Err(e) => return Err(e),
     }
+    let message = format!(
+        "Secret {secret_name} belonged to an earlier TrainingJob of this name (uid {}); it was deleted and is created anew for this one",
+        predecessor.uid
+    );
+    publish(ctx, job, EventType::Warning, "ReplacedSecret", &message).await;
+    Ok(None)
+}
+
+/// Publishes a Kubernetes Event on `job` (its note cut to the API server's
+/// 1 KiB). Events are for people: losing one must not stall the job, so a
+/// failure is logged, not returned.
+async fn publish(ctx: &Context, job: &TrainingJob, kind: EventType, reason: &str, message: &str) {
     let event = Event {
-        type_: KubeEventType::Warning,
-        reason: "ReplacedSecret".into(),
-        note: Some(format!(
-            "Secret {secret_name} belonged to an earlier TrainingJob of this name (uid {}); it was deleted and is created anew for this one",
-            predecessor.uid
-        )),
-        action: "ReplacedSecret".into(),
+        type_: match kind {
+            EventType::Normal => KubeEventType::Normal,
+            EventType::Warning => KubeEventType::Warning,
+        },
+        reason: reason.into(),
+        note: Some(message.chars().take(1000).collect()),
+        action: reason.into(),
         secondary: None,
     };
     let reference = job.object_ref(&());
     if let Err(e) = api("publish an event", ctx.recorder.publish(&event, &reference)).await {
         tracing::warn!(error = %e, "failed to publish an event");
     }
-    Ok(None)
 }
 
 /// The Secret with the federation secret (for the aggregator) and one
