@@ -122,19 +122,11 @@ impl Store {
     pub async fn connect(url: &str, capacity: usize) -> Result<Self, StoreError> {
         let store = Self::start(url, capacity)?;
         let mut health = store.health.clone();
-        let settled = tokio::time::timeout(FIRST_ATTEMPT, async {
-            loop {
-                let now = *health.borrow_and_update();
-                if now != Health::Connecting {
-                    return now;
-                }
-                if health.changed().await.is_err() {
-                    return Health::Connecting;
-                }
-            }
-        })
-        .await;
-        match settled {
+        let settled =
+            tokio::time::timeout(FIRST_ATTEMPT, health.wait_for(|h| *h != Health::Connecting))
+                .await;
+        // A closed channel (the writer gone) reads as no connection.
+        match settled.map(|h| h.map(|h| *h).unwrap_or(Health::Connecting)) {
             Ok(Health::Up) => Ok(store),
             Ok(Health::SchemaNewer(v)) => Err(StoreError::SchemaNewer(v)),
             Ok(_) => Err(StoreError::Connect(format!(
