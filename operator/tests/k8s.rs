@@ -48,12 +48,17 @@ impl World {
     }
 }
 
-fn conflict(message: &str) -> Response<Body> {
+/// A refusal as the API server writes it: a `Status` object.
+fn failure(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     respond(
-        StatusCode::CONFLICT,
+        code,
         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": message, "reason": "Conflict", "code": 409}),
+                "message": message, "reason": reason, "code": code.as_u16()}),
     )
+}
+
+fn conflict(message: &str) -> Response<Body> {
+    failure(StatusCode::CONFLICT, "Conflict", message)
 }
 
 /// Every (API group, resource, verb) any fake API server in this file was
@@ -113,10 +118,10 @@ fn respond(code: StatusCode, body: &Value) -> Response<Body> {
 }
 
 fn not_found(name: &str) -> Response<Body> {
-    respond(
+    failure(
         StatusCode::NOT_FOUND,
-        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("{name} not found"), "reason": "NotFound", "code": 404}),
+        "NotFound",
+        &format!("{name} not found"),
     )
 }
 
@@ -150,11 +155,12 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
         }
         ("PATCH", ["api", "v1", "namespaces", _, "pods", name]) => {
             if let Err(why) = restricted(&body) {
-                return respond(
+                return failure(
                     StatusCode::FORBIDDEN,
-                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                            "message": format!("pods \"{name}\" is forbidden: violates PodSecurity \"restricted:latest\": {why}"),
-                            "reason": "Forbidden", "code": 403}),
+                    "Forbidden",
+                    &format!(
+                        "pods \"{name}\" is forbidden: violates PodSecurity \"restricted:latest\": {why}"
+                    ),
                 );
             }
             let name = name.to_string();
@@ -278,11 +284,7 @@ async fn handle(world: Arc<Mutex<World>>, req: Request<Body>) -> Response<Body> 
             });
             let mut job = w.job.clone();
             if let Err(e) = json_patch::patch(&mut job, &ops) {
-                return respond(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                            "message": e.to_string(), "reason": "Invalid", "code": 422}),
-                );
+                return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e.to_string());
             }
             w.job = job;
             w.job_written();

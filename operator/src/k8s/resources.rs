@@ -463,15 +463,18 @@ mod tests {
             c.capabilities.as_ref().unwrap().drop.as_deref(),
             Some(&["ALL".to_string()][..])
         );
+        let mounts = |c: &Container| -> Vec<String> {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| m.mount_path.clone())
+                .collect()
+        };
         // What a read-only root leaves writable: /tmp and the run directory.
-        let mounts: Vec<&str> = spec.containers[0]
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|m| m.mount_path.as_str())
-            .collect();
-        assert_eq!(mounts, ["/dev/shm", "/tmp", "/var/lib/trainyard/run"]);
+        assert_eq!(
+            mounts(&spec.containers[0]),
+            ["/dev/shm", "/tmp", "/var/lib/trainyard/run"]
+        );
 
         let j = job(
             "  checkpoints: {location: /ckpt/runs}\n  template:\n    securityContext: {runAsUser: 1000}\n    containerSecurityContext: {readOnlyRootFilesystem: false}\n    automountServiceAccountToken: true\n    volumes: [{name: ckpt, persistentVolumeClaim: {claimName: c}}]\n    volumeMounts: [{name: ckpt, mountPath: /ckpt}]\n",
@@ -491,15 +494,8 @@ mod tests {
                 .read_only_root_filesystem,
             Some(false)
         );
-        let mounts: Vec<&str> = c
-            .volume_mounts
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|m| m.mount_path.as_str())
-            .collect();
         assert_eq!(
-            mounts,
+            mounts(c),
             ["/ckpt", "/dev/shm", "/tmp"],
             "the user's volume holds the run directory"
         );
