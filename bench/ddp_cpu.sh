@@ -15,7 +15,7 @@ cargo build --release --quiet -p trainyard-trainer
 bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-common=(--config examples/trainer/shapes.yaml --set "train.steps=$STEPS" --set train.val_every=0 --set checkpoint.every=0)
+common=(--config examples/trainer/shapes.yaml --set "train.steps=$STEPS" --set train.validate_every=0 --set checkpoint.every=0)
 
 RUST_LOG=warn "$bin" train "${common[@]}" --out "$work/one" > "$work/one.json"
 port=29900

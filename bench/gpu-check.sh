@@ -70,7 +70,7 @@ emit "{\"check\":\"parity\",\"ok\":$ok,\"seconds\":$(elapsed "$t0"),\"result\":$
 # 3. train 300 steps on the device.
 t0=$(date +%s.%N)
 "$bin" train --config examples/trainer/shapes.yaml --out "$work/train" \
-  --set "train.device=$device" --set train.steps=300 --set train.val_every=300 \
+  --set "train.device=$device" --set train.steps=300 --set train.validate_every=300 \
   --set checkpoint.every=300 >"$work/train.json" 2>"$work/train.err"
 code=$?
 train=$(python3 - "$work/train" "$code" <<'PY'
@@ -97,7 +97,7 @@ backend=nccl
 WORLD_SIZE=$gpus MASTER_PORT=29731 "$bin" launch --nproc-per-node "$gpus" -- \
   train --config examples/trainer/shapes.yaml --out "$work/nccl" \
   --set "train.device=$device" --set "train.backend=$backend" --set train.steps=60 \
-  --set train.val_every=60 --set checkpoint.every=20 >"$work/nccl.out" 2>"$work/nccl.err"
+  --set train.validate_every=60 --set checkpoint.every=20 >"$work/nccl.out" 2>"$work/nccl.err"
 code=$?
 nccl=$(python3 - "$work/nccl" "$code" "$gpus" <<'PY'
 import json, sys

@@ -12,7 +12,7 @@ cargo build --release --quiet -p trainyard-trainer
 bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-common=(--config examples/trainer/shapes.yaml --set "train.steps=$STEPS" --set train.val_every=0
+common=(--config examples/trainer/shapes.yaml --set "train.steps=$STEPS" --set train.validate_every=0
         --set train.warmup_steps=5 --set checkpoint.every=0)
 "$bin" train "${common[@]}" --out "$work/base" >/dev/null 2>&1
 base=$(ls "$work"/base/checkpoints/*.safetensors | tail -1)

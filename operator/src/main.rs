@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use trainyard::api::{Phase, crd, validate};
+use trainyard::api::{Phase, crd};
 use trainyard::local::{self, LocalOptions};
 use trainyard::store::Store;
 use trainyard_trainer::serve::{Limits, serve};
@@ -82,8 +82,8 @@ enum Command {
         /// URL pods reach the progress endpoint at (e.g.
         /// http://trainyard-operator.trainyard.svc:8081); without it trainers
         /// do not report and stall detection has no progress to watch.
-        #[arg(long, env = "TRAINYARD_PROGRESS_URL")]
-        progress_url: Option<String>,
+        #[arg(long, env = "TRAINYARD_PROGRESS_BASE_URL")]
+        progress_base_url: Option<String>,
         /// Namespace of the leader-election Lease (default: $POD_NAMESPACE, else "default").
         #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
         lease_namespace: String,
@@ -120,7 +120,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             database_url,
             metrics_addr,
             progress_addr,
-            progress_url,
+            progress_base_url,
             lease_namespace,
             no_leader_election,
         } => {
@@ -153,7 +153,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     metrics.clone(),
                     store.clone(),
                 ));
-                let progress = match progress_url {
+                let progress = match progress_base_url {
                     Some(url) => {
                         let hub = std::sync::Arc::new(trainyard::progress::ProgressHub::new(Some(
                             metrics.progress_reports.clone(),
@@ -225,7 +225,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for file in &files {
                 let text = std::fs::read_to_string(file)
                     .with_context(|| format!("failed to read {}", file.display()))?;
-                match validate::parse_manifests(&text) {
+                match trainyard::job::parse_manifests(&text) {
                     Ok(jobs) => println!("{}: ok ({} TrainingJob)", file.display(), jobs.len()),
                     Err(problems) => {
                         bad += 1;
@@ -253,7 +253,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
-            let mut jobs = match validate::parse_manifests(&text) {
+            let mut jobs = match trainyard::job::parse_manifests(&text) {
                 Ok(jobs) => jobs,
                 Err(problems) => {
                     for p in &problems {

@@ -15,9 +15,6 @@ use axum::http::{HeaderMap, StatusCode};
 use prometheus::IntCounterVec;
 use trainyard_trainer::protocol::{MAX_REPORT_BYTES, PROGRESS_PATH, ProgressMessage};
 
-use crate::api::CheckpointRef;
-use crate::plan::ProgressReport;
-
 /// Shortest accepted interval between two reports of one job.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -33,7 +30,7 @@ fn valid_path(path: &str) -> bool {
 /// Tokens of the known jobs and their newest reports.
 pub struct ProgressHub {
     tokens: RwLock<HashMap<String, String>>,
-    latest: Mutex<HashMap<String, (ProgressReport, Instant)>>,
+    latest: Mutex<HashMap<String, (ProgressMessage, Instant)>>,
     counter: Option<IntCounterVec>,
 }
 
@@ -72,7 +69,7 @@ impl ProgressHub {
     }
 
     /// The newest report of a job.
-    pub fn latest(&self, namespace: &str, job: &str) -> Option<ProgressReport> {
+    pub fn latest(&self, namespace: &str, job: &str) -> Option<ProgressMessage> {
         self.latest
             .lock()
             .expect("hub lock")
@@ -125,22 +122,7 @@ impl ProgressHub {
         {
             return Err((StatusCode::TOO_MANY_REQUESTS, "reports too frequent"));
         }
-        let report = ProgressReport {
-            step: message.step,
-            loss: message.loss,
-            metric: message.metric,
-            samples_per_second: message.samples_per_second,
-            last_checkpoint: message.checkpoint.map(|c| CheckpointRef {
-                step: c.step,
-                path: c.path,
-            }),
-            participants: message.participants,
-            rejected: message.rejected,
-            epsilon: message.epsilon,
-            round_seconds: message.round_seconds,
-            adapter: message.adapter,
-        };
-        latest.insert(k, (report, Instant::now()));
+        latest.insert(k, (message, Instant::now()));
         Ok(())
     }
 }
@@ -216,7 +198,6 @@ mod tests {
     fn report(step: u64) -> Vec<u8> {
         serde_json::to_vec(&ProgressMessage {
             step,
-            total_steps: 100,
             loss: Some(0.5),
             ..Default::default()
         })
@@ -288,5 +269,26 @@ mod tests {
         }
         hub.forget("ml", "seg");
         assert!(hub.latest("ml", "seg").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_report_from_an_older_trainer_is_read_for_what_it_shares() {
+        let hub = Arc::new(ProgressHub::new(None));
+        hub.register("ml", "seg", "tok");
+        // What trainers before this release sent: two fields more.
+        let old = br#"{"step": 4, "total_steps": 12, "round": 4, "loss": 0.25}"#.to_vec();
+        assert_eq!(
+            post(&hub, "/v1/progress/ml/seg", Some("tok"), old).await,
+            StatusCode::NO_CONTENT
+        );
+        let latest = hub.latest("ml", "seg").unwrap();
+        assert_eq!(
+            latest,
+            ProgressMessage {
+                step: 4,
+                loss: Some(0.25),
+                ..Default::default()
+            }
+        );
     }
 }

@@ -534,6 +534,15 @@ fn the_federated_example_survives_a_killed_client_and_improves() {
     assert_eq!(status["progress"]["updatesRejected"], 0);
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(stderr.contains("ReplicaRestarted"), "{stderr}");
+    // Progress is counted in rounds, as the aggregator posted it.
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("progress "))
+        .collect();
+    assert!(
+        !lines.is_empty() && lines.iter().all(|l| l.contains("/12 rounds ")),
+        "{lines:?}"
+    );
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(&rounds)
         .unwrap()
         .lines()

@@ -376,7 +376,11 @@ pub fn eval_checkpoint(checkpoint: &Path, folder: Option<&Path>) -> Result<EvalR
     }
     let dataset = data::open(&config.data, config.model.in_channels, config.model.classes)?;
     check_dataset(&config, dataset.as_ref())?;
-    let split = Split::new(dataset.len(), config.data.val_fraction, config.data.seed);
+    let split = Split::new(
+        dataset.len(),
+        config.data.validation_fraction,
+        config.data.seed,
+    );
     let indices = if split.val.is_empty() {
         split.train
     } else {

@@ -543,7 +543,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(exit_code(&e))
+            std::process::ExitCode::from(trainyard_trainer::exit::code_of(&e))
         }
     }
 }
@@ -566,28 +566,6 @@ fn launch(
     )?)
 }
 
-/// Maps an error to the exit code a supervisor acts on (see `trainyard_trainer::exit`).
-fn exit_code(e: &anyhow::Error) -> u8 {
-    use trainyard_trainer::collective::CollectiveError;
-    use trainyard_trainer::exit;
-    if let Some(f) = e.downcast_ref::<trainyard_trainer::federated::FederatedError>() {
-        return match f {
-            trainyard_trainer::federated::FederatedError::Stopped(_) => exit::STOPPED,
-            f if f.is_transient() => exit::RETRYABLE,
-            _ => exit::FAILURE,
-        };
-    }
-    let collective = match e.downcast_ref::<train::TrainError>() {
-        Some(train::TrainError::Stopped { .. }) => return exit::STOPPED,
-        Some(train::TrainError::Collective(c)) => Some(c),
-        _ => e.downcast_ref::<CollectiveError>(),
-    };
-    match collective {
-        Some(c) if c.is_transient() => exit::RETRYABLE,
-        _ => exit::FAILURE,
-    }
-}
-
 /// The config from `--config`, else from TRAINYARD_CONFIG (inline JSON).
 fn load_config(config: Option<PathBuf>, overrides: &[String]) -> anyhow::Result<TrainerConfig> {
     Ok(match config {
@@ -600,6 +578,19 @@ fn load_config(config: Option<PathBuf>, overrides: &[String]) -> anyhow::Result<
             TrainerConfig::parse(&text, var.as_ref(), overrides)?
         }
     })
+}
+
+/// The run's last progress report (its final step, checkpoint or adapter)
+/// goes out before the process does, or is given up after a deadline.
+fn flush_progress(reporter: Option<&trainyard_trainer::report::Reporter>) {
+    use trainyard_trainer::report::FLUSH_DEADLINE;
+    if let Some(r) = reporter
+        && !r.flush(FLUSH_DEADLINE)
+    {
+        tracing::warn!(
+            "the last progress report did not go out within {FLUSH_DEADLINE:?}; the job's status may lag"
+        );
+    }
 }
 
 /// A flag raised by the first SIGTERM/SIGINT; a second one kills at once.
@@ -764,8 +755,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 },
                 metrics: serve_metrics(metrics_addr)?,
             };
-            let summary = federated::aggregator::run(&config, &opts)?;
-            println!("{}", serde_json::to_string(&summary)?);
+            let summary = federated::aggregator::run(&config, &opts);
+            flush_progress(opts.report.as_ref());
+            println!("{}", serde_json::to_string(&summary?)?);
             Ok(())
         }
         Command::Client {
@@ -858,8 +850,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 timeouts,
                 report: trainyard_trainer::report::Reporter::from_env(),
             };
-            let summary = train::train(&config, &opts)?;
-            println!("{}", serde_json::to_string(&summary)?);
+            let summary = train::train(&config, &opts);
+            flush_progress(opts.report.as_ref());
+            println!("{}", serde_json::to_string(&summary?)?);
             Ok(())
         }
         Command::Predict {

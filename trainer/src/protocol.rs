@@ -11,13 +11,15 @@ pub const MAX_REPORT_BYTES: usize = 16 * 1024;
 
 /// One progress report (JSON), authenticated with the job's token as
 /// `Authorization: Bearer <token>`.
+///
+/// Fields the operator does not know are ignored rather than refused: the
+/// trainer image is the user's, so a job may run a trainer older or newer
+/// than the operator (`total_steps` and `round`, which older trainers send,
+/// are among them). The body's size is bounded by [`MAX_REPORT_BYTES`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct ProgressMessage {
-    /// Completed optimiser steps.
+    /// Completed optimiser steps (federated: completed rounds).
     pub step: u64,
-    /// Steps the run will take.
-    pub total_steps: u64,
     /// Latest training loss.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
@@ -27,9 +29,6 @@ pub struct ProgressMessage {
     /// Training throughput of the whole group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples_per_second: Option<f64>,
-    /// Federated round, when there are rounds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub round: Option<u64>,
     /// Newest checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<CheckpointMessage>,

@@ -58,7 +58,7 @@ pub struct TrainingJobSpec {
     /// Container image with the `trainyard-trainer` binary.
     #[schemars(length(min = 1))]
     pub image: String,
-    /// The network to train.
+    /// The network to train: its family, widths, decoder, classes and optional heads.
     #[serde(default)]
     pub model: ModelSpec,
     /// Where samples come from, how they are split, and input noise.
@@ -104,6 +104,37 @@ pub enum Mode {
     Peft,
 }
 
+impl TrainingJobSpec {
+    /// Worker pods of a data-parallel job (Distributed, Peft); 1 otherwise.
+    pub fn worker_pods(&self) -> u32 {
+        match self.mode {
+            Mode::Distributed => self.distributed.as_ref().map_or(1, |d| d.workers),
+            Mode::Peft => self.peft.as_ref().map_or(1, |p| p.workers),
+            Mode::Federated => 1,
+        }
+    }
+
+    /// GPUs each worker pod requests (`nvidia.com/gpu`); federated replicas
+    /// train on the CPU.
+    pub fn gpus_per_worker(&self) -> u32 {
+        match self.mode {
+            Mode::Distributed => self.distributed.as_ref().map_or(0, |d| d.gpus_per_worker),
+            Mode::Peft => self.peft.as_ref().map_or(0, |p| p.gpus_per_worker),
+            Mode::Federated => 0,
+        }
+    }
+
+    /// Data-parallel ranks that train (and share each optimiser step): one
+    /// process per GPU, or one on the CPU, in every worker pod.
+    pub fn world_size(&self) -> u32 {
+        match self.mode {
+            // Each client trains alone; the aggregator does not train.
+            Mode::Federated => 1,
+            Mode::Distributed | Mode::Peft => self.worker_pods() * self.gpus_per_worker().max(1),
+        }
+    }
+}
+
 impl Mode {
     /// Every mode.
     pub const ALL: [Self; 3] = [Self::Distributed, Self::Federated, Self::Peft];
@@ -122,7 +153,8 @@ impl Mode {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ModelSpec {
-    /// Network family.
+    /// The network family to train; SegNet (the default and only one) is an
+    /// encoder-decoder whose decoder reuses the encoder's pooling indices.
     pub architecture: Architecture,
     /// Channels of each encoder stage; the decoder mirrors them.
     #[schemars(length(min = 1, max = 8), inner(range(min = 1, max = 4096)))]
@@ -130,12 +162,15 @@ pub struct ModelSpec {
     /// 3x3 conv, batch-norm, ReLU blocks per stage.
     #[schemars(range(min = 1, max = 8))]
     pub convs_per_stage: u32,
-    /// How the decoder upsamples.
+    /// How the decoder doubles the resolution at each stage: Unpool (the
+    /// default) places values at the encoder's argmax positions, Nearest
+    /// repeats them.
     pub decoder: Decoder,
-    /// Semantic classes, background included.
+    /// Number of semantic classes the model predicts, background included (4
+    /// for the shapes dataset).
     #[schemars(range(min = 2, max = 255))]
     pub classes: u32,
-    /// Input image channels (3 for RGB).
+    /// Channels of each input image: 3 for RGB, 1 for greyscale.
     #[schemars(range(min = 1, max = 64))]
     pub in_channels: u32,
     /// Also train a per-pixel instance-boundary head (enables panoptic quality).
@@ -148,7 +183,8 @@ pub struct ModelSpec {
     pub squeeze_excitation: bool,
 }
 
-/// Network family.
+/// The network family to train; SegNet (the default and only one) is an
+/// encoder-decoder whose decoder reuses the encoder's pooling indices.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Architecture {
     /// SegNet: encoder max-pooling saves argmax indices, the decoder unpools with them.
@@ -156,7 +192,9 @@ pub enum Architecture {
     SegNet,
 }
 
-/// How the decoder upsamples.
+/// How the decoder doubles the resolution at each stage: Unpool (the
+/// default) places values at the encoder's argmax positions, Nearest
+/// repeats them.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Decoder {
     /// Max-unpooling with the encoder's argmax indices (SegNet).
@@ -192,13 +230,15 @@ pub struct DataSpec {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct ShapesData {
-    /// Samples, training and validation together.
+    /// Number of synthetic samples to generate, training and validation
+    /// together (data.validationFraction of them are held out).
     #[schemars(range(min = 2, max = 10000000))]
     pub samples: u64,
     /// Image height and width in pixels (a multiple of 2 per encoder stage).
     #[schemars(range(min = 8, max = 4096))]
     pub image_size: u32,
-    /// Most shapes per image.
+    /// Largest number of shapes drawn on one image; each image gets between one
+    /// and this many.
     #[schemars(range(min = 1, max = 64))]
     pub max_shapes: u32,
     /// Generator seed: the same seed gives the same samples on every replica.
@@ -217,7 +257,8 @@ pub struct ShapesData {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FolderData {
-    /// Absolute path inside the container.
+    /// Absolute path of the dataset directory inside the container (or on this
+    /// machine for `trainyard local`).
     #[schemars(length(min = 1))]
     pub path: String,
 }
@@ -248,14 +289,17 @@ pub struct TrainingSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub epochs: Option<u64>,
-    /// Samples per micro-batch on each replica.
+    /// Samples in one forward/backward pass on each training process; the
+    /// global batch is this times the processes times
+    /// distributed.accumulateSteps.
     #[schemars(range(min = 1, max = 65536))]
     pub batch_size: u32,
-    /// The optimiser.
+    /// The optimiser and its hyper-parameters (AdamW unless set).
     pub optimizer: OptimizerSpec,
-    /// Learning-rate warm-up and decay.
+    /// How the learning rate warms up from 0 and then decays over the run.
     pub schedule: ScheduleSpec,
-    /// Seed of parameter initialisation and noise.
+    /// Seed of the parameter initialisation (adapters included) and of the
+    /// training noise: the same seed and data give the same run.
     pub seed: u64,
     /// Clip gradients to this global L2 norm; 0 disables clipping.
     #[schemars(range(min = 0.0))]
@@ -294,10 +338,12 @@ pub enum ComputeDevice {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct OptimizerSpec {
-    /// Algorithm.
+    /// The optimisation algorithm: AdamW (decoupled weight decay) or Sgd (with
+    /// momentum).
     #[serde(rename = "type")]
     pub kind: OptimizerKind,
-    /// Peak learning rate.
+    /// Learning rate reached at the end of the warm-up, from which the schedule
+    /// decays.
     #[schemars(range(min = 0.0, max = 100.0))]
     pub lr: f64,
     /// Weight decay (decoupled for AdamW, an L2 term for Sgd). Default 1e-4
@@ -342,22 +388,28 @@ pub enum OptimizerKind {
 pub struct ScheduleSpec {
     /// Steps of linear warm-up from 0 to the peak learning rate.
     pub warmup_steps: u64,
-    /// Decay after warm-up.
+    /// How the learning rate falls after the warm-up: Constant keeps it, Cosine
+    /// anneals it to finalFactor times the peak, Step multiplies it by gamma
+    /// every stepEvery steps.
     pub decay: Decay,
     /// Cosine: learning rate at the last step as a fraction of the peak.
     #[schemars(range(min = 0.0, max = 1.0))]
     pub final_factor: f64,
-    /// Step: steps between decays.
+    /// Step decay only: optimiser steps between two multiplications by gamma
+    /// (required with decay Step).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub step_every: Option<u64>,
-    /// Step: multiplicative factor per decay.
+    /// Step decay only: factor in (0, 1] the learning rate is multiplied by
+    /// every stepEvery steps (required with decay Step).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub gamma: Option<f64>,
 }
 
-/// Decay after warm-up.
+/// How the learning rate falls after the warm-up: Constant keeps it, Cosine
+/// anneals it to finalFactor times the peak, Step multiplies it by gamma
+/// every stepEvery steps.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Decay {
     /// Cosine to `finalFactor` × peak at the last step.
@@ -391,7 +443,8 @@ pub struct DistributedSpec {
     /// `every` steps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_sgd: Option<LocalSgdSpec>,
-    /// Gradient compression on the wire.
+    /// How gradients are compressed before the all-reduce (none unless set):
+    /// fewer bytes on the network for a small loss of precision.
     pub compression: CompressionSpec,
     /// Gradients are all-reduced in flat buckets of at most this many MiB.
     #[schemars(range(min = 0.001, max = 4096.0))]
@@ -437,13 +490,14 @@ pub struct LocalSgdSpec {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct OuterOptimizerSpec {
-    /// Outer learning rate.
+    /// DiLoCo outer learning rate applied to the averaged parameter change
+    /// every localSgd.every steps (0.7 in the DiLoCo paper).
     #[schemars(range(min = 0.0, max = 10.0))]
     pub lr: f64,
-    /// Outer momentum.
+    /// DiLoCo outer momentum factor (0.9 in the DiLoCo paper).
     #[schemars(range(min = 0.0, max = 1.0))]
     pub momentum: f64,
-    /// Nesterov momentum.
+    /// Whether the outer step uses Nesterov momentum (as DiLoCo does).
     pub nesterov: bool,
 }
 
@@ -451,7 +505,8 @@ pub struct OuterOptimizerSpec {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct CompressionSpec {
-    /// Wire format of gradients.
+    /// What goes on the wire: None (fp32), Fp16 or Bf16 (half the bytes), or
+    /// TopK (only the largest entries, with error feedback; set ratio).
     #[serde(rename = "type")]
     pub kind: CompressionKind,
     /// TopK: fraction of gradient entries each worker sends per step (the
@@ -461,7 +516,8 @@ pub struct CompressionSpec {
     pub ratio: Option<f64>,
 }
 
-/// Wire format of gradients.
+/// What goes on the wire: None (fp32), Fp16 or Bf16 (half the bytes), or
+/// TopK (only the largest entries, with error feedback; set ratio).
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum CompressionKind {
     /// Full f32.
@@ -485,10 +541,11 @@ pub struct FederatedSpec {
     /// Fewest client updates that complete a round.
     #[schemars(range(min = 1, max = 10000))]
     pub min_clients: u32,
-    /// Aggregation rounds.
+    /// Federated rounds to run: in each, sampled clients train locally and the
+    /// aggregator combines their updates into the global model.
     #[schemars(range(min = 1, max = 1000000))]
     pub rounds: u64,
-    /// Port the aggregator listens on.
+    /// TCP port the aggregator serves clients on inside its pod.
     #[schemars(range(min = 1024, max = 65535))]
     pub port: u16,
     /// Optimiser steps each sampled client runs per round on its own data.
@@ -510,7 +567,8 @@ pub struct FederatedSpec {
     /// Attempts of one round (too few clients) before the aggregator gives up.
     #[schemars(range(min = 1, max = 1000))]
     pub round_attempts: u32,
-    /// How updates are combined.
+    /// How the aggregator combines the round's client updates (a weighted mean
+    /// unless set; robust rules resist hostile clients).
     pub aggregation: AggregationSpec,
     /// How the combined update moves the global model.
     pub server_optimizer: ServerOptimizerSpec,
@@ -521,10 +579,13 @@ pub struct FederatedSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub max_update_norm: Option<f64>,
-    /// Largest update accepted, MiB.
+    /// Largest client update body the aggregator reads, in MiB; a bigger one is
+    /// refused before it is read (the model's own largest valid update bounds
+    /// it further).
     #[schemars(range(min = 0.0))]
     pub max_update_mib: f64,
-    /// Central differential privacy.
+    /// Central differential privacy: updates are clipped and Gaussian noise is
+    /// added to their mean, and the ε spent is reported (off unless set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacySpec>,
     /// How the built-in dataset is split across clients.
@@ -552,7 +613,8 @@ pub struct FederatedTlsSpec {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct AggregationSpec {
-    /// Rule.
+    /// The aggregation rule: Mean (weighted by examples, FedAvg), Median,
+    /// TrimmedMean, or Krum (Byzantine-robust).
     #[serde(rename = "type")]
     pub kind: AggregationKind,
     /// TrimmedMean: fraction cut from each end (default 0.2).
@@ -637,7 +699,8 @@ pub enum ServerOptimizerKind {
     Yogi,
 }
 
-/// Central differential privacy.
+/// Central differential privacy: updates are clipped and Gaussian noise is
+/// added to their mean, and the ε spent is reported (off unless set).
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PrivacySpec {
@@ -683,7 +746,8 @@ pub struct PartitionSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub classes_per_client: Option<u32>,
-    /// Seed of the split.
+    /// Seed of the split of samples among clients: the same seed gives each
+    /// client the same data.
     pub seed: u64,
 }
 
@@ -708,11 +772,12 @@ pub struct PeftSpec {
     /// safetensors checkpoint with the base model's weights, inside the container.
     #[schemars(length(min = 1))]
     pub base_checkpoint: String,
-    /// LoRA rank r.
+    /// LoRA rank r: the inner dimension of the low-rank update B·A added to
+    /// each targeted weight; larger ranks train more parameters.
     #[serde(default = "d::lora_rank")]
     #[schemars(range(min = 1, max = 1024))]
     pub rank: u32,
-    /// LoRA alpha (scale α/r).
+    /// LoRA alpha: the update B·A is scaled by α/r (α/√r with useRslora).
     #[serde(default = "d::lora_alpha")]
     #[schemars(range(min = 0.0))]
     pub alpha: f64,
@@ -723,7 +788,8 @@ pub struct PeftSpec {
     /// Modules trained fully and saved with the adapter (e.g. `head` for new classes).
     #[serde(default)]
     pub modules_to_save: Vec<String>,
-    /// Dropout on the adapter's input.
+    /// Dropout probability on the adapter's input during training (0 disables
+    /// it).
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub dropout: f64,
@@ -733,7 +799,7 @@ pub struct PeftSpec {
     /// DoRA: also train a magnitude per output channel of each adapted layer.
     #[serde(default)]
     pub use_dora: bool,
-    /// Worker replicas (data-parallel fine-tuning).
+    /// Worker pods that fine-tune data-parallel, each on its shard of the data.
     #[serde(default = "d::one")]
     #[schemars(range(min = 1, max = 4096))]
     pub workers: u32,
@@ -750,7 +816,8 @@ pub struct PeftSpec {
 pub struct CheckpointSpec {
     /// Checkpoint every this many steps (and at the end); 0 only at the end.
     pub interval_steps: u64,
-    /// Most recent checkpoints to keep.
+    /// How many of the newest checkpoints each replica keeps; older ones are
+    /// deleted after a new one is written.
     #[schemars(range(min = 1, max = 1000))]
     pub keep: u32,
     /// Directory inside the container for run outputs; each replica writes
@@ -769,16 +836,17 @@ pub struct PodTemplateOverrides {
     /// Extra pod labels (Trainyard's own labels win on conflict).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
-    /// Extra pod annotations.
+    /// Annotations added to every pod of the job (e.g. for a service mesh or a
+    /// log shipper).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
-    /// Node labels the pods must match.
+    /// Node labels a node must carry to run the job's pods (e.g. a GPU type).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
-    /// Tolerations, e.g. for GPU node taints.
+    /// Tolerations of the job's pods, e.g. for the taints of GPU nodes.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
-    /// Node and pod affinity.
+    /// Node and pod affinity of the job's pods, as in a Pod spec.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
     /// Pod volumes (datasets, checkpoint storage).
@@ -791,13 +859,15 @@ pub struct PodTemplateOverrides {
     /// sets itself (RANK, WORLD_SIZE, MASTER_ADDR, TRAINYARD_*, ...) are refused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
-    /// Secrets for pulling the image.
+    /// Secrets holding registry credentials for pulling spec.image.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub image_pull_secrets: Vec<LocalObjectReference>,
-    /// Service account of the pods.
+    /// Service account the job's pods run as (its token is not mounted unless
+    /// template.automountServiceAccountToken is true).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
-    /// Priority class of the pods.
+    /// Priority class of the job's pods, which decides their scheduling order
+    /// and preemption.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
     /// Scheduler of the pods (e.g. volcano); gang gating is then left to it.
@@ -874,10 +944,11 @@ pub enum CleanPodPolicy {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FailureRule {
-    /// Exit codes this rule matches.
+    /// Container exit codes this rule applies to.
     #[schemars(length(min = 1), inner(range(min = 1, max = 255)))]
     pub exit_codes: Vec<i32>,
-    /// What a matching failure does.
+    /// What a replica failing with one of these exit codes does: FailJob fails
+    /// the job at once, RestartGang restarts it (counted against backoffLimit).
     pub action: FailureAction,
 }
 

@@ -119,11 +119,11 @@ impl std::fmt::Display for Phase {
 pub struct ReplicaCounts {
     /// Replicas that exist and have not finished (pending or running).
     pub active: u32,
-    /// Replicas running and ready.
+    /// Replicas of the current attempt that are running and ready.
     pub ready: u32,
-    /// Replicas that exited successfully.
+    /// Replicas of the current attempt that exited with code 0.
     pub succeeded: u32,
-    /// Replicas that failed.
+    /// Replicas of the current attempt that exited with a failure.
     pub failed: u32,
 }
 
@@ -131,19 +131,19 @@ pub struct ReplicaCounts {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Progress {
-    /// Completed optimiser steps.
+    /// Optimiser steps completed so far (federated: rounds).
     #[serde(default)]
     pub step: u64,
     /// Steps the job will run.
     #[serde(default)]
     pub total_steps: u64,
-    /// Completed federated rounds.
+    /// Federated rounds the aggregator has completed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub round: Option<u64>,
     /// Federated rounds the job will run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_rounds: Option<u64>,
-    /// Latest training loss.
+    /// The latest training loss the leader reported (the mean over its last batch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
     /// Latest validation metric (mean IoU).
@@ -152,7 +152,7 @@ pub struct Progress {
     /// Training throughput of the whole job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples_per_second: Option<f64>,
-    /// Newest checkpoint.
+    /// The newest checkpoint the leader wrote, from which a restart resumes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint: Option<CheckpointRef>,
     /// Federated: clients whose updates made the last round.
@@ -182,7 +182,7 @@ pub struct Progress {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckpointRef {
-    /// Step it holds.
+    /// The optimiser step (federated: round) the checkpoint holds.
     pub step: u64,
     /// Where it is, as the replica sees it.
     pub path: String,

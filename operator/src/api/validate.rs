@@ -5,18 +5,20 @@
 //! 2. strict typing (unknown fields are errors here, where the apiserver
 //!    would only warn and prune them);
 //! 3. the CEL rules of the CRD, evaluated locally;
-//! 4. semantic rules no schema can express (names, env, volumes, what this
-//!    release of the trainer can run).
+//! 4. semantic rules no schema can express (names, env, volumes, devices).
+//!
+//! What this release of the trainer can run is the last layer, where the
+//! spec becomes facts: [`crate::job::ValidatedJob`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use trainyard_trainer::env;
 
 use super::{GROUP, TrainingJob, VERSION, crd};
-use crate::plan::config as plan_config;
 
 /// One problem with a manifest.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
+#[error("{path}: {message}")]
 pub struct Problem {
     /// Field path, e.g. `spec.distributed.workers`.
     pub path: String,
@@ -25,7 +27,8 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+    /// A problem at `path`.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             path: path.into(),
             message: message.into(),
@@ -33,21 +36,24 @@ impl Problem {
     }
 }
 
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
 /// Longest job name: pod names add `-aggregator-NNNN`, and the job's Service
 /// name must stay a 63-character DNS label.
 pub const MAX_NAME_LEN: usize = 47;
 
-/// Parses every YAML document in `text` as a TrainingJob and validates it.
-/// Returns the jobs, or every problem of every document (prefixed with the
-/// document index when there is more than one).
+/// Parses every YAML document in `text` as a TrainingJob and validates it
+/// (layers 1 to 4). Returns the jobs, or every problem of every document.
 pub fn parse_manifests(text: &str) -> Result<Vec<TrainingJob>, Vec<Problem>> {
-    let mut jobs = Vec::new();
+    parse_each(text, parse_manifest)
+}
+
+/// Reads every YAML document in `text` with `parse`. Returns what each gave,
+/// or every problem of every document (prefixed with the document index
+/// when there is more than one).
+pub fn parse_each<T>(
+    text: &str,
+    parse: impl Fn(serde_yaml::Value) -> Result<T, Vec<Problem>>,
+) -> Result<Vec<T>, Vec<Problem>> {
+    let mut parsed = Vec::new();
     let mut problems = Vec::new();
     let docs: Vec<serde_yaml::Value> = match serde_yaml::Deserializer::from_str(text)
         .map(serde::Deserialize::deserialize)
@@ -70,8 +76,8 @@ pub fn parse_manifests(text: &str) -> Result<Vec<TrainingJob>, Vec<Problem>> {
     }
     let many = docs.len() > 1;
     for (i, doc) in docs.into_iter().enumerate() {
-        match parse_manifest(doc) {
-            Ok(job) => jobs.push(job),
+        match parse(doc) {
+            Ok(one) => parsed.push(one),
             Err(ps) => problems.extend(ps.into_iter().map(|p| {
                 if many {
                     Problem::new(format!("[document {}] {}", i + 1, p.path), p.message)
@@ -82,7 +88,7 @@ pub fn parse_manifests(text: &str) -> Result<Vec<TrainingJob>, Vec<Problem>> {
         }
     }
     if problems.is_empty() {
-        Ok(jobs)
+        Ok(parsed)
     } else {
         Err(problems)
     }
@@ -119,9 +125,7 @@ pub fn parse_manifest(doc: serde_yaml::Value) -> Result<TrainingJob, Vec<Problem
     problems.extend(schema_problems(&value));
     match serde_path_to_error::deserialize::<_, TrainingJob>(&value) {
         Ok(job) => {
-            // The trainer's own checks would repeat what the schema said.
-            let backstop = problems.is_empty();
-            problems.extend(check_layers(&job, backstop));
+            problems.extend(check(&job));
             if problems.is_empty() {
                 return Ok(job);
             }
@@ -190,10 +194,6 @@ fn schema_problems(value: &serde_json::Value) -> Vec<Problem> {
 /// Layers 3 and 4 on a typed job: CEL rules and semantics. Every problem is
 /// reported, not just the first.
 pub fn check(job: &TrainingJob) -> Vec<Problem> {
-    check_layers(job, true)
-}
-
-fn check_layers(job: &TrainingJob, trainer_backstop: bool) -> Vec<Problem> {
     let mut problems = Vec::new();
     if let Err(errors) = job.validate_cel() {
         for e in errors.into_vec() {
@@ -206,7 +206,7 @@ fn check_layers(job: &TrainingJob, trainer_backstop: bool) -> Vec<Problem> {
         }
     }
     check_name(job, &mut problems);
-    check_spec(job, trainer_backstop, &mut problems);
+    check_spec(job, &mut problems);
     problems
 }
 
@@ -231,7 +231,7 @@ fn check_name(job: &TrainingJob, problems: &mut Vec<Problem>) {
     }
 }
 
-fn check_spec(job: &TrainingJob, trainer_backstop: bool, problems: &mut Vec<Problem>) {
+fn check_spec(job: &TrainingJob, problems: &mut Vec<Problem>) {
     let spec = &job.spec;
     check_device(spec, problems);
     if let Some(f) = &spec.data.folder
@@ -269,13 +269,6 @@ fn check_spec(job: &TrainingJob, trainer_backstop: bool, problems: &mut Vec<Prob
     check_template(spec, problems);
     check_resources(spec, problems);
     check_failure_rules(spec, problems);
-    // The trainer's own config checks, when nothing above already explains.
-    if trainer_backstop
-        && problems.is_empty()
-        && let Err(e) = plan_config::trainer_config(spec)
-    {
-        problems.push(Problem::new(e.path, e.message));
-    }
 }
 
 fn check_template(spec: &super::TrainingJobSpec, problems: &mut Vec<Problem>) {
@@ -322,7 +315,7 @@ fn check_device(spec: &super::TrainingJobSpec, problems: &mut Vec<Problem>) {
         Mode::Peft => "spec.peft.gpusPerWorker",
         Mode::Federated => "",
     };
-    let gpus = plan_config::gpus_per_worker(spec);
+    let gpus = spec.gpus_per_worker();
     match (spec.training.device, spec.mode) {
         (ComputeDevice::Cuda, Mode::Federated) => problems.push(Problem::new(
             "spec.training.device",
@@ -489,9 +482,8 @@ spec:
     }
 
     #[test]
-    fn trainer_limits_surface_as_spec_paths() {
-        let p = problems(&with_spec("  data: {shapes: {imageSize: 36}}\n"));
-        assert!(p.iter().any(|m| m.starts_with("spec.")), "{p:?}");
+    fn what_only_the_trainer_knows_is_left_to_the_job_layer() {
+        assert!(problems(&with_spec("  data: {shapes: {imageSize: 36}}\n")).is_empty());
     }
 
     #[test]

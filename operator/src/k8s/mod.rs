@@ -25,6 +25,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{Phase, TrainingJob};
+use crate::job::{Identity, MissingMetadata, ValidatedJob};
 use crate::metrics::OperatorMetrics;
 use crate::plan::{self, Action, EventType, Observation, Placement};
 use crate::progress::ProgressHub;
@@ -66,8 +67,8 @@ pub enum ReconcileError {
         timeout: Duration,
     },
     /// The object lacks what every stored object has.
-    #[error("the TrainingJob has no metadata.{0}")]
-    MissingMetadata(&'static str),
+    #[error(transparent)]
+    MissingMetadata(#[from] MissingMetadata),
     /// One of the job's Secrets lacks the key the operator put there.
     #[error(
         "Secret {secret} has no key {key:?}; delete the Secret and the operator creates a new one"
@@ -426,9 +427,7 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Requeue, ReconcileError> {
     use kube::runtime::finalizer::{Error as FinalizerError, Event as Finalized, finalizer};
-    let ns = job
-        .namespace()
-        .ok_or(ReconcileError::MissingMetadata("namespace"))?;
+    let ns = job.namespace().ok_or(MissingMetadata("namespace"))?;
     if job.metadata.deletion_timestamp.is_some() && !job.finalizers().iter().any(|f| f == FINALIZER)
     {
         // Deleted before it carried our finalizer: nothing waits for us,
@@ -483,11 +482,8 @@ fn cleanup(job: &TrainingJob, ctx: &Context) {
 
 /// Observe, plan, act, for a job that is not being deleted.
 async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, ReconcileError> {
-    let ns = job
-        .namespace()
-        .ok_or(ReconcileError::MissingMetadata("namespace"))?;
-    let name = job.name_any();
-    let uid = job.uid().ok_or(ReconcileError::MissingMetadata("uid"))?;
+    let id = Identity::of(&job)?;
+    let (ns, name, uid) = (id.namespace.clone(), id.name.clone(), id.uid.clone());
     if ctx.is_stale(&job) {
         // Deciding on a status older than our own last write could undo it
         // (delete the gang it created, count a restart twice).
@@ -532,7 +528,17 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
         admission: ctx.refusal(&uid),
     };
     let now = Timestamp::now();
-    let decision = plan::plan(&job, &observation, now, &Placement::Kubernetes);
+    // The one place a reconcile turns the spec into facts.
+    let decision = match ValidatedJob::new(id, &job.spec) {
+        Ok(facts) => plan::plan(
+            &facts,
+            job.status.as_ref(),
+            &observation,
+            now,
+            &Placement::Kubernetes,
+        ),
+        Err(problem) => plan::reject(&job, &problem, &observation, now),
+    };
     ctx.metrics
         .observe(&job, job.status.as_ref(), &decision.status, now);
     // History never holds up the pods: records are queued, not awaited.

@@ -395,7 +395,7 @@ mod tests {
         let j = job(
             "  template:\n    labels: {team: vision, trainyard.dev/attempt: spoof}\n    nodeSelector: {pool: cpu}\n",
         );
-        let rs = replicas::desired(&j, 3, &Placement::Kubernetes).unwrap();
+        let rs = replicas::desired(&crate::job::facts(&j), 3, &Placement::Kubernetes);
         let p = pod(&j, &rs[1], true, None);
         let labels = p.metadata.labels.as_ref().unwrap();
         assert_eq!(labels["team"], "vision");
@@ -447,7 +447,7 @@ mod tests {
     #[test]
     fn pods_meet_the_restricted_profile_unless_the_template_says_otherwise() {
         let j = job("");
-        let rs = replicas::desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let rs = replicas::desired(&crate::job::facts(&j), 0, &Placement::Kubernetes);
         let spec = pod(&j, &rs[0], false, None).spec.unwrap();
         let sc = spec.security_context.as_ref().unwrap();
         assert_eq!(
@@ -479,7 +479,7 @@ mod tests {
         let j = job(
             "  checkpoints: {location: /ckpt/runs}\n  template:\n    securityContext: {runAsUser: 1000}\n    containerSecurityContext: {readOnlyRootFilesystem: false}\n    automountServiceAccountToken: true\n    volumes: [{name: ckpt, persistentVolumeClaim: {claimName: c}}]\n    volumeMounts: [{name: ckpt, mountPath: /ckpt}]\n",
         );
-        let rs = replicas::desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let rs = replicas::desired(&crate::job::facts(&j), 0, &Placement::Kubernetes);
         let spec = pod(&j, &rs[0], false, None).spec.unwrap();
         assert_eq!(
             spec.security_context.as_ref().unwrap().run_as_user,
@@ -510,9 +510,7 @@ mod tests {
     #[test]
     fn gpus_become_limits_and_requests() {
         let j = job("");
-        let mut r = replicas::desired(&j, 0, &Placement::Kubernetes)
-            .unwrap()
-            .remove(0);
+        let mut r = replicas::desired(&crate::job::facts(&j), 0, &Placement::Kubernetes).remove(0);
         r.gpus = 2;
         let p = pod(&j, &r, true, None);
         let res = p.spec.unwrap().containers[0].resources.clone().unwrap();
@@ -523,7 +521,7 @@ mod tests {
     #[test]
     fn the_service_is_headless_and_publishes_unready_pods() {
         let j = job("");
-        let rs = replicas::desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let rs = replicas::desired(&crate::job::facts(&j), 0, &Placement::Kubernetes);
         let s = service(&j, &rs[0]);
         let spec = s.spec.unwrap();
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));

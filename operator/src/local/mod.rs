@@ -3,15 +3,15 @@
 //! The same planner as on a cluster; replicas become child processes of
 //! `trainyard-trainer` on 127.0.0.1 with the env a pod would get. The loop is
 //! observe → [`plan`] → act, every `poll` interval:
-//! - observe: which children exited and how, and the leader's progress;
+//! - observe: which children exited and how, and the leader's progress, which
+//!   it posts to a progress endpoint on 127.0.0.1 with the job's token, as a
+//!   pod posts to the operator's;
 //! - act: spawn, stop (SIGTERM, then SIGKILL after a grace period), report.
 //!
 //! Outputs under `--out`: `status.json` (what `.status` would hold on a
 //! cluster), `replicas.json` (pid and state of every child), `logs/<replica>.log`,
 //! and each replica's run directory. A rerun with the same `--out` continues
 //! the job (its attempt and restart count included) instead of starting over.
-
-pub mod progress;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
@@ -30,10 +30,11 @@ use serde::Serialize;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api::{Phase, TrainingJob, TrainingJobStatus};
+use crate::job::ValidatedJob;
 use crate::metrics::OperatorMetrics;
 use crate::plan::{self, Action, EventType, Observation, ObservedReplica, Placement, ReplicaState};
+use crate::progress::ProgressHub;
 use crate::store::{Store, history};
-use progress::MetricsTail;
 
 /// The trainer's binary name.
 pub const TRAINER_BIN: &str = "trainyard-trainer";
@@ -148,14 +149,11 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
     // Held until this run ends: two runners on one directory would start
     // two gangs over the same checkpoints.
     let _lock = lock_out(&out)?;
-    let name = job.metadata.name.clone().unwrap_or_default();
-    job.metadata
-        .namespace
-        .get_or_insert_with(|| "default".into());
-    job.metadata.generation.get_or_insert(1);
     // A local job's identity (its history key) lives with its outputs, so a
     // rerun that resumes it is the same job.
-    job.metadata.uid = Some(local_uid(&out)?);
+    job = crate::job::with_uid(job, local_uid(&out)?);
+    let facts = crate::job::validated(&job).map_err(|p| anyhow::anyhow!("{p}"))?;
+    let name = facts.id.name.clone();
     let status_path = out.join("status.json");
     if let Some(previous) = load_status(&status_path, &name)? {
         if previous.phase.is_terminal() {
@@ -168,7 +166,7 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
         }
         job.status = Some(previous);
     }
-    let threads = thread_hint(&job);
+    let threads = thread_hint(&facts);
     let master_port = free_port()?;
     let placement = Placement::Local {
         master_port,
@@ -195,16 +193,14 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
         }
         None => None,
     };
-    let leader_dir = plan::replicas::desired(&job, 0, &placement)
-        .map(|gang| PathBuf::from(&gang[0].out_dir))
-        .unwrap_or_default();
-    let mut tail = MetricsTail::new(leader_dir);
+    let (hub, progress_env) = progress_endpoint(&facts).await?;
     let mut children: BTreeMap<String, Child> = BTreeMap::new();
     let mut interrupt = signal(SignalKind::interrupt()).context("failed to watch SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("failed to watch SIGTERM")?;
     let ui = Ui::new(
         opts.progress_bar,
-        plan::config::total_steps(&job.spec).unwrap_or(0),
+        facts.total_steps,
+        if facts.federated() { "rounds" } else { "steps" },
     );
     let mut last_written = None;
     let mut last_records = String::new();
@@ -219,12 +215,12 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
                     state: c.exited.clone().unwrap_or(ReplicaState::Running),
                 })
                 .collect(),
-            progress: tail.poll(),
+            progress: hub.latest(&facts.id.namespace, &facts.id.name),
             history: opts.store.as_ref().map(Store::healthy),
             admission: None,
         };
         let now = Timestamp::now();
-        let decision = plan::plan(&job, &observation, now, &placement);
+        let decision = plan::plan(&facts, job.status.as_ref(), &observation, now, &placement);
         if let Some(metrics) = &metrics {
             metrics.observe(&job, job.status.as_ref(), &decision.status, now);
         }
@@ -236,7 +232,7 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
         for action in decision.actions {
             match action {
                 Action::Create(replica) => {
-                    let child = spawn(&opts.trainer, &replica, &out, threads)?;
+                    let child = spawn(&opts.trainer, &replica, &progress_env, &out, threads)?;
                     children.insert(replica.name.clone(), child);
                 }
                 Action::Delete { name } => stop(&mut children, &name),
@@ -445,6 +441,34 @@ fn observe(children: &mut BTreeMap<String, Child>) {
     children.retain(|_, c| !(c.stopping.is_some() && c.exited.is_some()));
 }
 
+/// The job's progress endpoint: the operator's, on 127.0.0.1, taking the
+/// job's reports with a fresh token; and the env that points a replica at it.
+async fn progress_endpoint(
+    job: &ValidatedJob,
+) -> anyhow::Result<(Arc<ProgressHub>, Vec<(&'static str, String)>)> {
+    use trainyard_trainer::{env, protocol::PROGRESS_PATH};
+    let hub = Arc::new(ProgressHub::new(None));
+    let token = crate::random_hex(32)
+        .map_err(|e| anyhow::anyhow!("no randomness for the progress token: {e}"))?;
+    let (namespace, name) = (&job.id.namespace, &job.id.name);
+    hub.register(namespace, name, &token);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("cannot listen for progress reports on 127.0.0.1")?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(trainyard_trainer::serve::serve(
+        listener,
+        crate::progress::router(hub.clone()),
+        None,
+        trainyard_trainer::serve::Limits::default(),
+    ));
+    let url = format!("http://{addr}{PROGRESS_PATH}/{namespace}/{name}");
+    Ok((
+        hub,
+        vec![(env::PROGRESS_URL, url), (env::PROGRESS_TOKEN, token)],
+    ))
+}
+
 fn signal_name(sig: i32) -> String {
     Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
 }
@@ -452,6 +476,7 @@ fn signal_name(sig: i32) -> String {
 fn spawn(
     trainer: &Path,
     replica: &plan::Replica,
+    progress_env: &[(&str, String)],
     out: &Path,
     threads: Option<usize>,
 ) -> anyhow::Result<Child> {
@@ -498,6 +523,7 @@ fn spawn(
     for var in &replica.env {
         cmd.env(&var.name, var.value.as_deref().unwrap_or(""));
     }
+    cmd.envs(progress_env.iter().map(|(k, v)| (k, v)));
     if let Some(n) = threads {
         cmd.env("RAYON_NUM_THREADS", n.to_string());
     }
@@ -588,12 +614,12 @@ fn records(children: &BTreeMap<String, Child>) -> Vec<ReplicaRecord<'_>> {
 
 /// Threads per replica when the spec leaves it open: the cores shared by the
 /// replicas, so two workers on two cores do not fight over them.
-fn thread_hint(job: &TrainingJob) -> Option<usize> {
+fn thread_hint(job: &ValidatedJob) -> Option<usize> {
     if job.spec.training.threads.is_some() {
         return None;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let replicas = plan::config::world_size(&job.spec) as usize;
+    let replicas = job.world_size as usize;
     Some((cores / replicas.max(1)).max(1))
 }
 
@@ -642,17 +668,19 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 /// Progress bar on a terminal, log lines elsewhere.
 struct Ui {
     bar: Option<ProgressBar>,
+    unit: &'static str,
     last_line: std::cell::Cell<Option<(Instant, u64)>>,
 }
 
 impl Ui {
-    fn new(progress_bar: bool, total_steps: u64) -> Self {
+    /// `unit`: what the job counts (steps, or a federated job's rounds).
+    fn new(progress_bar: bool, total: u64, unit: &'static str) -> Self {
         let bar = (progress_bar && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new(total_steps);
+            let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{spinner}} [{{elapsed_precise}}] {{bar:30}} {{pos}}/{{len}} {unit} {{msg}}"
+                ))
                 .expect("a valid template"),
             );
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -660,6 +688,7 @@ impl Ui {
         });
         Self {
             bar,
+            unit,
             last_line: std::cell::Cell::new(None),
         }
     }
@@ -704,7 +733,10 @@ impl Ui {
                     step != p.step && at.elapsed() >= Duration::from_secs(5)
                 });
                 if due {
-                    eprintln!("progress step {}/{} {detail}", p.step, p.total_steps);
+                    eprintln!(
+                        "progress {}/{} {} {detail}",
+                        p.step, p.total_steps, self.unit
+                    );
                     self.last_line.set(Some((Instant::now(), p.step)));
                 }
             }

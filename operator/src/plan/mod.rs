@@ -35,7 +35,6 @@
 //! Exit codes: `runPolicy.failureRules` first; otherwise 75 (the trainer's
 //! "a peer failed") and 128–255 (killed by a signal) are retryable, the rest permanent.
 
-pub mod config;
 pub mod replicas;
 
 #[cfg(test)]
@@ -47,11 +46,14 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use trainyard_trainer::exit;
+use trainyard_trainer::protocol::ProgressMessage;
 
+use crate::api::validate::Problem;
 use crate::api::{
-    CheckpointRef, CleanPodPolicy, FailureAction, Phase, Progress, ReplicaCounts, TrainingJob,
-    TrainingJobStatus,
+    CheckpointRef, CleanPodPolicy, FailureAction, Phase, Progress, ReplicaCounts, RunPolicy,
+    TrainingJob, TrainingJobStatus,
 };
+use crate::job::ValidatedJob;
 pub use replicas::{Placement, Replica, Role};
 
 /// What a replica is doing, as observed.
@@ -90,38 +92,13 @@ pub struct ObservedReplica {
     pub state: ReplicaState,
 }
 
-/// Latest progress reported by the job's leader.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ProgressReport {
-    /// Completed steps.
-    pub step: u64,
-    /// Latest training loss.
-    pub loss: Option<f64>,
-    /// Latest validation mIoU.
-    pub metric: Option<f64>,
-    /// Throughput of the whole job.
-    pub samples_per_second: Option<f64>,
-    /// Newest checkpoint.
-    pub last_checkpoint: Option<CheckpointRef>,
-    /// Federated: participants of the last round.
-    pub participants: Option<u32>,
-    /// Federated: updates rejected so far.
-    pub rejected: Option<u64>,
-    /// Federated: ε spent so far.
-    pub epsilon: Option<f64>,
-    /// Federated: seconds of the last round.
-    pub round_seconds: Option<f64>,
-    /// Fine-tuning: the adapter's location.
-    pub adapter: Option<String>,
-}
-
 /// Everything the planner is told about the world.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Observation {
     /// Every replica of the job that exists, of any attempt.
     pub replicas: Vec<ObservedReplica>,
-    /// Latest progress, if any was reported.
-    pub progress: Option<ProgressReport>,
+    /// The leader's latest progress report, as the trainer sent it.
+    pub progress: Option<ProgressMessage>,
     /// Whether the history store took its last write (None: no store).
     pub history: Option<bool>,
     /// The API server's admission refused the job's pods (None: it did not,
@@ -191,51 +168,94 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
 }
 
-/// Decides what should happen next. Total: every input yields a plan.
+/// Decides what should happen next to `job`, whose last written status is
+/// `status`. Total: every input yields a plan.
 pub fn plan(
-    job: &TrainingJob,
+    job: &ValidatedJob,
+    status: Option<&TrainingJobStatus>,
     observed: &Observation,
     now: Timestamp,
     placement: &Placement,
 ) -> Plan {
-    let mut p = Planner {
-        job,
+    let mut p = Planner::new(
+        &job.spec.run_policy,
+        job.id.generation,
+        status,
         observed,
         now,
-        status: job.status.clone().unwrap_or_default(),
-        actions: Vec::new(),
-        desired: Vec::new(),
-        timers: Vec::new(),
-    };
-    p.status.observed_generation = job.metadata.generation;
-    p.merge_progress();
-    p.step(placement);
-    p.status.replicas = p.counts();
-    history_condition(
-        &mut p.status,
-        observed.history,
+    );
+    p.merge_progress(job);
+    p.step(Ok(job), placement);
+    p.finish()
+}
+
+/// The plan of a stored job whose spec the trainer cannot run: it fails
+/// naming the field (InvalidSpec), or, finished already, only cleans up.
+pub fn reject(
+    job: &TrainingJob,
+    problem: &Problem,
+    observed: &Observation,
+    now: Timestamp,
+) -> Plan {
+    let status = job.status.as_ref();
+    let mut p = Planner::new(
+        &job.spec.run_policy,
         job.metadata.generation,
+        status,
+        observed,
         now,
     );
-    if let Some(progress) = &mut p.status.progress {
-        progress.summary = summary(progress);
-    }
-    Plan {
-        requeue_after: p.timers.iter().min().copied(),
-        status: p.status,
-        desired: p.desired,
-        actions: p.actions,
-    }
+    p.step(Err(problem), &Placement::Kubernetes);
+    p.finish()
 }
 
 struct Planner<'a> {
-    job: &'a TrainingJob,
+    policy: &'a RunPolicy,
+    generation: Option<i64>,
     observed: &'a Observation,
     now: Timestamp,
     status: TrainingJobStatus,
     actions: Vec<Action>,
     desired: Vec<Replica>,
     timers: Vec<Duration>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        policy: &'a RunPolicy,
+        generation: Option<i64>,
+        status: Option<&TrainingJobStatus>,
+        observed: &'a Observation,
+        now: Timestamp,
+    ) -> Self {
+        let mut status = status.cloned().unwrap_or_default();
+        status.observed_generation = generation;
+        Self {
+            policy,
+            generation,
+            observed,
+            now,
+            status,
+            actions: Vec::new(),
+            desired: Vec::new(),
+            timers: Vec::new(),
+        }
+    }
+
+    fn finish(mut self) -> Plan {
+        let p = &mut self;
+        p.status.replicas = p.counts();
+        history_condition(&mut p.status, p.observed.history, p.generation, p.now);
+        if let Some(progress) = &mut p.status.progress {
+            progress.summary = summary(progress);
+        }
+        Plan {
+            requeue_after: self.timers.iter().min().copied(),
+            status: self.status,
+            desired: self.desired,
+            actions: self.actions,
+        }
+    }
 }
 
 /// Longest wait between gang restarts.
@@ -250,21 +270,21 @@ const STUCK_REASONS: &[(&str, &str)] = &[
 ];
 
 impl Planner<'_> {
-    fn step(&mut self, placement: &Placement) {
+    fn step(&mut self, job: Result<&ValidatedJob, &Problem>, placement: &Placement) {
         let phase = self.status.phase;
         if phase.is_terminal() {
             self.finished();
             return;
         }
-        let attempt = self.status.attempt;
-        let gang = match replicas::desired(self.job, attempt, placement) {
-            Ok(gang) => gang,
-            Err(e) => {
-                self.fail("InvalidSpec", &e.to_string());
+        let job = match job {
+            Ok(job) => job,
+            Err(problem) => {
+                self.fail("InvalidSpec", &problem.to_string());
                 return;
             }
         };
-        if self.job.spec.run_policy.suspend {
+        let gang = replicas::desired(job, self.status.attempt, placement);
+        if self.policy.suspend {
             self.suspend();
             return;
         }
@@ -279,15 +299,15 @@ impl Planner<'_> {
                 "resumed; the deadline starts again",
             );
             // The resumed gang is the next attempt's; plan it afresh.
-            self.step(placement);
+            self.step(Ok(job), placement);
             return;
         }
         if self.deadline_passed() || self.refused() {
             return;
         }
         match phase {
-            Phase::Restarting => self.restarting(placement),
-            Phase::Pending | Phase::Running => self.active(gang),
+            Phase::Restarting => self.restarting(job, placement),
+            Phase::Pending | Phase::Running => self.active(job, gang),
             Phase::Suspended | Phase::Succeeded | Phase::Failed => unreachable!("handled above"),
         }
     }
@@ -295,7 +315,7 @@ impl Planner<'_> {
     /// Admission refusals: a condition and an Event with the API server's
     /// message while tries remain, then the job fails; whether it ended it.
     fn refused(&mut self) -> bool {
-        let generation = self.job.metadata.generation;
+        let generation = self.generation;
         let Some(refusal) = &self.observed.admission else {
             if self
                 .status
@@ -336,7 +356,7 @@ impl Planner<'_> {
         false
     }
 
-    fn active(&mut self, gang: Vec<Replica>) {
+    fn active(&mut self, job: &ValidatedJob, gang: Vec<Replica>) {
         let attempt = self.status.attempt;
         // Replicas of a later attempt mean this status is older than the
         // write that created them (a cache behind our own write): acting on
@@ -398,7 +418,7 @@ impl Planner<'_> {
         }
         // Federated replicas fail alone: the aggregator resumes from its
         // last round and clients rejoin, so the others keep their work.
-        let federated = self.job.spec.mode == crate::api::Mode::Federated;
+        let federated = job.federated();
         if federated && !retryable.is_empty() {
             let failed: Vec<String> = gang
                 .iter()
@@ -446,7 +466,7 @@ impl Planner<'_> {
             return;
         }
         if self.status.phase == Phase::Pending {
-            let timeout = Duration::from_secs(self.job.spec.run_policy.startup_timeout_seconds);
+            let timeout = Duration::from_secs(self.policy.startup_timeout_seconds);
             let since = self
                 .status
                 .attempt_start_time
@@ -508,7 +528,7 @@ impl Planner<'_> {
                 false,
                 "GangRunning",
                 "a new gang is running",
-                self.job.metadata.generation,
+                self.generation,
                 self.now,
             );
             self.transition(
@@ -524,7 +544,7 @@ impl Planner<'_> {
         self.desired = gang;
     }
 
-    fn restarting(&mut self, placement: &Placement) {
+    fn restarting(&mut self, job: &ValidatedJob, placement: &Placement) {
         // Only the attempt being restarted (and older ones) go: replicas of
         // the next attempt exist when the status that started it has not
         // reached us yet, and they are the gang this plan would create.
@@ -560,10 +580,7 @@ impl Planner<'_> {
             "Restarted",
             &format!("starting attempt {attempt} from the last checkpoint"),
         );
-        match replicas::desired(self.job, attempt, placement) {
-            Ok(gang) => self.active(gang),
-            Err(e) => self.fail("InvalidSpec", &e.to_string()),
-        }
+        self.active(job, replicas::desired(job, attempt, placement));
     }
 
     fn classify(&self, exit_code: Option<i32>) -> FailureAction {
@@ -572,9 +589,7 @@ impl Planner<'_> {
             return FailureAction::RestartGang;
         };
         if let Some(rule) = self
-            .job
-            .spec
-            .run_policy
+            .policy
             .failure_rules
             .iter()
             .find(|r| r.exit_codes.contains(&code))
@@ -590,7 +605,7 @@ impl Planner<'_> {
 
     fn deadline_passed(&mut self) -> bool {
         let (Some(limit), Some(start)) = (
-            self.job.spec.run_policy.active_deadline_seconds,
+            self.policy.active_deadline_seconds,
             self.status.start_time.as_ref(),
         ) else {
             return false;
@@ -608,7 +623,7 @@ impl Planner<'_> {
     }
 
     fn stalled(&mut self) -> bool {
-        let Some(limit) = self.job.spec.run_policy.stall_timeout_seconds else {
+        let Some(limit) = self.policy.stall_timeout_seconds else {
             return false;
         };
         let running = self.status.running_since.as_ref().map(|t| t.0);
@@ -630,7 +645,7 @@ impl Planner<'_> {
                 true,
                 "NoProgress",
                 &message,
-                self.job.metadata.generation,
+                self.generation,
                 self.now,
             );
             self.restart("Stalled", &message);
@@ -641,7 +656,7 @@ impl Planner<'_> {
     }
 
     fn restart(&mut self, reason: &str, message: &str) {
-        let limit = self.job.spec.run_policy.backoff_limit;
+        let limit = self.policy.backoff_limit;
         if self.status.restarts >= limit {
             self.fail(
                 "BackoffLimitExceeded",
@@ -671,7 +686,7 @@ impl Planner<'_> {
     /// Federated mode: restart only `names` (each restart counts against
     /// `backoffLimit`); the job stays in its phase.
     fn restart_replicas(&mut self, names: &[String], message: &str) {
-        let limit = self.job.spec.run_policy.backoff_limit;
+        let limit = self.policy.backoff_limit;
         let needed = u32::try_from(names.len()).unwrap_or(u32::MAX);
         if self.status.restarts.saturating_add(needed) > limit {
             self.fail(
@@ -720,7 +735,7 @@ impl Planner<'_> {
 
     /// The one clean-up path of every terminal state.
     fn finished(&mut self) {
-        let policy = self.job.spec.run_policy.clean_pod_policy;
+        let policy = self.policy.clean_pod_policy;
         for r in &self.observed.replicas {
             let delete = match policy {
                 CleanPodPolicy::All => true,
@@ -739,7 +754,7 @@ impl Planner<'_> {
             }
         }
         if let (Some(ttl), Some(done)) = (
-            self.job.spec.run_policy.ttl_seconds_after_finished,
+            self.policy.ttl_seconds_after_finished,
             self.status.completion_time.as_ref(),
         ) {
             let left = remaining(done.0, Duration::from_secs(ttl), self.now);
@@ -764,7 +779,7 @@ impl Planner<'_> {
             phase,
             reason,
             message,
-            self.job.metadata.generation,
+            self.generation,
             self.now,
         );
         self.event(kind, reason, message.into());
@@ -778,18 +793,18 @@ impl Planner<'_> {
         });
     }
 
-    fn merge_progress(&mut self) {
+    fn merge_progress(&mut self, job: &ValidatedJob) {
         let Some(report) = &self.observed.progress else {
             return;
         };
-        let total = config::total_steps(&self.job.spec).unwrap_or(0);
+        let total = job.total_steps;
         let progress = self.status.progress.get_or_insert_with(Progress::default);
         if report.step > progress.step || progress.updated_time.is_none() {
             progress.updated_time = Some(Time(self.now));
         }
         progress.step = report.step;
         progress.total_steps = total;
-        if self.job.spec.mode == crate::api::Mode::Federated {
+        if job.federated() {
             progress.round = Some(report.step);
             progress.total_rounds = Some(total);
             progress.participants = report.participants.or(progress.participants);
@@ -800,8 +815,11 @@ impl Planner<'_> {
         progress.loss = report.loss.or(progress.loss);
         progress.metric = report.metric.or(progress.metric);
         progress.samples_per_second = report.samples_per_second.or(progress.samples_per_second);
-        if report.last_checkpoint.is_some() {
-            progress.last_checkpoint = report.last_checkpoint.clone();
+        if let Some(c) = &report.checkpoint {
+            progress.last_checkpoint = Some(CheckpointRef {
+                step: c.step,
+                path: c.path.clone(),
+            });
         }
         if report.adapter.is_some() {
             progress.adapter = report.adapter.clone();

@@ -5,8 +5,8 @@ use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
 use trainyard_trainer::cli::{self, flag};
 use trainyard_trainer::env;
 
-use super::config::{self, ConfigProblem};
-use crate::api::{Mode, TrainingJob};
+use crate::api::Mode;
+use crate::job::{Roles, ValidatedJob};
 
 /// What a replica does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -121,29 +121,16 @@ pub fn leader(mode: Mode) -> Role {
 }
 
 /// Every replica of `attempt`, in a fixed order (leader first).
-pub fn desired(
-    job: &TrainingJob,
-    attempt: u32,
-    placement: &Placement,
-) -> Result<Vec<Replica>, ConfigProblem> {
+pub fn desired(job: &ValidatedJob, attempt: u32, placement: &Placement) -> Vec<Replica> {
     let spec = &job.spec;
-    let name = job.metadata.name.as_deref().unwrap_or("job");
-    let namespace = job.metadata.namespace.as_deref().unwrap_or("default");
-    let trainer_config = config::trainer_config(spec)?;
-    let config_json = serde_json::to_string(&trainer_config).expect("a config serializes");
-    let (leader_role, leader_port, followers, follower_role) = match spec.mode {
-        Mode::Distributed | Mode::Peft => {
-            let port = spec
-                .distributed
-                .as_ref()
-                .map_or(env::DEFAULT_MASTER_PORT, |d| d.port);
-            (Role::Worker, port, config::worker_pods(spec), Role::Worker)
-        }
-        Mode::Federated => {
-            let f = spec.federated.clone().unwrap_or_default();
-            (Role::Aggregator, f.port, f.clients, Role::Client)
-        }
-    };
+    let (name, namespace) = (job.id.name.as_str(), job.id.namespace.as_str());
+    let config_json = serde_json::to_string(&job.trainer).expect("a config serializes");
+    let Roles {
+        leader: leader_role,
+        follower: follower_role,
+        followers,
+        leader_port,
+    } = job.roles;
     let leader_host = match placement {
         Placement::Kubernetes => format!(
             "{}.{name}.{namespace}.svc",
@@ -156,15 +143,14 @@ pub fn desired(
         Placement::Local { master_port, .. } => *master_port,
     };
     let dist = spec.distributed.clone().unwrap_or_default();
-    let gpus = config::gpus_per_worker(spec);
-    let world_size = config::world_size(spec);
+    let (gpus, world_size) = (job.gpus_per_worker, job.world_size);
     let mut layout: Vec<(Role, u32)> = Vec::new();
     if leader_role == Role::Aggregator {
         layout.push((Role::Aggregator, 0));
     }
     layout.extend((0..followers).map(|i| (follower_role, i)));
 
-    let replicas = layout
+    layout
         .into_iter()
         .map(|(role, index)| {
             let replica = replica_name(name, role, index);
@@ -174,8 +160,7 @@ pub fn desired(
                 // "finishing" with) its predecessor's run.
                 Placement::Kubernetes => format!(
                     "{}/{name}-{}/{replica}",
-                    spec.checkpoints.location,
-                    job.metadata.uid.as_deref().unwrap_or("")
+                    spec.checkpoints.location, job.id.uid
                 ),
                 Placement::Local { out_root, .. } => format!("{out_root}/{replica}"),
             };
@@ -351,14 +336,15 @@ pub fn desired(
                 secret_mounts,
             }
         })
-        .collect();
-    Ok(replicas)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::TrainingJob;
     use crate::api::validate::parse_manifests;
+    use crate::job::facts;
 
     fn job() -> TrainingJob {
         parse_manifests(
@@ -378,7 +364,7 @@ mod tests {
 
     #[test]
     fn workers_get_torchrun_env_and_stable_names() {
-        let rs = desired(&job(), 2, &Placement::Kubernetes).unwrap();
+        let rs = desired(&facts(&job()), 2, &Placement::Kubernetes);
         let names: Vec<_> = rs.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["seg-worker-0", "seg-worker-1", "seg-worker-2"]);
         for (i, r) in rs.iter().enumerate() {
@@ -418,7 +404,7 @@ mod tests {
     fn gpu_workers_run_one_process_per_gpu_under_the_supervisor() {
         let mut j = job();
         j.spec.distributed.as_mut().unwrap().gpus_per_worker = 4;
-        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let rs = desired(&facts(&j), 0, &Placement::Kubernetes);
         assert_eq!(rs.len(), 3, "one pod per worker");
         for (i, r) in rs.iter().enumerate() {
             assert_eq!(r.gpus, 4);
@@ -439,10 +425,10 @@ mod tests {
             leader_metrics: None,
             secret: "local-test-secret".into(),
         };
-        let rs = desired(&j, 0, &local).unwrap();
+        let rs = desired(&facts(&j), 0, &local);
         assert_eq!(get(&rs[1], CUDA_VISIBLE_DEVICES), "4,5,6,7");
         // CPU workers keep one process each, without the supervisor.
-        let rs = desired(&job(), 0, &Placement::Kubernetes).unwrap();
+        let rs = desired(&facts(&job()), 0, &Placement::Kubernetes);
         assert!(rs.iter().all(|r| r.gpus == 0 && r.args[0] == "train"));
     }
 
@@ -451,7 +437,7 @@ mod tests {
         let dir = |uid: &str| {
             let mut j = job();
             j.metadata.uid = Some(uid.into());
-            desired(&j, 0, &Placement::Kubernetes).unwrap()[1]
+            desired(&facts(&j), 0, &Placement::Kubernetes)[1]
                 .out_dir
                 .clone()
         };
@@ -467,7 +453,7 @@ mod tests {
             leader_metrics: Some("127.0.0.1:9401".parse().unwrap()),
             secret: "s".into(),
         };
-        let rs = desired(&job(), 0, &placement).unwrap();
+        let rs = desired(&facts(&job()), 0, &placement);
         assert_eq!(get(&rs[1], env::GROUP_SECRET), "s");
         assert_eq!(get(&rs[1], env::MASTER_ADDR), "127.0.0.1");
         assert_eq!(get(&rs[1], env::MASTER_PORT), "40123");
@@ -499,7 +485,7 @@ mod tests {
             leader_metrics: None,
             secret: "s3cret".into(),
         };
-        let rs = desired(&j, 0, &local).unwrap();
+        let rs = desired(&facts(&j), 0, &local);
         assert_eq!(get(&rs[0], env::FEDERATION_SECRET), "s3cret");
         assert!(rs[0].args.contains(&"--resume".to_string()));
         assert_eq!(
@@ -511,7 +497,7 @@ mod tests {
                 .iter()
                 .all(|r| r.env.iter().all(|e| e.name != env::FEDERATION_SECRET))
         );
-        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let rs = desired(&facts(&j), 0, &Placement::Kubernetes);
         let key = |r: &Replica, name: &str| {
             r.env
                 .iter()
@@ -532,7 +518,7 @@ mod tests {
         j.spec.federated.as_mut().unwrap().tls = Some(crate::api::FederatedTlsSpec {
             secret_name: "fl-tls".into(),
         });
-        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let rs = desired(&facts(&j), 0, &Placement::Kubernetes);
         let has = |r: &Replica, pair: [&str; 2]| r.args.windows(2).any(|w| w == pair);
         assert!(has(
             &rs[0],
@@ -553,8 +539,7 @@ mod tests {
         );
         // Locally the endpoint stays on loopback HTTP.
         assert!(
-            desired(&j, 0, &local)
-                .unwrap()
+            desired(&facts(&j), 0, &local)
                 .iter()
                 .all(|r| !r.args.iter().any(|a| a.starts_with("--tls")))
         );
@@ -570,7 +555,7 @@ mod tests {
             min_clients: 1,
             ..Default::default()
         });
-        let rs = desired(&j, 0, &Placement::Kubernetes).unwrap();
+        let rs = desired(&facts(&j), 0, &Placement::Kubernetes);
         let names: Vec<_> = rs.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["seg-aggregator-0", "seg-client-0", "seg-client-1"]);
         assert_eq!(get(&rs[2], env::MASTER_ADDR), "seg-aggregator-0.seg.ml.svc");

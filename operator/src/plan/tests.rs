@@ -59,8 +59,13 @@ fn failed(code: i32) -> ReplicaState {
     }
 }
 
+/// What a reconcile does: the facts of the job, then its plan (or its rejection).
 fn run(j: &TrainingJob, o: &Observation, now: Timestamp) -> Plan {
-    plan(j, o, now, &Placement::Kubernetes)
+    let j = crate::job::with_uid(j.clone(), "u-1".into());
+    match crate::job::validated(&j) {
+        Ok(facts) => plan(&facts, j.status.as_ref(), o, now, &Placement::Kubernetes),
+        Err(problem) => reject(&j, &problem, o, now),
+    }
 }
 
 fn running_job(attempt: u32) -> TrainingJob {
@@ -320,7 +325,7 @@ fn no_progress_past_the_stall_timeout_restarts() {
     );
     // Progress moves the stall clock.
     let o = Observation {
-        progress: Some(ProgressReport {
+        progress: Some(ProgressMessage {
             step: 7,
             ..Default::default()
         }),
@@ -573,7 +578,7 @@ fn federated_progress_counts_rounds() {
     let (j, replicas) = federated_running(0);
     let o = Observation {
         replicas,
-        progress: Some(ProgressReport {
+        progress: Some(ProgressMessage {
             step: 3,
             ..Default::default()
         }),
@@ -621,10 +626,9 @@ fn an_unplannable_spec_fails_with_the_field() {
     let p = run(&j, &Observation::default(), t0());
     assert_eq!(p.status.phase, Phase::Failed);
     assert_eq!(p.status.reason, "InvalidSpec");
-    assert!(
-        p.status.message.starts_with("spec."),
-        "{}",
-        p.status.message
+    assert_eq!(
+        p.status.message,
+        "spec.data.shapes.imageSize: must be a multiple of 8 (2 to the number of stages) and at least 8"
     );
 }
 
@@ -735,7 +739,7 @@ proptest! {
             }
             let o = Observation {
                 replicas: world.clone(),
-                progress: Some(ProgressReport { step, ..Default::default() }),
+                progress: Some(ProgressMessage { step, ..Default::default() }),
                 history: None,
                 admission: None,
             };

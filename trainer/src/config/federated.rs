@@ -39,7 +39,8 @@ pub struct FederatedConfig {
     /// Updates whose L2 norm exceeds this are rejected as hostile.
     pub max_update_norm: Option<f64>,
     /// Largest update body accepted, MiB.
-    pub max_update_mb: f64,
+    #[serde(alias = "max_update_mb")]
+    pub max_update_mib: f64,
     /// Central differential privacy (clip every update, noise the mean).
     pub privacy: Option<PrivacyConfig>,
     /// How the training samples are split across clients.
@@ -65,7 +66,7 @@ impl Default for FederatedConfig {
             server_optimizer: ServerOptimizer::default(),
             proximal_mu: 0.0,
             max_update_norm: None,
-            max_update_mb: 1024.0,
+            max_update_mib: 1024.0,
             privacy: None,
             partition: Partition::default(),
             eval_every: 1,
@@ -183,7 +184,8 @@ pub struct PrivacyConfig {
     /// δ of the reported (ε, δ).
     pub delta: f64,
     /// Adapt C towards the `target_quantile` of update norms (Andrew et al. 2019).
-    pub adaptive: Option<AdaptiveClipping>,
+    #[serde(alias = "adaptive")]
+    pub adaptive_clipping: Option<AdaptiveClipping>,
 }
 
 impl Default for PrivacyConfig {
@@ -192,7 +194,7 @@ impl Default for PrivacyConfig {
             clip_norm: 1.0,
             noise_multiplier: 1.0,
             delta: 1e-5,
-            adaptive: None,
+            adaptive_clipping: None,
         }
     }
 }
@@ -354,18 +356,18 @@ impl FederatedConfig {
         if let Some(n) = self.max_update_norm {
             check_positive("federated.max_update_norm", n)?;
         }
-        check_positive("federated.max_update_mb", self.max_update_mb)?;
+        check_positive("federated.max_update_mib", self.max_update_mib)?;
         if let Some(p) = &self.privacy {
             check_positive("federated.privacy.clip_norm", p.clip_norm)?;
             check_non_negative("federated.privacy.noise_multiplier", p.noise_multiplier)?;
             if !(p.delta > 0.0 && p.delta < 1.0) {
                 return bad("privacy.delta", "must be in (0, 1), e.g. 1e-5".into());
             }
-            if let Some(a) = &p.adaptive
+            if let Some(a) = &p.adaptive_clipping
                 && !(a.target_quantile > 0.0 && a.target_quantile < 1.0 && a.lr > 0.0)
             {
                 return bad(
-                    "privacy.adaptive",
+                    "privacy.adaptive_clipping",
                     "target_quantile must be in (0, 1) and lr positive".into(),
                 );
             }

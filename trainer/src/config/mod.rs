@@ -8,6 +8,11 @@
 //! `--set key=value` overrides are applied to that value, and only then is the
 //! value deserialized into the typed config (unknown keys and wrong types are
 //! errors naming the dotted path) and validated semantically ([`TrainerConfig::validate`]).
+//!
+//! Names follow the `TrainingJob` spec's, in snake_case (`bucket_mib` is
+//! `bucketMib`), so a trainer key maps onto its spec field mechanically.
+//! Keys renamed to get there keep their old name as a serde alias, so
+//! config files written before still load.
 
 mod federated;
 mod peft;
@@ -25,8 +30,11 @@ pub use peft::PeftConfig;
 /// Label value that marks a pixel to be ignored by the loss and the metrics.
 pub const IGNORE_INDEX: u8 = 255;
 
-/// Classes of the synthetic shapes dataset: background, circle, rectangle, triangle.
-pub const SHAPES_CLASSES: usize = 4;
+/// Classes of the synthetic shapes dataset.
+pub const SHAPES_CLASSES: usize = SHAPES_CLASS_NAMES.len();
+
+/// The shapes dataset's class names, by label index.
+pub const SHAPES_CLASS_NAMES: [&str; 4] = ["background", "circle", "rectangle", "triangle"];
 
 /// Errors from loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +167,8 @@ pub struct DataConfig {
     /// Images and masks from a directory.
     pub folder: Option<FolderConfig>,
     /// Fraction of samples held out for validation.
-    pub val_fraction: f64,
+    #[serde(alias = "val_fraction")]
+    pub validation_fraction: f64,
     /// Seed of the train/validation split and the per-epoch shuffle.
     pub seed: u64,
     /// Gaussian input noise on training batches (training with noise).
@@ -171,7 +180,7 @@ impl Default for DataConfig {
         Self {
             shapes: Some(ShapesConfig::default()),
             folder: None,
-            val_fraction: 0.1,
+            validation_fraction: 0.1,
             seed: 1,
             noise: None,
         }
@@ -371,14 +380,16 @@ pub struct TrainConfig {
     pub topk: Option<TopKConfig>,
     /// Gradients are all-reduced in flat buckets of at most this many MiB,
     /// in a fixed order (layout order), as PyTorch DDP does.
-    pub bucket_mb: f64,
+    #[serde(alias = "bucket_mb")]
+    pub bucket_mib: f64,
     /// Local SGD: in data-parallel training, ranks step on their own and
     /// average parameters every `every` steps instead of gradients every step.
     pub local_sgd: Option<LocalSgdConfig>,
     /// Per-class loss weights (length = `model.classes`).
     pub class_weights: Option<Vec<f64>>,
     /// Validate every this many steps (and at the end); 0 validates only at the end.
-    pub val_every: u64,
+    #[serde(alias = "val_every")]
+    pub validate_every: u64,
     /// Write a `metrics.jsonl` training row every this many steps.
     pub log_every: u64,
     /// Seed of parameter initialisation and noise.
@@ -406,11 +417,11 @@ impl Default for TrainConfig {
             optimizer: OptimizerConfig::default(),
             grad_clip_norm: Some(5.0),
             compression: Compression::None,
-            bucket_mb: 25.0,
+            bucket_mib: 25.0,
             topk: None,
             local_sgd: None,
             class_weights: None,
-            val_every: 200,
+            validate_every: 200,
             log_every: 10,
             seed: 42,
             threads: None,
@@ -524,12 +535,12 @@ impl Default for CheckpointConfig {
     }
 }
 
-/// Samples of `n` held out for validation: `round(n * val_fraction)`, at
+/// Samples of `n` held out for validation: `round(n * validation_fraction)`, at
 /// least one when the fraction is positive and `n > 1`, never all of them.
 /// (Shared with the operator, which turns epochs into steps.)
-pub fn validation_count(n: usize, val_fraction: f64) -> usize {
-    let n_val = (n as f64 * val_fraction).round() as usize;
-    if val_fraction > 0.0 && n > 1 {
+pub fn validation_count(n: usize, validation_fraction: f64) -> usize {
+    let n_val = (n as f64 * validation_fraction).round() as usize;
+    if validation_fraction > 0.0 && n > 1 {
         n_val.clamp(1, n - 1)
     } else {
         n_val.min(n)
@@ -663,7 +674,8 @@ impl TrainerConfig {
                     return Err(ConfigError::invalid(
                         "model.classes",
                         format!(
-                            "the shapes dataset has {SHAPES_CLASSES} classes (background, circle, rectangle, triangle); set model.classes: {SHAPES_CLASSES}"
+                            "the shapes dataset has {SHAPES_CLASSES} classes ({}); set model.classes: {SHAPES_CLASSES}",
+                            SHAPES_CLASS_NAMES.join(", ")
                         ),
                     ));
                 }
@@ -683,9 +695,9 @@ impl TrainerConfig {
                 }
             }
         }
-        if !(0.0..1.0).contains(&d.val_fraction) || !d.val_fraction.is_finite() {
+        if !(0.0..1.0).contains(&d.validation_fraction) || !d.validation_fraction.is_finite() {
             return Err(ConfigError::invalid(
-                "data.val_fraction",
+                "data.validation_fraction",
                 "must be in [0, 1), e.g. 0.1",
             ));
         }
@@ -795,9 +807,9 @@ impl TrainerConfig {
                 ));
             }
         }
-        if !(t.bucket_mb.is_finite() && t.bucket_mb >= 0.001) {
+        if !(t.bucket_mib.is_finite() && t.bucket_mib >= 0.001) {
             return Err(ConfigError::invalid(
-                "train.bucket_mb",
+                "train.bucket_mib",
                 "must be at least 0.001 (MiB per all-reduce bucket; 25 is PyTorch's default)",
             ));
         }
@@ -972,6 +984,23 @@ mod tests {
     }
 
     #[test]
+    fn keys_renamed_to_the_specs_names_still_load_under_their_old_names() {
+        let old = load(
+            "data: {val_fraction: 0.2}\ntrain: {bucket_mb: 4, val_every: 7}\nfederated: {max_update_mb: 8, privacy: {adaptive: {target_quantile: 0.4, lr: 0.1}}}",
+            &[],
+        )
+        .unwrap();
+        let new = load(
+            "data: {validation_fraction: 0.2}\ntrain: {bucket_mib: 4, validate_every: 7}\nfederated: {max_update_mib: 8, privacy: {adaptive_clipping: {target_quantile: 0.4, lr: 0.1}}}",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(old, new);
+        assert_eq!(new.train.bucket_mib, 4.0);
+        assert_eq!(new.federated.unwrap().max_update_mib, 8.0);
+    }
+
+    #[test]
     fn overrides_reach_nested_keys_and_parse_yaml_values() {
         let c = load(
             "train: {steps: 5}",
@@ -1036,7 +1065,10 @@ mod tests {
             ("data: {shapes: {image_size: 60}}", "data.shapes.image_size"),
             ("data: {folder: {path: x}}", "data"),
             ("data: {shapes: null}", "data"),
-            ("data: {val_fraction: 1.0}", "data.val_fraction"),
+            (
+                "data: {validation_fraction: 1.0}",
+                "data.validation_fraction",
+            ),
             ("data: {noise: {probability: 2}}", "data.noise.probability"),
             ("train: {class_weights: [1, 1]}", "train.class_weights"),
             (
@@ -1050,7 +1082,7 @@ mod tests {
             ("train: {threads: 0}", "train.threads"),
             ("checkpoint: {keep_last: 0}", "checkpoint.keep_last"),
             ("train: {accumulate_steps: 0}", "train.accumulate_steps"),
-            ("train: {bucket_mb: 0}", "train.bucket_mb"),
+            ("train: {bucket_mib: 0}", "train.bucket_mib"),
             ("train: {topk: {ratio: 0}}", "train.topk.ratio"),
             (
                 "train: {topk: {ratio: 0.1}, compression: bf16}",

@@ -69,12 +69,12 @@ pub struct Split {
 }
 
 impl Split {
-    /// Holds out `round(n * val_fraction)` samples (at least one when the
+    /// Holds out `round(n * validation_fraction)` samples (at least one when the
     /// fraction is positive and `n > 1`), chosen by `seed`.
-    pub fn new(n: usize, val_fraction: f64, seed: u64) -> Self {
+    pub fn new(n: usize, validation_fraction: f64, seed: u64) -> Self {
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
-        let n_val = crate::config::validation_count(n, val_fraction);
+        let n_val = crate::config::validation_count(n, validation_fraction);
         let mut val = order[..n_val].to_vec();
         val.sort_unstable();
         Self {

@@ -13,8 +13,6 @@ use crate::config::ShapesConfig;
 
 /// Classes of the shapes dataset: background and three shape kinds.
 pub const CLASSES: usize = crate::config::SHAPES_CLASSES;
-/// Class names, by index.
-pub const CLASS_NAMES: [&str; CLASSES] = ["background", "circle", "rectangle", "triangle"];
 
 /// The synthetic dataset.
 #[derive(Debug, Clone)]

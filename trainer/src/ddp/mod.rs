@@ -4,7 +4,7 @@
 //! [`DataParallel`] joins the group with the collective the config and the
 //! device call for (the TCP ring through host memory, or NCCL on GPU memory)
 //! and owns the gradient exchange: flat gradients all-reduced in buckets
-//! ([`crate::config::TrainConfig::bucket_mb`]) with an optional 16-bit wire
+//! ([`crate::config::TrainConfig::bucket_mib`]) with an optional 16-bit wire
 //! format, or top-k sparsified ([`topk`]); the control values every rank
 //! must agree on (the loss, a stop request); the BatchNorm buffers; the
 //! parameter averaging of local SGD ([`local_sgd`]); and the check that all
@@ -84,9 +84,9 @@ pub fn payload(compression: Compression) -> Payload {
     }
 }
 
-/// Values per all-reduce bucket for `train.bucket_mb` MiB.
-pub fn bucket_len(bucket_mb: f64) -> usize {
-    ((bucket_mb * (1 << 20) as f64) as usize / 4).max(1)
+/// Values per all-reduce bucket for `train.bucket_mib` MiB.
+pub fn bucket_len(bucket_mib: f64) -> usize {
+    ((bucket_mib * (1 << 20) as f64) as usize / 4).max(1)
 }
 
 impl DataParallel {
@@ -136,7 +136,7 @@ impl DataParallel {
             _rendezvous: rendezvous,
             collective,
             payload: payload(config.compression),
-            bucket_len: bucket_len(config.bucket_mb),
+            bucket_len: bucket_len(config.bucket_mib),
             topk: config.topk.as_ref().map(|t| TopK::new(t.ratio, n)),
             exchange_gradients: config.local_sgd.is_none(),
             stats: CommStats::default(),

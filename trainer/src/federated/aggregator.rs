@@ -255,12 +255,12 @@ pub fn run(
     // read. A configured limit below that would refuse every client, each
     // seeing a closed connection.
     let valid_bytes = schema.max_update_bytes();
-    let configured = (fed.max_update_mb * (1 << 20) as f64) as usize;
+    let configured = (fed.max_update_mib * (1 << 20) as f64) as usize;
     if configured < valid_bytes {
         return Err(FederatedError::Other(format!(
-            "federated.max_update_mb ({} MiB) is below the {:.2} MiB of parameters \
+            "federated.max_update_mib ({} MiB) is below the {:.2} MiB of parameters \
              ({}, f32, with the update's header) every update of this model carries: raise it",
-            fed.max_update_mb,
+            fed.max_update_mib,
             valid_bytes as f64 / (1 << 20) as f64,
             schema.len
         )));
@@ -381,10 +381,7 @@ pub fn run(
         wall_seconds: 0.0,
     };
     let mut aggregate_total = 0.0;
-    let mut progress = ProgressMessage {
-        total_steps: fed.rounds,
-        ..Default::default()
-    };
+    let mut progress = ProgressMessage::default();
     for round in start_round..=fed.rounds {
         let round_started = Instant::now();
         let mut attempt = 0;
@@ -432,7 +429,7 @@ pub fn run(
                 let mut mean = aggregate::weighted_mean(&refs, &vec![1.0; m])
                     .map_err(|e| FederatedError::Other(e.to_string()))?;
                 privacy::add_gaussian_noise(&mut mean, sigma, &mut rng);
-                if let (Some(adaptive), Some(sb)) = (p.adaptive.as_ref(), count_sigma) {
+                if let (Some(adaptive), Some(sb)) = (p.adaptive_clipping.as_ref(), count_sigma) {
                     let noisy = unclipped as f64
                         + rand_distr::Distribution::sample(
                             &rand_distr::Normal::new(0.0, sb).expect("finite σ"),
@@ -542,7 +539,6 @@ pub fn run(
         }
         if let Some(r) = &opts.report {
             progress.step = round;
-            progress.round = Some(round);
             progress.loss = loss;
             if val_miou.is_some() {
                 progress.metric = val_miou;

@@ -96,7 +96,7 @@ impl Accountant {
     pub fn noise(&self, m: usize) -> Result<(f64, Option<f64>), String> {
         let z = self.config.noise_multiplier;
         let c = self.clip_norm;
-        match &self.config.adaptive {
+        match &self.config.adaptive_clipping {
             None => Ok((z * c / m as f64, None)),
             Some(_) => {
                 let sigma_b = m as f64 / 20.0;
@@ -346,7 +346,7 @@ mod tests {
         let config = PrivacyConfig {
             clip_norm: 1.0,
             noise_multiplier: 1.0,
-            adaptive: Some(AdaptiveClipping::default()),
+            adaptive_clipping: Some(AdaptiveClipping::default()),
             ..Default::default()
         };
         let mut a = Accountant::new(&config);

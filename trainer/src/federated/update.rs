@@ -42,7 +42,7 @@ pub enum Rejection {
         /// The round.
         round: u64,
     },
-    /// The body exceeds the largest valid update (or federated.max_update_mb).
+    /// The body exceeds the largest valid update (or federated.max_update_mib).
     #[error(
         "an update of {bytes} bytes is more than the {limit} bytes a valid update of this model can be"
     )]

@@ -84,11 +84,6 @@ impl Layout {
         Self { entries: v.entries }
     }
 
-    /// Total elements of the trainable tensors.
-    pub fn trainable_len(&self) -> usize {
-        self.trainable().map(|e| e.len).sum()
-    }
-
     /// The trainable entries, in order.
     pub fn trainable(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter().filter(|e| e.trainable)

@@ -219,10 +219,14 @@ impl Setup {
         let dataset: Arc<dyn Dataset> =
             data::open(&config.data, config.model.in_channels, config.model.classes)?.into();
         check_dataset(config, dataset.as_ref())?;
-        let split = Split::new(dataset.len(), config.data.val_fraction, config.data.seed);
+        let split = Split::new(
+            dataset.len(),
+            config.data.validation_fraction,
+            config.data.seed,
+        );
         if split.train.is_empty() {
             return Err(TrainError::Mismatch(
-                "no training samples remain after the validation split; lower data.val_fraction"
+                "no training samples remain after the validation split; lower data.validation_fraction"
                     .into(),
             ));
         }
@@ -761,10 +765,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
 
     let steps = config.train.steps;
     // What rank 0 last told the operator; each report carries all of it.
-    let mut progress = crate::protocol::ProgressMessage {
-        total_steps: steps,
-        ..Default::default()
-    };
+    let mut progress = crate::protocol::ProgressMessage::default();
     let reporter = opts.report.as_ref().filter(|_| root);
     let batch_size = config.train.batch_size;
     let accumulate = config.train.accumulate_steps;
@@ -906,7 +907,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         }
 
         let last = done == steps;
-        let validate = last || (config.train.val_every > 0 && done % config.train.val_every == 0);
+        let validate =
+            last || (config.train.validate_every > 0 && done % config.train.validate_every == 0);
         let report = (validate && !setup.split.val.is_empty())
             .then(|| {
                 validate_group(

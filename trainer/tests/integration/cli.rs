@@ -23,7 +23,7 @@ fn endless_job(dir: &Path) -> String {
         "job.yaml",
         "model: {widths: [8, 16]}\n\
          data: {shapes: {samples: 64, image_size: 32}}\n\
-         train: {steps: 1000000, batch_size: 4, val_every: 0, decay: {kind: constant}}\n\
+         train: {steps: 1000000, batch_size: 4, validate_every: 0, decay: {kind: constant}}\n\
          checkpoint: {every: 0}\n",
     )
 }
@@ -165,8 +165,8 @@ fn shapes_train_eval_predict_round_trip() {
         "job.yaml",
         &format!(
             "model: {{widths: [8, 16], boundary_head: true}}\n\
-             data: {{shapes: null, folder: {{path: {}}}, val_fraction: 0.25}}\n\
-             train: {{steps: 3, batch_size: 4, val_every: 0}}\n",
+             data: {{shapes: null, folder: {{path: {}}}, validation_fraction: 0.25}}\n\
+             train: {{steps: 3, batch_size: 4, validate_every: 0}}\n",
             data.display()
         ),
     );
@@ -675,7 +675,7 @@ fn outsiders_at_the_rendezvous_port_cannot_stop_a_two_rank_job() {
         "job.yaml",
         "model: {widths: [8, 16]}\n\
          data: {shapes: {samples: 64, image_size: 32}}\n\
-         train: {steps: 12, batch_size: 4, val_every: 0}\n\
+         train: {steps: 12, batch_size: 4, validate_every: 0}\n\
          checkpoint: {every: 6}\n",
     );
     let port = free_port();
@@ -781,7 +781,7 @@ fn resume_skips_a_truncated_newest_checkpoint() {
         "job.yaml",
         "model: {widths: [8, 16]}\n\
          data: {shapes: {samples: 64, image_size: 32}}\n\
-         train: {steps: 8, batch_size: 4, val_every: 0}\n\
+         train: {steps: 8, batch_size: 4, validate_every: 0}\n\
          checkpoint: {every: 4, keep_last: 3}\n",
     );
     let run = dir.path().join("run");

@@ -141,7 +141,7 @@ fn hostile_updates_are_refused_counted_and_never_aggregated() {
         "federated.min_clients=3",
         "federated.min_available=3",
         "federated.max_update_norm=1000",
-        "federated.max_update_mb=0.2",
+        "federated.max_update_mib=0.2",
     ]);
     let agg = start_aggregator(&c, dir.path(), port, false);
     let honest: Vec<_> = (0..2).map(|i| start_client(&c, i, port)).collect();
@@ -354,10 +354,10 @@ fn hostile_updates_are_refused_counted_and_never_aggregated() {
 #[test]
 fn an_update_limit_below_the_models_size_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let c = config(&["federated.max_update_mb=0.001"]);
+    let c = config(&["federated.max_update_mib=0.001"]);
     let e = start_error(&c, dir.path());
     assert!(
-        e.contains("federated.max_update_mb") && e.contains("raise it"),
+        e.contains("federated.max_update_mib") && e.contains("raise it"),
         "{e}"
     );
 }

@@ -35,13 +35,13 @@ fn short_run_learns_shapes() {
         "model.widths=[16, 32]",
         "data.shapes.samples=400",
         "data.shapes.max_shapes=3",
-        "data.val_fraction=0.1",
+        "data.validation_fraction=0.1",
         "train.batch_size=8",
         "train.steps=300",
         "train.warmup_steps=10",
         "train.lr=0.005",
         "train.class_weights=[0.3, 1, 1, 1]",
-        "train.val_every=0",
+        "train.validate_every=0",
         "checkpoint.every=0",
     ]);
     let summary = train(&config, &opts(dir.path(), false)).unwrap();
@@ -367,7 +367,7 @@ fn gradient_buckets_do_not_change_the_result() {
         &tiny_config(&[
             "train.steps=2",
             "checkpoint.every=0",
-            "train.bucket_mb=0.004",
+            "train.bucket_mib=0.004",
         ]),
         2,
     );

@@ -17,11 +17,11 @@ pub fn tiny_config(extra: &[&str]) -> TrainerConfig {
         "model.widths=[8, 16]",
         "data.shapes.samples=48",
         "data.shapes.image_size=32",
-        "data.val_fraction=0.25",
+        "data.validation_fraction=0.25",
         "train.batch_size=4",
         "train.steps=6",
         "train.warmup_steps=2",
-        "train.val_every=3",
+        "train.validate_every=3",
         "checkpoint.every=3",
         "checkpoint.keep_last=5",
     ]

@@ -6,57 +6,14 @@
 
 use trainyard_trainer::config::{self as tc, TrainerConfig};
 
+use crate::api::validate::Problem;
 use crate::api::{self, TrainingJobSpec};
-
-/// Why a spec cannot become a trainer config.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct ConfigProblem {
-    /// Spec field path, e.g. `spec.training.epochs`.
-    pub path: String,
-    /// What is wrong and how to fix it.
-    pub message: String,
-}
-
-/// Worker pods of a data-parallel job (Distributed, Peft); 1 otherwise.
-pub fn worker_pods(spec: &TrainingJobSpec) -> u32 {
-    match spec.mode {
-        api::Mode::Distributed => spec.distributed.as_ref().map_or(1, |d| d.workers),
-        api::Mode::Peft => spec.peft.as_ref().map_or(1, |p| p.workers),
-        api::Mode::Federated => 1,
-    }
-}
-
-/// GPUs each worker pod requests (`nvidia.com/gpu`); federated replicas train
-/// on the CPU.
-pub fn gpus_per_worker(spec: &TrainingJobSpec) -> u32 {
-    match spec.mode {
-        api::Mode::Distributed => spec.distributed.as_ref().map_or(0, |d| d.gpus_per_worker),
-        api::Mode::Peft => spec.peft.as_ref().map_or(0, |p| p.gpus_per_worker),
-        api::Mode::Federated => 0,
-    }
-}
-
-/// Trainer processes in one worker pod: one per GPU, or one on the CPU.
-pub fn processes_per_worker(spec: &TrainingJobSpec) -> u32 {
-    gpus_per_worker(spec).max(1)
-}
-
-/// Data-parallel ranks that train (and share each optimiser step): every
-/// process of every worker pod.
-pub fn world_size(spec: &TrainingJobSpec) -> u32 {
-    match spec.mode {
-        // Each client trains alone; the aggregator does not train.
-        api::Mode::Federated => 1,
-        api::Mode::Distributed | api::Mode::Peft => worker_pods(spec) * processes_per_worker(spec),
-    }
-}
 
 /// `train.device` for the job's trainers: with GPUs requested, Auto means the
 /// GPUs (a replica that finds none fails loudly instead of training on the
 /// CPU beside idle GPUs); without, the CPU.
 fn device(spec: &TrainingJobSpec) -> tc::DeviceKind {
-    match (spec.training.device, gpus_per_worker(spec)) {
+    match (spec.training.device, spec.gpus_per_worker()) {
         (api::ComputeDevice::Cpu, _) | (api::ComputeDevice::Auto, 0) => tc::DeviceKind::Cpu,
         (api::ComputeDevice::Cuda, _) | (api::ComputeDevice::Auto, _) => tc::DeviceKind::Cuda,
     }
@@ -66,7 +23,7 @@ fn device(spec: &TrainingJobSpec) -> tc::DeviceKind {
 /// turned into steps from the dataset size and the global batch.
 ///
 /// A federated job counts rounds: its progress is the aggregator's round.
-pub fn total_steps(spec: &TrainingJobSpec) -> Result<u64, ConfigProblem> {
+pub fn total_steps(spec: &TrainingJobSpec) -> Result<u64, Problem> {
     if let (api::Mode::Federated, Some(f)) = (spec.mode, &spec.federated) {
         return Ok(f.rounds);
     }
@@ -76,7 +33,7 @@ pub fn total_steps(spec: &TrainingJobSpec) -> Result<u64, ConfigProblem> {
         (None, None) => Ok(api::defaults_steps()),
         (None, Some(epochs)) => {
             let Some(shapes) = &spec.data.shapes else {
-                return Err(ConfigProblem {
+                return Err(Problem {
                     path: "spec.training.epochs".into(),
                     message: "needs a dataset whose size is known when the job is planned \
                               (data.shapes); give training.steps for data.folder"
@@ -87,14 +44,14 @@ pub fn total_steps(spec: &TrainingJobSpec) -> Result<u64, ConfigProblem> {
             let train = n - tc::validation_count(n, spec.data.validation_fraction);
             let accumulate = spec.distributed.as_ref().map_or(1, |d| d.accumulate_steps);
             let per_step =
-                u64::from(spec.training.batch_size) * u64::from(world_size(spec)) * accumulate;
+                u64::from(spec.training.batch_size) * u64::from(spec.world_size()) * accumulate;
             Ok((epochs * train as u64).div_ceil(per_step).max(1))
         }
     }
 }
 
 /// The config every training replica of this job gets.
-pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigProblem> {
+pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, Problem> {
     let m = &spec.model;
     let model = tc::ModelConfig {
         widths: m.widths.iter().map(|&w| w as usize).collect(),
@@ -122,7 +79,7 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
         folder: d.folder.as_ref().map(|f| tc::FolderConfig {
             path: f.path.clone().into(),
         }),
-        val_fraction: d.validation_fraction,
+        validation_fraction: d.validation_fraction,
         seed: d.seed,
         noise: d.noise.as_ref().map(|n| tc::NoiseConfig {
             sigma: n.sigma,
@@ -186,7 +143,7 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
         grad_clip_norm: (t.grad_clip_norm > 0.0).then_some(t.grad_clip_norm),
         compression,
         topk,
-        bucket_mb: dist.bucket_mib,
+        bucket_mib: dist.bucket_mib,
         local_sgd: dist.local_sgd.as_ref().map(|l| tc::LocalSgdConfig {
             every: l.every,
             outer: l.outer.as_ref().map(|o| tc::OuterConfig {
@@ -196,7 +153,7 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
             }),
         }),
         class_weights: t.class_weights.clone(),
-        val_every: t.validate_every,
+        validate_every: t.validate_every,
         log_every: t.log_every,
         seed: t.seed,
         threads: t.threads.map(|n| n as usize),
@@ -242,11 +199,11 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, ConfigPro
     // the spec field behind the trainer's.
     config.validate().map_err(|e| match e {
         tc::ConfigError::Invalid { field, message }
-        | tc::ConfigError::Schema { field, message } => ConfigProblem {
+        | tc::ConfigError::Schema { field, message } => Problem {
             path: spec_path(&field),
             message,
         },
-        other => ConfigProblem {
+        other => Problem {
             path: "spec".into(),
             message: other.to_string(),
         },
@@ -301,12 +258,12 @@ fn federated_config(f: &api::FederatedSpec) -> tc::FederatedConfig {
         },
         proximal_mu: f.proximal_mu,
         max_update_norm: f.max_update_norm,
-        max_update_mb: f.max_update_mib,
+        max_update_mib: f.max_update_mib,
         privacy: f.privacy.as_ref().map(|p| tc::PrivacyConfig {
             clip_norm: p.clip_norm,
             noise_multiplier: p.noise_multiplier,
             delta: p.delta,
-            adaptive: p.adaptive_clipping.as_ref().map(|a| tc::AdaptiveClipping {
+            adaptive_clipping: p.adaptive_clipping.as_ref().map(|a| tc::AdaptiveClipping {
                 target_quantile: a.target_quantile,
                 lr: a.lr,
             }),
@@ -346,13 +303,8 @@ fn spec_path(trainer_field: &str) -> String {
                         out.push(c);
                     }
                 }
-                match out.as_str() {
-                    "maxUpdateMb" => "maxUpdateMib".into(),
-                    // The trainer's enum tag; the spec calls it `type`.
-                    "kind" => "type".into(),
-                    "adaptive" => "adaptiveClipping".into(),
-                    _ => out,
-                }
+                // The trainer's enum tag; the spec calls it `type`.
+                if out == "kind" { "type".into() } else { out }
             })
             .collect();
         return format!("spec.federated.{}", camel.join("."));
@@ -367,7 +319,7 @@ fn spec_path(trainer_field: &str) -> String {
         ("model", "spec.model"),
         ("data.shapes.image_size", "spec.data.shapes.imageSize"),
         ("data.shapes.max_shapes", "spec.data.shapes.maxShapes"),
-        ("data.val_fraction", "spec.data.validationFraction"),
+        ("data.validation_fraction", "spec.data.validationFraction"),
         ("data", "spec.data"),
         ("peft.base", "spec.peft.baseCheckpoint"),
         ("peft.r", "spec.peft.rank"),
@@ -393,11 +345,11 @@ fn spec_path(trainer_field: &str) -> String {
         ("train.optimizer", "spec.training.optimizer"),
         ("train.grad_clip_norm", "spec.training.gradClipNorm"),
         ("train.class_weights", "spec.training.classWeights"),
-        ("train.bucket_mb", "spec.distributed.bucketMib"),
+        ("train.bucket_mib", "spec.distributed.bucketMib"),
         ("train.topk", "spec.distributed.compression.ratio"),
         ("train.compression", "spec.distributed.compression"),
         ("train.local_sgd", "spec.distributed.localSgd"),
-        ("train.val_every", "spec.training.validateEvery"),
+        ("train.validate_every", "spec.training.validateEvery"),
         ("train.log_every", "spec.training.logEvery"),
         ("train.threads", "spec.training.threads"),
         ("train", "spec.training"),
@@ -515,10 +467,10 @@ mod tests {
         let mut s = spec();
         s.data.shapes.as_mut().unwrap().image_size = 36;
         let e = trainer_config(&s).unwrap_err();
-        assert!(e.path.starts_with("spec."), "{e}");
-        assert_eq!(world_size(&s), 2);
+        assert_eq!(e.path, "spec.data.shapes.imageSize", "{e}");
+        assert_eq!(s.world_size(), 2);
         s.mode = Mode::Federated;
-        assert_eq!(world_size(&s), 1);
+        assert_eq!(s.world_size(), 1);
     }
 
     #[test]
@@ -526,7 +478,7 @@ mod tests {
         let mut s = spec();
         s.distributed.as_mut().unwrap().gpus_per_worker = 4;
         assert_eq!(
-            (worker_pods(&s), processes_per_worker(&s), world_size(&s)),
+            (s.worker_pods(), s.gpus_per_worker(), s.world_size()),
             (2, 4, 8)
         );
         let c = trainer_config(&s).unwrap();
