@@ -158,6 +158,53 @@ impl Default for ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// Checks of the `model` section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.widths.is_empty() {
+            return Err(ConfigError::invalid(
+                "model.widths",
+                "needs at least one stage, e.g. [16, 32, 64]",
+            ));
+        }
+        if let Some(i) = self.widths.iter().position(|&w| w == 0) {
+            return Err(ConfigError::invalid(
+                format!("model.widths[{i}]"),
+                "a stage needs at least one channel",
+            ));
+        }
+        if self.convs_per_stage == 0 {
+            return Err(ConfigError::invalid(
+                "model.convs_per_stage",
+                "must be at least 1",
+            ));
+        }
+        if self.classes < 2 {
+            return Err(ConfigError::invalid(
+                "model.classes",
+                "must be at least 2 (background and one object class)",
+            ));
+        }
+        if self.classes > IGNORE_INDEX as usize {
+            return Err(ConfigError::invalid(
+                "model.classes",
+                format!(
+                    "at most {IGNORE_INDEX} classes fit in 8-bit masks ({IGNORE_INDEX} marks ignored pixels)"
+                ),
+            ));
+        }
+        if self.in_channels == 0 {
+            return Err(ConfigError::invalid(
+                "model.in_channels",
+                "must be at least 1",
+            ));
+        }
+        check_non_negative("model.boundary_loss_weight", self.boundary_loss_weight)?;
+
+        Ok(())
+    }
+}
+
 /// Sample source, split and augmentation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -184,6 +231,92 @@ impl Default for DataConfig {
             seed: 1,
             noise: None,
         }
+    }
+}
+
+impl DataConfig {
+    /// Checks of the `data` section, and what the dataset asks of the model.
+    pub fn validate(&self, m: &ModelConfig) -> Result<(), ConfigError> {
+        match (&self.shapes, &self.folder) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "data",
+                    "set exactly one of `data.shapes` and `data.folder`, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    "data",
+                    "set one of `data.shapes` or `data.folder`",
+                ));
+            }
+            (Some(s), None) => {
+                if s.samples < 2 {
+                    return Err(ConfigError::invalid(
+                        "data.shapes.samples",
+                        "needs at least 2 samples (one for training, one for validation)",
+                    ));
+                }
+                let min = 1usize << m.widths.len();
+                if s.image_size < min.max(8) || s.image_size % min != 0 {
+                    return Err(ConfigError::invalid(
+                        "data.shapes.image_size",
+                        format!(
+                            "must be a multiple of {min} (2 to the number of stages) and at least {}",
+                            min.max(8)
+                        ),
+                    ));
+                }
+                check_non_negative("data.shapes.sensor_noise", s.sensor_noise)?;
+                if s.max_shapes == 0 {
+                    return Err(ConfigError::invalid(
+                        "data.shapes.max_shapes",
+                        "must be at least 1",
+                    ));
+                }
+                if m.classes != SHAPES_CLASSES {
+                    return Err(ConfigError::invalid(
+                        "model.classes",
+                        format!(
+                            "the shapes dataset has {SHAPES_CLASSES} classes ({}); set model.classes: {SHAPES_CLASSES}",
+                            SHAPES_CLASS_NAMES.join(", ")
+                        ),
+                    ));
+                }
+                if m.in_channels != 3 {
+                    return Err(ConfigError::invalid(
+                        "model.in_channels",
+                        "the shapes dataset is RGB; set model.in_channels: 3",
+                    ));
+                }
+            }
+            (None, Some(f)) => {
+                if f.path.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid(
+                        "data.folder.path",
+                        "must name a directory holding images/ and masks/",
+                    ));
+                }
+            }
+        }
+        if !(0.0..1.0).contains(&self.validation_fraction) || !self.validation_fraction.is_finite()
+        {
+            return Err(ConfigError::invalid(
+                "data.validation_fraction",
+                "must be in [0, 1), e.g. 0.1",
+            ));
+        }
+        if let Some(n) = &self.noise {
+            check_non_negative("data.noise.sigma", n.sigma)?;
+            if !(0.0..=1.0).contains(&n.probability) {
+                return Err(ConfigError::invalid(
+                    "data.noise.probability",
+                    "must be in [0, 1]",
+                ));
+            }
+        }
+
+        Ok(())
     }
 }
 
@@ -258,6 +391,43 @@ pub enum OptimizerConfig {
     AdamW(AdamWConfig),
 }
 
+impl OptimizerConfig {
+    /// Checks of `train.optimizer`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            OptimizerConfig::Sgd(s) => {
+                check_non_negative("train.optimizer.momentum", s.momentum)?;
+                if s.momentum >= 1.0 {
+                    return Err(ConfigError::invalid(
+                        "train.optimizer.momentum",
+                        "must be below 1",
+                    ));
+                }
+                if s.nesterov && s.momentum == 0.0 {
+                    return Err(ConfigError::invalid(
+                        "train.optimizer.nesterov",
+                        "Nesterov needs momentum; set train.optimizer.momentum > 0",
+                    ));
+                }
+                check_non_negative("train.optimizer.weight_decay", s.weight_decay)?;
+            }
+            OptimizerConfig::AdamW(a) => {
+                for (field, beta) in [
+                    ("train.optimizer.beta1", a.beta1),
+                    ("train.optimizer.beta2", a.beta2),
+                ] {
+                    if !(0.0..1.0).contains(&beta) {
+                        return Err(ConfigError::invalid(field, "must be in [0, 1)"));
+                    }
+                }
+                check_positive("train.optimizer.eps", a.eps)?;
+                check_non_negative("train.optimizer.weight_decay", a.weight_decay)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for OptimizerConfig {
     fn default() -> Self {
         Self::AdamW(AdamWConfig::default())
@@ -321,6 +491,38 @@ pub enum DecayConfig {
     Cosine(CosineDecay),
     /// Multiply by `gamma` every `every` steps.
     Step(StepDecay),
+}
+
+impl DecayConfig {
+    /// Checks of `train.decay`.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match self {
+            DecayConfig::Constant => {}
+            DecayConfig::Cosine(c) => {
+                if !(0.0..=1.0).contains(&c.final_factor) {
+                    return Err(ConfigError::invalid(
+                        "train.decay.final_factor",
+                        "must be in [0, 1]",
+                    ));
+                }
+            }
+            DecayConfig::Step(s) => {
+                if s.every == 0 {
+                    return Err(ConfigError::invalid(
+                        "train.decay.every",
+                        "must be at least 1",
+                    ));
+                }
+                if !(s.gamma > 0.0 && s.gamma <= 1.0) {
+                    return Err(ConfigError::invalid(
+                        "train.decay.gamma",
+                        "must be in (0, 1]",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for DecayConfig {
@@ -432,6 +634,129 @@ impl Default for TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Checks of the `train` section, with what it asks of the model and the checkpoints.
+    pub fn validate(
+        &self,
+        m: &ModelConfig,
+        checkpoint: &CheckpointConfig,
+    ) -> Result<(), ConfigError> {
+        if self.steps == 0 {
+            return Err(ConfigError::invalid("train.steps", "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            return Err(ConfigError::invalid(
+                "train.batch_size",
+                "must be at least 1",
+            ));
+        }
+        if self.accumulate_steps == 0 {
+            return Err(ConfigError::invalid(
+                "train.accumulate_steps",
+                "must be at least 1 (1 means no accumulation)",
+            ));
+        }
+        check_positive("train.lr", self.lr)?;
+        self.decay.validate()?;
+        self.optimizer.validate()?;
+        if let Some(c) = self.grad_clip_norm {
+            check_positive("train.grad_clip_norm", c)?;
+        }
+        if let Some(w) = &self.class_weights {
+            if w.len() != m.classes {
+                return Err(ConfigError::invalid(
+                    "train.class_weights",
+                    format!(
+                        "has {} entries but model.classes is {}; give one weight per class",
+                        w.len(),
+                        m.classes
+                    ),
+                ));
+            }
+            for (i, &x) in w.iter().enumerate() {
+                check_non_negative(&format!("train.class_weights[{i}]"), x)?;
+            }
+            if w.iter().all(|&x| x == 0.0) {
+                return Err(ConfigError::invalid(
+                    "train.class_weights",
+                    "at least one class weight must be positive",
+                ));
+            }
+        }
+        if !(self.bucket_mib.is_finite() && self.bucket_mib >= 0.001) {
+            return Err(ConfigError::invalid(
+                "train.bucket_mib",
+                "must be at least 0.001 (MiB per all-reduce bucket; 25 is PyTorch's default)",
+            ));
+        }
+        if self.backend == CollectiveBackend::Nccl && self.device == DeviceKind::Cpu {
+            return Err(ConfigError::invalid(
+                "train.backend",
+                "nccl all-reduces GPU memory, but train.device is cpu; set train.device to cuda or auto, or train.backend to tcp",
+            ));
+        }
+        if let Some(k) = &self.topk {
+            if self.device == DeviceKind::Cuda || self.backend == CollectiveBackend::Nccl {
+                return Err(ConfigError::invalid(
+                    "train.topk",
+                    "top-k sparsification runs on the CPU only; use train.compression (bf16 or fp16) on GPUs, or train.device: cpu",
+                ));
+            }
+            if !(k.ratio > 0.0 && k.ratio <= 1.0) {
+                return Err(ConfigError::invalid(
+                    "train.topk.ratio",
+                    "must be in (0, 1], e.g. 0.01",
+                ));
+            }
+            if self.compression != Compression::None || self.local_sgd.is_some() {
+                return Err(ConfigError::invalid(
+                    "train.topk",
+                    "cannot be combined with train.compression or train.local_sgd; choose one way to reduce traffic",
+                ));
+            }
+        }
+        if let Some(l) = &self.local_sgd {
+            if l.every == 0 {
+                return Err(ConfigError::invalid(
+                    "train.local_sgd.every",
+                    "must be at least 1 (1 synchronises every step)",
+                ));
+            }
+            if let Some(o) = &l.outer {
+                check_positive("train.local_sgd.outer.lr", o.lr)?;
+                if !(0.0..1.0).contains(&o.momentum) {
+                    return Err(ConfigError::invalid(
+                        "train.local_sgd.outer.momentum",
+                        "must be in [0, 1)",
+                    ));
+                }
+            }
+            if !checkpoint.every.is_multiple_of(l.every) {
+                return Err(ConfigError::invalid(
+                    "checkpoint.every",
+                    format!(
+                        "must be a multiple of train.local_sgd.every ({}): checkpoints are taken when ranks agree",
+                        l.every
+                    ),
+                ));
+            }
+        }
+        if self.log_every == 0 {
+            return Err(ConfigError::invalid(
+                "train.log_every",
+                "must be at least 1",
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err(ConfigError::invalid(
+                "train.threads",
+                "must be at least 1, or left out for one per core",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Where a trainer process computes (`train.device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -535,6 +860,19 @@ impl Default for CheckpointConfig {
     }
 }
 
+impl CheckpointConfig {
+    /// Checks of the `checkpoint` section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.keep_last == 0 {
+            return Err(ConfigError::invalid(
+                "checkpoint.keep_last",
+                "must be at least 1 so that a run can be resumed",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Samples of `n` held out for validation: `round(n * validation_fraction)`, at
 /// least one when the fraction is positive and `n > 1`, never all of them.
 /// (Shared with the operator, which turns epochs into steps.)
@@ -589,302 +927,15 @@ impl TrainerConfig {
         Ok(config)
     }
 
-    /// Semantic checks that types alone cannot express. The first problem wins.
+    /// Semantic checks that types alone cannot express, section by section
+    /// (each next to its section). The first problem wins.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let m = &self.model;
-        if m.widths.is_empty() {
-            return Err(ConfigError::invalid(
-                "model.widths",
-                "needs at least one stage, e.g. [16, 32, 64]",
-            ));
-        }
-        if let Some(i) = m.widths.iter().position(|&w| w == 0) {
-            return Err(ConfigError::invalid(
-                format!("model.widths[{i}]"),
-                "a stage needs at least one channel",
-            ));
-        }
-        if m.convs_per_stage == 0 {
-            return Err(ConfigError::invalid(
-                "model.convs_per_stage",
-                "must be at least 1",
-            ));
-        }
-        if m.classes < 2 {
-            return Err(ConfigError::invalid(
-                "model.classes",
-                "must be at least 2 (background and one object class)",
-            ));
-        }
-        if m.classes > IGNORE_INDEX as usize {
-            return Err(ConfigError::invalid(
-                "model.classes",
-                format!(
-                    "at most {IGNORE_INDEX} classes fit in 8-bit masks ({IGNORE_INDEX} marks ignored pixels)"
-                ),
-            ));
-        }
-        if m.in_channels == 0 {
-            return Err(ConfigError::invalid(
-                "model.in_channels",
-                "must be at least 1",
-            ));
-        }
-        check_non_negative("model.boundary_loss_weight", m.boundary_loss_weight)?;
-
-        let d = &self.data;
-        match (&d.shapes, &d.folder) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::invalid(
-                    "data",
-                    "set exactly one of `data.shapes` and `data.folder`, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(ConfigError::invalid(
-                    "data",
-                    "set one of `data.shapes` or `data.folder`",
-                ));
-            }
-            (Some(s), None) => {
-                if s.samples < 2 {
-                    return Err(ConfigError::invalid(
-                        "data.shapes.samples",
-                        "needs at least 2 samples (one for training, one for validation)",
-                    ));
-                }
-                let min = 1usize << m.widths.len();
-                if s.image_size < min.max(8) || s.image_size % min != 0 {
-                    return Err(ConfigError::invalid(
-                        "data.shapes.image_size",
-                        format!(
-                            "must be a multiple of {min} (2 to the number of stages) and at least {}",
-                            min.max(8)
-                        ),
-                    ));
-                }
-                check_non_negative("data.shapes.sensor_noise", s.sensor_noise)?;
-                if s.max_shapes == 0 {
-                    return Err(ConfigError::invalid(
-                        "data.shapes.max_shapes",
-                        "must be at least 1",
-                    ));
-                }
-                if m.classes != SHAPES_CLASSES {
-                    return Err(ConfigError::invalid(
-                        "model.classes",
-                        format!(
-                            "the shapes dataset has {SHAPES_CLASSES} classes ({}); set model.classes: {SHAPES_CLASSES}",
-                            SHAPES_CLASS_NAMES.join(", ")
-                        ),
-                    ));
-                }
-                if m.in_channels != 3 {
-                    return Err(ConfigError::invalid(
-                        "model.in_channels",
-                        "the shapes dataset is RGB; set model.in_channels: 3",
-                    ));
-                }
-            }
-            (None, Some(f)) => {
-                if f.path.as_os_str().is_empty() {
-                    return Err(ConfigError::invalid(
-                        "data.folder.path",
-                        "must name a directory holding images/ and masks/",
-                    ));
-                }
-            }
-        }
-        if !(0.0..1.0).contains(&d.validation_fraction) || !d.validation_fraction.is_finite() {
-            return Err(ConfigError::invalid(
-                "data.validation_fraction",
-                "must be in [0, 1), e.g. 0.1",
-            ));
-        }
-        if let Some(n) = &d.noise {
-            check_non_negative("data.noise.sigma", n.sigma)?;
-            if !(0.0..=1.0).contains(&n.probability) {
-                return Err(ConfigError::invalid(
-                    "data.noise.probability",
-                    "must be in [0, 1]",
-                ));
-            }
-        }
-
-        let t = &self.train;
-        if t.steps == 0 {
-            return Err(ConfigError::invalid("train.steps", "must be at least 1"));
-        }
-        if t.batch_size == 0 {
-            return Err(ConfigError::invalid(
-                "train.batch_size",
-                "must be at least 1",
-            ));
-        }
-        if t.accumulate_steps == 0 {
-            return Err(ConfigError::invalid(
-                "train.accumulate_steps",
-                "must be at least 1 (1 means no accumulation)",
-            ));
-        }
-        check_positive("train.lr", t.lr)?;
-        match &t.decay {
-            DecayConfig::Constant => {}
-            DecayConfig::Cosine(c) => {
-                if !(0.0..=1.0).contains(&c.final_factor) {
-                    return Err(ConfigError::invalid(
-                        "train.decay.final_factor",
-                        "must be in [0, 1]",
-                    ));
-                }
-            }
-            DecayConfig::Step(s) => {
-                if s.every == 0 {
-                    return Err(ConfigError::invalid(
-                        "train.decay.every",
-                        "must be at least 1",
-                    ));
-                }
-                if !(s.gamma > 0.0 && s.gamma <= 1.0) {
-                    return Err(ConfigError::invalid(
-                        "train.decay.gamma",
-                        "must be in (0, 1]",
-                    ));
-                }
-            }
-        }
-        match &t.optimizer {
-            OptimizerConfig::Sgd(s) => {
-                check_non_negative("train.optimizer.momentum", s.momentum)?;
-                if s.momentum >= 1.0 {
-                    return Err(ConfigError::invalid(
-                        "train.optimizer.momentum",
-                        "must be below 1",
-                    ));
-                }
-                if s.nesterov && s.momentum == 0.0 {
-                    return Err(ConfigError::invalid(
-                        "train.optimizer.nesterov",
-                        "Nesterov needs momentum; set train.optimizer.momentum > 0",
-                    ));
-                }
-                check_non_negative("train.optimizer.weight_decay", s.weight_decay)?;
-            }
-            OptimizerConfig::AdamW(a) => {
-                for (field, beta) in [
-                    ("train.optimizer.beta1", a.beta1),
-                    ("train.optimizer.beta2", a.beta2),
-                ] {
-                    if !(0.0..1.0).contains(&beta) {
-                        return Err(ConfigError::invalid(field, "must be in [0, 1)"));
-                    }
-                }
-                check_positive("train.optimizer.eps", a.eps)?;
-                check_non_negative("train.optimizer.weight_decay", a.weight_decay)?;
-            }
-        }
-        if let Some(c) = t.grad_clip_norm {
-            check_positive("train.grad_clip_norm", c)?;
-        }
-        if let Some(w) = &t.class_weights {
-            if w.len() != m.classes {
-                return Err(ConfigError::invalid(
-                    "train.class_weights",
-                    format!(
-                        "has {} entries but model.classes is {}; give one weight per class",
-                        w.len(),
-                        m.classes
-                    ),
-                ));
-            }
-            for (i, &x) in w.iter().enumerate() {
-                check_non_negative(&format!("train.class_weights[{i}]"), x)?;
-            }
-            if w.iter().all(|&x| x == 0.0) {
-                return Err(ConfigError::invalid(
-                    "train.class_weights",
-                    "at least one class weight must be positive",
-                ));
-            }
-        }
-        if !(t.bucket_mib.is_finite() && t.bucket_mib >= 0.001) {
-            return Err(ConfigError::invalid(
-                "train.bucket_mib",
-                "must be at least 0.001 (MiB per all-reduce bucket; 25 is PyTorch's default)",
-            ));
-        }
-        if t.backend == CollectiveBackend::Nccl && t.device == DeviceKind::Cpu {
-            return Err(ConfigError::invalid(
-                "train.backend",
-                "nccl all-reduces GPU memory, but train.device is cpu; set train.device to cuda or auto, or train.backend to tcp",
-            ));
-        }
-        if let Some(k) = &t.topk {
-            if t.device == DeviceKind::Cuda || t.backend == CollectiveBackend::Nccl {
-                return Err(ConfigError::invalid(
-                    "train.topk",
-                    "top-k sparsification runs on the CPU only; use train.compression (bf16 or fp16) on GPUs, or train.device: cpu",
-                ));
-            }
-            if !(k.ratio > 0.0 && k.ratio <= 1.0) {
-                return Err(ConfigError::invalid(
-                    "train.topk.ratio",
-                    "must be in (0, 1], e.g. 0.01",
-                ));
-            }
-            if t.compression != Compression::None || t.local_sgd.is_some() {
-                return Err(ConfigError::invalid(
-                    "train.topk",
-                    "cannot be combined with train.compression or train.local_sgd; choose one way to reduce traffic",
-                ));
-            }
-        }
-        if let Some(l) = &t.local_sgd {
-            if l.every == 0 {
-                return Err(ConfigError::invalid(
-                    "train.local_sgd.every",
-                    "must be at least 1 (1 synchronises every step)",
-                ));
-            }
-            if let Some(o) = &l.outer {
-                check_positive("train.local_sgd.outer.lr", o.lr)?;
-                if !(0.0..1.0).contains(&o.momentum) {
-                    return Err(ConfigError::invalid(
-                        "train.local_sgd.outer.momentum",
-                        "must be in [0, 1)",
-                    ));
-                }
-            }
-            if !self.checkpoint.every.is_multiple_of(l.every) {
-                return Err(ConfigError::invalid(
-                    "checkpoint.every",
-                    format!(
-                        "must be a multiple of train.local_sgd.every ({}): checkpoints are taken when ranks agree",
-                        l.every
-                    ),
-                ));
-            }
-        }
-        if t.log_every == 0 {
-            return Err(ConfigError::invalid(
-                "train.log_every",
-                "must be at least 1",
-            ));
-        }
-        if t.threads == Some(0) {
-            return Err(ConfigError::invalid(
-                "train.threads",
-                "must be at least 1, or left out for one per core",
-            ));
-        }
-        if self.checkpoint.keep_last == 0 {
-            return Err(ConfigError::invalid(
-                "checkpoint.keep_last",
-                "must be at least 1 so that a run can be resumed",
-            ));
-        }
+        self.model.validate()?;
+        self.data.validate(&self.model)?;
+        self.train.validate(&self.model, &self.checkpoint)?;
+        self.checkpoint.validate()?;
         if let Some(f) = &self.federated {
-            f.validate(m.classes)?;
+            f.validate(self.model.classes)?;
         }
         if let Some(p) = &self.peft {
             p.validate()?;
