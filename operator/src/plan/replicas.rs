@@ -122,221 +122,286 @@ pub fn leader(mode: Mode) -> Role {
 
 /// Every replica of `attempt`, in a fixed order (leader first).
 pub fn desired(job: &ValidatedJob, attempt: u32, placement: &Placement) -> Vec<Replica> {
-    let spec = &job.spec;
-    let (name, namespace) = (job.id.name.as_str(), job.id.namespace.as_str());
-    let config_json = serde_json::to_string(&job.trainer).expect("a config serializes");
-    let Roles {
-        leader: leader_role,
-        follower: follower_role,
-        followers,
-        leader_port,
-    } = job.roles;
-    let leader_host = match placement {
-        Placement::Kubernetes => format!(
-            "{}.{name}.{namespace}.svc",
-            replica_name(name, leader_role, 0)
-        ),
-        Placement::Local { .. } => "127.0.0.1".into(),
-    };
-    let master_port = match placement {
-        Placement::Kubernetes => leader_port,
-        Placement::Local { master_port, .. } => *master_port,
-    };
-    let dist = spec.distributed.clone().unwrap_or_default();
-    let (gpus, world_size) = (job.gpus_per_worker, job.world_size);
-    let mut layout: Vec<(Role, u32)> = Vec::new();
-    if leader_role == Role::Aggregator {
-        layout.push((Role::Aggregator, 0));
-    }
-    layout.extend((0..followers).map(|i| (follower_role, i)));
-
-    layout
+    let gang = Gang::new(job, attempt, placement);
+    gang.layout()
         .into_iter()
-        .map(|(role, index)| {
-            let replica = replica_name(name, role, index);
-            let out_dir = match placement {
-                // Keyed by the job's uid: a job recreated under the same
-                // name on the same volume starts afresh, never resuming (or
-                // "finishing" with) its predecessor's run.
-                Placement::Kubernetes => format!(
-                    "{}/{name}-{}/{replica}",
-                    spec.checkpoints.location, job.id.uid
-                ),
-                Placement::Local { out_root, .. } => format!("{out_root}/{replica}"),
-            };
-            let var = |k: &str, v: String| EnvVar {
-                name: k.into(),
-                value: Some(v),
-                value_from: None,
-            };
-            let mut vars = vec![
-                var(env::JOB, format!("{namespace}/{name}")),
-                var(env::REPLICA_ROLE, role.as_str().into()),
-                var(env::RUN_ATTEMPT, attempt.to_string()),
-                var(env::MASTER_ADDR, leader_host.clone()),
-                var(env::MASTER_PORT, master_port.to_string()),
-                var(env::CONFIG, config_json.clone()),
-            ];
-            match role {
-                // One process per GPU under the in-pod supervisor, which
-                // gives each its RANK and LOCAL_RANK.
-                Role::Worker if gpus > 0 => {
-                    vars.push(var(env::GROUP_RANK, index.to_string()));
-                    vars.push(var(env::LOCAL_WORLD_SIZE, gpus.to_string()));
-                    vars.push(var(env::WORLD_SIZE, world_size.to_string()));
-                    // On a cluster the device plugin shows each pod its own
-                    // GPUs; locally every worker shares the machine, so each
-                    // is shown its own slice of them.
-                    if let Placement::Local { .. } = placement {
-                        let first = index * gpus;
-                        let slice: Vec<String> =
-                            (first..first + gpus).map(|g| g.to_string()).collect();
-                        vars.push(var(CUDA_VISIBLE_DEVICES, slice.join(",")));
-                    }
-                }
-                Role::Worker => {
-                    vars.push(var(env::RANK, index.to_string()));
-                    vars.push(var(env::LOCAL_RANK, "0".into()));
-                    vars.push(var(env::WORLD_SIZE, world_size.to_string()));
-                }
-                Role::Client => {
-                    vars.push(var(env::RANK, index.to_string()));
-                    vars.push(var(env::LOCAL_RANK, "0".into()));
-                    vars.push(var(env::WORLD_SIZE, followers.to_string()));
-                }
-                Role::Aggregator => vars.push(var(env::LOCAL_RANK, "0".into())),
-            }
-            let secret_env = |var_name: &str, secret: String, key: String| EnvVar {
-                name: var_name.into(),
-                value: None,
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret,
-                        key,
-                        optional: Some(false),
-                    }),
-                    ..Default::default()
-                }),
-            };
-            match (role, placement) {
-                (Role::Aggregator, Placement::Kubernetes) => vars.push(secret_env(
-                    env::FEDERATION_SECRET,
-                    federation_secret_name(name),
-                    FEDERATION_SECRET_KEY.into(),
-                )),
-                (Role::Client, Placement::Kubernetes) => vars.push(secret_env(
-                    env::CLIENT_TOKEN,
-                    federation_secret_name(name),
-                    client_token_key(index as usize),
-                )),
-                (Role::Worker, Placement::Kubernetes) => vars.push(secret_env(
-                    env::GROUP_SECRET,
-                    group_secret_name(name),
-                    GROUP_SECRET_KEY.into(),
-                )),
-                (Role::Aggregator, Placement::Local { secret, .. }) => {
-                    vars.push(var(env::FEDERATION_SECRET, secret.clone()));
-                }
-                (Role::Client, Placement::Local { secret, .. }) => vars.push(var(
-                    env::CLIENT_TOKEN,
-                    trainyard_trainer::config::client_token(secret, index as usize),
-                )),
-                (Role::Worker, Placement::Local { secret, .. }) => {
-                    vars.push(var(env::GROUP_SECRET, secret.clone()));
-                }
-            }
-            vars.extend(spec.template.env.iter().cloned());
-            let supervised = role == Role::Worker && gpus > 0;
-            let mut args: Vec<String> = match role {
-                Role::Worker => vec![
-                    cli::TRAIN.into(),
-                    flag(cli::OUT),
-                    out_dir.clone(),
-                    // A fresh run directory starts fresh; after a gang restart
-                    // rank 0 continues from its newest checkpoint.
-                    flag(cli::RESUME),
-                    flag(cli::JOIN_TIMEOUT),
-                    dist.join_timeout_seconds.to_string(),
-                    flag(cli::COLLECTIVE_TIMEOUT),
-                    dist.collective_timeout_seconds.to_string(),
-                ],
-                // A restarted aggregator continues after its last round.
-                Role::Aggregator => vec![
-                    cli::AGGREGATE.into(),
-                    flag(cli::OUT),
-                    out_dir.clone(),
-                    flag(cli::RESUME),
-                ],
-                Role::Client => vec![cli::CLIENT.into(), flag(cli::OUT), out_dir.clone()],
-            };
-            let mut ports = Vec::new();
-            match placement {
-                Placement::Kubernetes => {
-                    args.push(flag(cli::METRICS_ADDR));
-                    args.push(format!("0.0.0.0:{METRICS_PORT}"));
-                    ports.push(("metrics".into(), METRICS_PORT));
-                    if role == leader_role && index == 0 {
-                        ports.push(("rendezvous".into(), leader_port));
-                    }
-                }
-                Placement::Local {
-                    leader_metrics: Some(addr),
-                    ..
-                } if role == leader_role && index == 0 => {
-                    args.push(flag(cli::METRICS_ADDR));
-                    args.push(addr.to_string());
-                }
-                Placement::Local { .. } => {}
-            }
-            if supervised {
-                // `launch -- train …`: the supervisor reads GROUP_RANK,
-                // LOCAL_WORLD_SIZE and WORLD_SIZE from the env above.
-                args.splice(0..0, [cli::LAUNCH.to_string(), "--".to_string()]);
-            }
-            let mut secret_mounts = Vec::new();
-            // TLS of the federation endpoint, on a cluster (loopback stays HTTP).
-            if let (Some(tls), Placement::Kubernetes) = (
-                spec.federated.as_ref().and_then(|f| f.tls.as_ref()),
-                placement,
-            ) {
-                let file = |f: &str| format!("{FEDERATION_TLS_DIR}/{f}");
-                match role {
-                    Role::Aggregator => {
-                        args.extend([
-                            flag(cli::TLS_CERT),
-                            file("tls.crt"),
-                            flag(cli::TLS_KEY),
-                            file("tls.key"),
-                        ]);
-                    }
-                    Role::Client => {
-                        args.extend([
-                            flag(cli::TLS_CA),
-                            file("ca.crt"),
-                            flag(cli::AGGREGATOR),
-                            format!("https://{leader_host}:{master_port}"),
-                        ]);
-                    }
-                    Role::Worker => {}
-                }
-                if role != Role::Worker {
-                    secret_mounts.push((tls.secret_name.clone(), FEDERATION_TLS_DIR.into()));
-                }
-            }
-            Replica {
-                name: replica,
-                role,
-                index,
-                attempt,
-                args,
-                env: vars,
-                gpus: if role == Role::Worker { gpus } else { 0 },
-                ports,
-                out_dir,
-                secret_mounts,
-            }
-        })
+        .map(|(role, index)| gang.replica(role, index))
         .collect()
+}
+
+/// What every replica of one attempt shares.
+struct Gang<'a> {
+    job: &'a ValidatedJob,
+    attempt: u32,
+    placement: &'a Placement,
+    /// Where the leader is reached: its pod's DNS name, or loopback.
+    leader_host: String,
+    /// The leader's port as the others dial it.
+    master_port: u16,
+    config_json: String,
+}
+
+fn var(name: &str, value: String) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value),
+        value_from: None,
+    }
+}
+
+fn secret_var(name: &str, secret: String, key: String) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret,
+                key,
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+impl<'a> Gang<'a> {
+    fn new(job: &'a ValidatedJob, attempt: u32, placement: &'a Placement) -> Self {
+        let (name, namespace) = (&job.id.name, &job.id.namespace);
+        let leader_host = match placement {
+            Placement::Kubernetes => format!(
+                "{}.{name}.{namespace}.svc",
+                replica_name(name, job.roles.leader, 0)
+            ),
+            Placement::Local { .. } => "127.0.0.1".into(),
+        };
+        let master_port = match placement {
+            Placement::Kubernetes => job.roles.leader_port,
+            Placement::Local { master_port, .. } => *master_port,
+        };
+        Self {
+            job,
+            attempt,
+            placement,
+            leader_host,
+            master_port,
+            config_json: serde_json::to_string(&job.trainer).expect("a config serializes"),
+        }
+    }
+
+    /// (role, index) of every replica, leader first.
+    fn layout(&self) -> Vec<(Role, u32)> {
+        let Roles {
+            leader,
+            follower,
+            followers,
+            ..
+        } = self.job.roles;
+        let mut layout = Vec::new();
+        if leader == Role::Aggregator {
+            layout.push((Role::Aggregator, 0));
+        }
+        layout.extend((0..followers).map(|i| (follower, i)));
+        layout
+    }
+
+    fn replica(&self, role: Role, index: u32) -> Replica {
+        let name = replica_name(&self.job.id.name, role, index);
+        let out_dir = self.out_dir(&name);
+        let (mut args, ports) = self.args(role, index, &out_dir);
+        let secret_mounts = self.tls(role, &mut args);
+        Replica {
+            name,
+            role,
+            index,
+            attempt: self.attempt,
+            args,
+            env: self.env(role, index),
+            gpus: if role == Role::Worker {
+                self.job.gpus_per_worker
+            } else {
+                0
+            },
+            ports,
+            out_dir,
+            secret_mounts,
+        }
+    }
+
+    fn out_dir(&self, replica: &str) -> String {
+        match self.placement {
+            // Keyed by the job's uid: a job recreated under the same name on
+            // the same volume starts afresh, never resuming (or "finishing"
+            // with) its predecessor's run.
+            Placement::Kubernetes => format!(
+                "{}/{}-{}/{replica}",
+                self.job.spec.checkpoints.location, self.job.id.name, self.job.id.uid
+            ),
+            Placement::Local { out_root, .. } => format!("{out_root}/{replica}"),
+        }
+    }
+
+    /// Trainyard's variables first, then the user's.
+    fn env(&self, role: Role, index: u32) -> Vec<EnvVar> {
+        let job = self.job;
+        let (gpus, world_size) = (job.gpus_per_worker, job.world_size);
+        let mut vars = vec![
+            var(env::JOB, format!("{}/{}", job.id.namespace, job.id.name)),
+            var(env::REPLICA_ROLE, role.as_str().into()),
+            var(env::RUN_ATTEMPT, self.attempt.to_string()),
+            var(env::MASTER_ADDR, self.leader_host.clone()),
+            var(env::MASTER_PORT, self.master_port.to_string()),
+            var(env::CONFIG, self.config_json.clone()),
+        ];
+        match role {
+            // One process per GPU under the in-pod supervisor, which gives
+            // each its RANK and LOCAL_RANK.
+            Role::Worker if gpus > 0 => {
+                vars.push(var(env::GROUP_RANK, index.to_string()));
+                vars.push(var(env::LOCAL_WORLD_SIZE, gpus.to_string()));
+                vars.push(var(env::WORLD_SIZE, world_size.to_string()));
+                // On a cluster the device plugin shows each pod its own
+                // GPUs; locally every worker shares the machine, so each is
+                // shown its own slice of them.
+                if let Placement::Local { .. } = self.placement {
+                    let first = index * gpus;
+                    let slice: Vec<String> = (first..first + gpus).map(|g| g.to_string()).collect();
+                    vars.push(var(CUDA_VISIBLE_DEVICES, slice.join(",")));
+                }
+            }
+            Role::Worker => {
+                vars.push(var(env::RANK, index.to_string()));
+                vars.push(var(env::LOCAL_RANK, "0".into()));
+                vars.push(var(env::WORLD_SIZE, world_size.to_string()));
+            }
+            Role::Client => {
+                vars.push(var(env::RANK, index.to_string()));
+                vars.push(var(env::LOCAL_RANK, "0".into()));
+                vars.push(var(env::WORLD_SIZE, job.roles.followers.to_string()));
+            }
+            Role::Aggregator => vars.push(var(env::LOCAL_RANK, "0".into())),
+        }
+        vars.push(self.secret(role, index));
+        vars.extend(job.spec.template.env.iter().cloned());
+        vars
+    }
+
+    /// The secret a replica proves itself with: from the job's Secret on a
+    /// cluster (never in the pod spec), the run's own secret locally.
+    fn secret(&self, role: Role, index: u32) -> EnvVar {
+        let name = &self.job.id.name;
+        match (role, self.placement) {
+            (Role::Aggregator, Placement::Kubernetes) => secret_var(
+                env::FEDERATION_SECRET,
+                federation_secret_name(name),
+                FEDERATION_SECRET_KEY.into(),
+            ),
+            (Role::Client, Placement::Kubernetes) => secret_var(
+                env::CLIENT_TOKEN,
+                federation_secret_name(name),
+                client_token_key(index as usize),
+            ),
+            (Role::Worker, Placement::Kubernetes) => secret_var(
+                env::GROUP_SECRET,
+                group_secret_name(name),
+                GROUP_SECRET_KEY.into(),
+            ),
+            (Role::Aggregator, Placement::Local { secret, .. }) => {
+                var(env::FEDERATION_SECRET, secret.clone())
+            }
+            (Role::Client, Placement::Local { secret, .. }) => var(
+                env::CLIENT_TOKEN,
+                trainyard_trainer::config::client_token(secret, index as usize),
+            ),
+            (Role::Worker, Placement::Local { secret, .. }) => {
+                var(env::GROUP_SECRET, secret.clone())
+            }
+        }
+    }
+
+    /// `trainyard-trainer`'s arguments and the named ports they open.
+    fn args(&self, role: Role, index: u32, out_dir: &str) -> (Vec<String>, Vec<(String, u16)>) {
+        let dist = self.job.spec.distributed.clone().unwrap_or_default();
+        let mut args: Vec<String> = match role {
+            Role::Worker => vec![
+                cli::TRAIN.into(),
+                flag(cli::OUT),
+                out_dir.into(),
+                // A fresh run directory starts fresh; after a gang restart
+                // rank 0 continues from its newest checkpoint.
+                flag(cli::RESUME),
+                flag(cli::JOIN_TIMEOUT),
+                dist.join_timeout_seconds.to_string(),
+                flag(cli::COLLECTIVE_TIMEOUT),
+                dist.collective_timeout_seconds.to_string(),
+            ],
+            // A restarted aggregator continues after its last round.
+            Role::Aggregator => vec![
+                cli::AGGREGATE.into(),
+                flag(cli::OUT),
+                out_dir.into(),
+                flag(cli::RESUME),
+            ],
+            Role::Client => vec![cli::CLIENT.into(), flag(cli::OUT), out_dir.into()],
+        };
+        let leader = role == self.job.roles.leader && index == 0;
+        let mut ports = Vec::new();
+        match self.placement {
+            Placement::Kubernetes => {
+                args.push(flag(cli::METRICS_ADDR));
+                args.push(format!("0.0.0.0:{METRICS_PORT}"));
+                ports.push(("metrics".into(), METRICS_PORT));
+                if leader {
+                    ports.push(("rendezvous".into(), self.job.roles.leader_port));
+                }
+            }
+            Placement::Local {
+                leader_metrics: Some(addr),
+                ..
+            } if leader => {
+                args.push(flag(cli::METRICS_ADDR));
+                args.push(addr.to_string());
+            }
+            Placement::Local { .. } => {}
+        }
+        if role == Role::Worker && self.job.gpus_per_worker > 0 {
+            // `launch -- train …`: the supervisor reads GROUP_RANK,
+            // LOCAL_WORLD_SIZE and WORLD_SIZE from the env.
+            args.splice(0..0, [cli::LAUNCH.to_string(), "--".to_string()]);
+        }
+        (args, ports)
+    }
+
+    /// TLS of the federation endpoint on a cluster (loopback stays HTTP):
+    /// the flags it adds to `args`, and the Secret mounts it needs.
+    fn tls(&self, role: Role, args: &mut Vec<String>) -> Vec<(String, String)> {
+        let (Some(tls), Placement::Kubernetes) = (
+            self.job
+                .spec
+                .federated
+                .as_ref()
+                .and_then(|f| f.tls.as_ref()),
+            self.placement,
+        ) else {
+            return Vec::new();
+        };
+        let file = |f: &str| format!("{FEDERATION_TLS_DIR}/{f}");
+        match role {
+            Role::Aggregator => args.extend([
+                flag(cli::TLS_CERT),
+                file("tls.crt"),
+                flag(cli::TLS_KEY),
+                file("tls.key"),
+            ]),
+            Role::Client => args.extend([
+                flag(cli::TLS_CA),
+                file("ca.crt"),
+                flag(cli::AGGREGATOR),
+                format!("https://{}:{}", self.leader_host, self.master_port),
+            ]),
+            Role::Worker => return Vec::new(),
+        }
+        vec![(tls.secret_name.clone(), FEDERATION_TLS_DIR.into())]
+    }
 }
 
 #[cfg(test)]
