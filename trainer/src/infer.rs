@@ -1,20 +1,19 @@
-//! Applying a trained checkpoint: `predict` writes masks and overlays for a
-//! folder of images, `eval` scores a dataset.
+//! Applying a trained checkpoint: a [`Predictor`], and `predict`, which
+//! writes masks and overlays for a folder of images. Scoring lives in
+//! [`crate::eval`].
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, activation};
-use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::config::{IGNORE_INDEX, TrainerConfig};
 use crate::data::folder::{FolderError, load_image};
-use crate::data::{self, Batch, Dataset, Split};
-use crate::instances::{self, PanopticQuality, PanopticScores};
+use crate::data::{self, Batch};
+use crate::eval::instances;
+use crate::eval::metrics::argmax_classes;
 use crate::model::SegNet;
 use crate::model::params::{self, LoadError};
-use crate::train::metrics::{Confusion, SegmentationScores, argmax_classes};
-use crate::train::{TrainError, batch_images, check_dataset};
 
 /// Why inference failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +35,7 @@ pub enum InferError {
     Input(#[from] FolderError),
     /// The dataset does not fit the model.
     #[error(transparent)]
-    Dataset(#[from] TrainError),
+    Dataset(#[from] data::DatasetMismatch),
     /// An input image has a size the network cannot take.
     #[error("{path} is {w}x{h}; this model needs both sides divisible by {factor}")]
     Size {
@@ -107,7 +106,7 @@ impl Predictor {
     /// Predicts a batch.
     pub fn predict(&self, batch: &Batch) -> Vec<Prediction> {
         let [_, h, w] = batch.image_shape;
-        let out = self.model.forward(batch_images(batch, &self.device));
+        let out = self.model.forward(batch.images_tensor(&self.device));
         let dims = out.logits.dims();
         let values = to_vec(out.logits);
         let classes = argmax_classes(&values, dims);
@@ -246,172 +245,4 @@ pub fn predict_dir(
         }
     }
     Ok(written)
-}
-
-/// What `eval` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct EvalReport {
-    /// Samples scored.
-    pub samples: usize,
-    /// Semantic scores.
-    #[serde(flatten)]
-    pub scores: SegmentationScores,
-    /// Instance scores, when the model has a boundary head and the data has instances.
-    pub panoptic: Option<PanopticScores>,
-}
-
-/// Raw validation statistics of some samples, mergeable across ranks.
-#[derive(Debug, Clone)]
-pub struct EvalCounts {
-    /// Samples scored.
-    pub samples: usize,
-    /// Semantic confusion matrix.
-    pub confusion: Confusion,
-    /// Instance statistics, when scored.
-    pub panoptic: Option<PanopticQuality>,
-}
-
-impl EvalCounts {
-    /// The scores these statistics give.
-    pub fn report(&self) -> EvalReport {
-        EvalReport {
-            samples: self.samples,
-            scores: self.confusion.scores(),
-            panoptic: self.panoptic.as_ref().map(|p| p.scores()),
-        }
-    }
-
-    /// Everything as integers, for exchange between ranks (same length on
-    /// every rank of a run).
-    pub fn to_words(&self) -> Vec<u64> {
-        let mut words = vec![self.samples as u64];
-        words.extend_from_slice(self.confusion.counts());
-        if let Some(p) = &self.panoptic {
-            words.extend(p.to_words());
-        }
-        words
-    }
-
-    /// Adds statistics produced by [`EvalCounts::to_words`].
-    pub fn add_words(&mut self, words: &[u64]) {
-        let k = self.confusion.counts().len();
-        self.samples += words[0] as usize;
-        self.confusion.add_counts(&words[1..1 + k]);
-        if let Some(p) = self.panoptic.as_mut() {
-            p.add_words(&words[1 + k..]);
-        }
-    }
-}
-
-/// Whether instance quality can be scored: the model predicts boundaries and
-/// the dataset has instance masks (decided from one sample, identically on
-/// every rank).
-pub fn scores_instances(
-    predictor: &Predictor,
-    dataset: &dyn Dataset,
-    any_index: Option<usize>,
-) -> bool {
-    predictor.config.model.boundary_head
-        && any_index.is_some_and(|i| dataset.get(i).instances.is_some())
-}
-
-/// Accumulates the statistics of `predictor` on `indices` of `dataset`.
-pub fn accumulate(
-    predictor: &Predictor,
-    dataset: &dyn Dataset,
-    indices: &[usize],
-    batch_size: usize,
-    with_instances: bool,
-) -> EvalCounts {
-    let classes = predictor.config.model.classes;
-    let mut counts = EvalCounts {
-        samples: indices.len(),
-        confusion: Confusion::new(classes),
-        panoptic: with_instances.then(|| PanopticQuality::new(classes)),
-    };
-    let [h, w] = dataset.size();
-    for chunk in indices.chunks(batch_size.max(1)) {
-        let samples: Vec<_> = chunk.iter().map(|&i| dataset.get(i)).collect();
-        let batch = Batch::collate(&samples, dataset.channels(), [h, w]);
-        for (pred, sample) in predictor.predict(&batch).into_iter().zip(&samples) {
-            counts.confusion.add(&sample.mask, &pred.classes);
-            if let (Some(pq), Some(pi), Some(ti)) = (
-                counts.panoptic.as_mut(),
-                pred.instances.as_ref(),
-                sample.instances.as_ref(),
-            ) {
-                pq.add(&pred.classes, pi, &sample.mask, ti);
-            }
-        }
-    }
-    counts
-}
-
-/// Scores `predictor` on `indices` of `dataset`.
-pub fn evaluate(
-    predictor: &Predictor,
-    dataset: &dyn Dataset,
-    indices: &[usize],
-    batch_size: usize,
-) -> EvalReport {
-    let with_instances = scores_instances(predictor, dataset, indices.first().copied());
-    accumulate(predictor, dataset, indices, batch_size, with_instances).report()
-}
-
-/// `eval`: scores a checkpoint on an image folder (every sample), or on the
-/// validation split of the dataset it was trained on.
-pub fn eval_checkpoint(checkpoint: &Path, folder: Option<&Path>) -> Result<EvalReport, InferError> {
-    let predictor = Predictor::load(checkpoint)?;
-    let mut config = predictor.config.clone();
-    let batch_size = config.train.batch_size;
-    if let Some(dir) = folder {
-        config.data.shapes = None;
-        config.data.folder = Some(crate::config::FolderConfig {
-            path: dir.to_owned(),
-        });
-        let dataset = data::open(&config.data, config.model.in_channels, config.model.classes)?;
-        check_dataset(&config, dataset.as_ref())?;
-        let all: Vec<usize> = (0..dataset.len()).collect();
-        return Ok(evaluate(&predictor, dataset.as_ref(), &all, batch_size));
-    }
-    let dataset = data::open(&config.data, config.model.in_channels, config.model.classes)?;
-    check_dataset(&config, dataset.as_ref())?;
-    let split = Split::new(
-        dataset.len(),
-        config.data.validation_fraction,
-        config.data.seed,
-    );
-    let indices = if split.val.is_empty() {
-        split.train
-    } else {
-        split.val
-    };
-    Ok(evaluate(&predictor, dataset.as_ref(), &indices, batch_size))
-}
-
-/// Writes `count` shapes samples as a folder dataset (`images/`, `masks/`),
-/// for trying the folder loader, `predict` and `eval`.
-pub fn write_shapes(config: &crate::config::ShapesConfig, out: &Path) -> Result<(), InferError> {
-    let ds = data::shapes::Shapes::new(config.clone());
-    let [h, w] = ds.size();
-    for sub in ["images", "masks"] {
-        std::fs::create_dir_all(out.join(sub)).map_err(|e| InferError::Write {
-            path: out.join(sub),
-            message: e.to_string(),
-        })?;
-    }
-    for i in 0..ds.len() {
-        let s = ds.get(i);
-        let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
-            let p = y as usize * w + x as usize;
-            image::Rgb(std::array::from_fn(|c| s.image[c * h * w + p]))
-        });
-        let ip = out.join("images").join(format!("{i:05}.png"));
-        save(&ip, img.save(&ip))?;
-        let mp = out.join("masks").join(format!("{i:05}.png"));
-        let mask =
-            image::GrayImage::from_raw(w as u32, h as u32, s.mask).expect("buffer matches size");
-        save(&mp, mask.save(&mp))?;
-    }
-    Ok(())
 }

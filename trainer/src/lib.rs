@@ -5,7 +5,7 @@
 //! `train`, `checkpoint`) and executed by [`train::train`], which builds a
 //! [`model::SegNet`], streams batches from a [`data::Dataset`], optimises with
 //! the flat-buffer optimisers of [`train::optim`], validates with
-//! [`train::metrics`], and writes atomic [`checkpoint`]s.
+//! [`eval::metrics`], and writes atomic [`checkpoint`]s.
 //!
 //! ```no_run
 //! use trainyard_trainer::{config::TrainerConfig, train};
@@ -44,11 +44,11 @@ pub mod ddp;
 #[cfg(feature = "engine")]
 pub mod device;
 #[cfg(feature = "engine")]
+pub mod eval;
+#[cfg(feature = "engine")]
 pub mod federated;
 #[cfg(feature = "engine")]
 pub mod infer;
-#[cfg(feature = "engine")]
-pub mod instances;
 #[cfg(feature = "engine")]
 pub mod kernels;
 #[cfg(feature = "engine")]

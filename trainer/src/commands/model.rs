@@ -227,7 +227,7 @@ pub(crate) struct EvalArgs {
 impl EvalArgs {
     pub(crate) fn run(self) -> anyhow::Result<()> {
         let Self { checkpoint, data } = self;
-        let report = infer::eval_checkpoint(&checkpoint, data.as_deref())?;
+        let report = trainyard_trainer::eval::eval_checkpoint(&checkpoint, data.as_deref())?;
         println!("{}", serde_json::to_string(&report)?);
         Ok(())
     }
@@ -266,7 +266,8 @@ impl ShapesArgs {
         if samples == 0 || size < 8 {
             anyhow::bail!("--samples must be at least 1 and --size at least 8");
         }
-        infer::write_shapes(&config, &out)?;
+        trainyard_trainer::data::shapes::write_folder(&config, &out)
+            .with_context(|| format!("failed to write the shapes dataset to {}", out.display()))?;
         tracing::info!(samples, out = %out.display(), "shapes dataset written");
         Ok(())
     }

@@ -13,7 +13,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::config::{DataConfig, NoiseConfig};
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::config::{DataConfig, ModelConfig, NoiseConfig};
 
 /// One image with its labels. Pixels are stored planar (`[c][y][x]`), 8 bits.
 #[derive(Debug, Clone, PartialEq)]
@@ -292,5 +294,42 @@ mod tests {
             [0u8; 9],
             "an image-filling instance has no edge"
         );
+    }
+}
+
+/// A dataset whose images the model cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("dataset does not fit the model: {0}")]
+pub struct DatasetMismatch(pub String);
+
+/// Checks that a dataset's images fit the model: channels and a size divisible
+/// by 2^stages.
+pub fn check_fits(model: &ModelConfig, dataset: &dyn Dataset) -> Result<(), DatasetMismatch> {
+    if dataset.channels() != model.in_channels {
+        return Err(DatasetMismatch(format!(
+            "images have {} channels but model.in_channels is {}",
+            dataset.channels(),
+            model.in_channels
+        )));
+    }
+    let factor = 1usize << model.widths.len();
+    let [h, w] = dataset.size();
+    if h % factor != 0 || w % factor != 0 {
+        return Err(DatasetMismatch(format!(
+            "images are {w}x{h}, but {} encoder stages need both sides divisible by {factor}; resize the images or change model.widths",
+            model.widths.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Batch {
+    /// The batch's images as one `[batch, channels, h, w]` tensor on `device`.
+    pub fn images_tensor(&self, device: &Device) -> Tensor<4> {
+        let [c, h, w] = self.image_shape;
+        Tensor::from_data(
+            TensorData::new(self.images.clone(), [self.len, c, h, w]),
+            device,
+        )
     }
 }

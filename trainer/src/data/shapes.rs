@@ -170,6 +170,30 @@ impl Dataset for Shapes {
     }
 }
 
+/// Writes `count` shapes samples as a folder dataset (`images/`, `masks/`),
+/// for trying the folder loader, `predict` and `eval`.
+pub fn write_folder(config: &ShapesConfig, out: &std::path::Path) -> Result<(), image::ImageError> {
+    let ds = Shapes::new(config.clone());
+    let [h, w] = ds.size();
+    for sub in ["images", "masks"] {
+        std::fs::create_dir_all(out.join(sub))?;
+    }
+    for i in 0..ds.len() {
+        let s = ds.get(i);
+        let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let p = y as usize * w + x as usize;
+            image::Rgb(std::array::from_fn(|c| s.image[c * h * w + p]))
+        });
+        let ip = out.join("images").join(format!("{i:05}.png"));
+        img.save(&ip)?;
+        let mp = out.join("masks").join(format!("{i:05}.png"));
+        let mask =
+            image::GrayImage::from_raw(w as u32, h as u32, s.mask).expect("buffer matches size");
+        mask.save(&mp)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

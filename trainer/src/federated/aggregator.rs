@@ -21,7 +21,8 @@ use super::{
 };
 use crate::checkpoint::{Checkpoint, CheckpointDir};
 use crate::config::{FederatedConfig, TrainerConfig, client_token};
-use crate::infer::{self, Predictor};
+use crate::eval;
+use crate::infer::Predictor;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
 use crate::protocol::{CheckpointMessage, ProgressMessage};
@@ -466,7 +467,7 @@ pub fn run(
             let model = load(config, &schema, &global, &device)?;
             let predictor =
                 Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
-            let report = infer::evaluate(
+            let report = eval::evaluate(
                 &predictor,
                 setup.dataset.as_ref(),
                 &setup.split.val,

@@ -6,7 +6,6 @@
 
 pub mod learner;
 pub mod loss;
-pub mod metrics;
 pub mod optim;
 pub mod schedule;
 
@@ -30,7 +29,8 @@ use crate::config::{CollectiveBackend, TrainerConfig};
 use crate::data::{self, Batch, Dataset, Sampler, Split, folder::FolderError};
 use crate::ddp::local_sgd::{LocalSgd, OUTER_MOMENTUM};
 use crate::ddp::{self, DataParallel};
-use crate::infer::{self, EvalReport, Predictor};
+use crate::eval::{self, EvalReport};
+use crate::infer::Predictor;
 use crate::metrics::TrainerMetrics;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
@@ -48,6 +48,9 @@ pub enum TrainError {
     /// The dataset does not fit the model config.
     #[error("dataset does not fit the model: {0}")]
     Mismatch(String),
+    /// The dataset's images do not fit the model.
+    #[error(transparent)]
+    Dataset(#[from] data::DatasetMismatch),
     /// A checkpoint could not be written or read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -218,7 +221,7 @@ impl Setup {
     pub fn new(config: &TrainerConfig) -> Result<Self, TrainError> {
         let dataset: Arc<dyn Dataset> =
             data::open(&config.data, config.model.in_channels, config.model.classes)?.into();
-        check_dataset(config, dataset.as_ref())?;
+        data::check_fits(&config.model, dataset.as_ref())?;
         let split = Split::new(
             dataset.len(),
             config.data.validation_fraction,
@@ -236,27 +239,6 @@ impl Setup {
             split,
         })
     }
-}
-
-/// Checks that a dataset's images fit the model: channels and a size divisible
-/// by 2^stages.
-pub fn check_dataset(config: &TrainerConfig, dataset: &dyn Dataset) -> Result<(), TrainError> {
-    if dataset.channels() != config.model.in_channels {
-        return Err(TrainError::Mismatch(format!(
-            "images have {} channels but model.in_channels is {}",
-            dataset.channels(),
-            config.model.in_channels
-        )));
-    }
-    let factor = 1usize << config.model.widths.len();
-    let [h, w] = dataset.size();
-    if h % factor != 0 || w % factor != 0 {
-        return Err(TrainError::Mismatch(format!(
-            "images are {w}x{h}, but {} encoder stages need both sides divisible by {factor}; resize the images or change model.widths",
-            config.model.widths.len()
-        )));
-    }
-    Ok(())
 }
 
 /// Training batches produced ahead of time on their own thread, so sample
@@ -330,15 +312,6 @@ impl Prefetch {
     }
 }
 
-/// The image tensor of a batch.
-pub fn batch_images(batch: &Batch, device: &Device) -> Tensor<4> {
-    let [c, h, w] = batch.image_shape;
-    Tensor::from_data(
-        TensorData::new(batch.images.clone(), [batch.len, c, h, w]),
-        device,
-    )
-}
-
 /// Forward pass and loss on one batch. Returns the loss tensor (with its graph
 /// on an autodiff device).
 pub fn batch_loss(
@@ -348,7 +321,7 @@ pub fn batch_loss(
     device: &Device,
 ) -> Tensor<1> {
     let [_, h, w] = batch.image_shape;
-    let out = model.forward(batch_images(batch, device));
+    let out = model.forward(batch.images_tensor(device));
     let targets = PixelTargets::new(
         &batch.masks,
         [batch.len, h, w],
@@ -409,9 +382,9 @@ fn validate_group(
     let predictor = Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
     let dataset = setup.dataset.as_ref();
     let with_instances =
-        infer::scores_instances(&predictor, dataset, setup.split.val.first().copied());
+        eval::scores_instances(&predictor, dataset, setup.split.val.first().copied());
     let Some(c) = group else {
-        return Ok(infer::accumulate(
+        return Ok(eval::accumulate(
             &predictor,
             dataset,
             &setup.split.val,
@@ -429,7 +402,7 @@ fn validate_group(
         .step_by(world)
         .copied()
         .collect();
-    let mut counts = infer::accumulate(
+    let mut counts = eval::accumulate(
         &predictor,
         dataset,
         &shard,
@@ -794,7 +767,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let mut steady = (Duration::ZERO, 0u64);
     // What the metrics have been told of the communication so far.
     let mut comm_reported = ddp::CommStats::default();
-    let mut last_scores: Option<metrics::SegmentationScores> = None;
+    let mut last_scores: Option<crate::eval::metrics::SegmentationScores> = None;
     // Fine-tuning starts from the base itself (B = 0): scoring it first gives
     // the base's quality on this data, the baseline the adapter must beat.
     let mut base_val_miou = None;

@@ -1,7 +1,7 @@
 //! End-to-end training runs on small synthetic data.
 
 use trainyard_trainer::checkpoint::{Checkpoint, CheckpointDir};
-use trainyard_trainer::train::metrics::Confusion;
+use trainyard_trainer::eval::metrics::Confusion;
 use trainyard_trainer::train::{RunOptions, Setup, TrainError, train};
 
 use crate::util::{tiny_config, train_rows};
@@ -439,7 +439,7 @@ fn sharded_validation_equals_scoring_the_whole_split() {
     .unwrap();
     let setup = Setup::new(&config).unwrap();
     let whole =
-        trainyard_trainer::infer::evaluate(&predictor, setup.dataset.as_ref(), &setup.split.val, 4);
+        trainyard_trainer::eval::evaluate(&predictor, setup.dataset.as_ref(), &setup.split.val, 4);
     assert_eq!(
         last["samples"].as_u64().unwrap() as usize,
         setup.split.val.len()
