@@ -656,6 +656,29 @@ fn checkpoint_of(
     }
 }
 
+/// What follows a completed optimiser step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    /// Score the model on the validation split.
+    pub validate: bool,
+    /// Write a checkpoint.
+    pub checkpoint: bool,
+}
+
+impl Due {
+    /// After step `done` of `steps`: the last step validates and checkpoints,
+    /// so does every `validate_every` / `checkpoint.every` (0: never), and a
+    /// run asked to stop checkpoints where it is.
+    pub fn after(done: u64, steps: u64, stopping: bool, config: &TrainerConfig) -> Self {
+        let every = |n: u64| n > 0 && done.is_multiple_of(n);
+        let last = done == steps;
+        Self {
+            validate: last || every(config.train.validate_every),
+            checkpoint: last || stopping || every(config.checkpoint.every),
+        }
+    }
+}
+
 /// Trains a SegNet as `config` says, writing outputs to `opts.out_dir`.
 ///
 /// With `opts.dist` describing more than one rank, this process joins the
@@ -880,9 +903,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         }
 
         let last = done == steps;
-        let validate =
-            last || (config.train.validate_every > 0 && done % config.train.validate_every == 0);
-        let report = (validate && !setup.split.val.is_empty())
+        let due = Due::after(done, steps, stopping, config);
+        let report = (due.validate && !setup.split.val.is_empty())
             .then(|| {
                 validate_group(
                     learner.model(),
@@ -922,8 +944,7 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             }
             last_scores = Some(scores);
         }
-        if last || stopping || (config.checkpoint.every > 0 && done % config.checkpoint.every == 0)
-        {
+        if due.checkpoint {
             // Every rank must hold the model rank 0 is about to save.
             if let Some(g) = group.as_mut() {
                 ddp::sync::check_in_sync(g.collective(), ddp::sync::fingerprint(&learner))?;
@@ -1018,4 +1039,47 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         tensorfile::write_bytes_atomic(&out.join("summary.json"), &json)?;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_and_checkpoints_fall_on_their_cadence_the_last_step_and_a_stop() {
+        let mut c = TrainerConfig::default();
+        c.train.validate_every = 4;
+        c.checkpoint.every = 6;
+        let due = |done, stopping| Due::after(done, 10, stopping, &c);
+        let at: Vec<(u64, bool, bool)> = (1..=10)
+            .map(|d| (d, due(d, false).validate, due(d, false).checkpoint))
+            .filter(|&(_, v, k)| v || k)
+            .collect();
+        assert_eq!(
+            at,
+            [
+                (4, true, false),
+                (6, false, true),
+                (8, true, false),
+                (10, true, true)
+            ]
+        );
+        let stop = Due {
+            validate: false,
+            checkpoint: true,
+        };
+        assert_eq!(due(3, true), stop);
+        c.train.validate_every = 0;
+        c.checkpoint.every = 0;
+        let nothing = Due {
+            validate: false,
+            checkpoint: false,
+        };
+        assert_eq!(Due::after(5, 10, false, &c), nothing);
+        let both = Due {
+            validate: true,
+            checkpoint: true,
+        };
+        assert_eq!(Due::after(10, 10, false, &c), both);
+    }
 }
