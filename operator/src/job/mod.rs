@@ -67,12 +67,6 @@ pub struct ValidatedJob {
     pub spec: TrainingJobSpec,
     /// What every training replica receives as `TRAINYARD_CONFIG`.
     pub trainer: TrainerConfig,
-    /// Trainer processes that share each optimiser step.
-    pub world_size: u32,
-    /// GPUs each worker pod requests.
-    pub gpus_per_worker: u32,
-    /// Optimiser steps (federated: rounds) the job runs.
-    pub total_steps: u64,
     /// Who leads and who follows.
     pub roles: Roles,
 }
@@ -104,13 +98,25 @@ impl ValidatedJob {
         };
         Ok(Self {
             id,
-            total_steps: trainer.train.steps,
-            world_size: spec.world_size(),
-            gpus_per_worker: spec.gpus_per_worker(),
             spec: spec.clone(),
             trainer,
             roles,
         })
+    }
+
+    /// Trainer processes that share each optimiser step.
+    pub fn world_size(&self) -> u32 {
+        self.spec.world_size()
+    }
+
+    /// GPUs each worker pod requests.
+    pub fn gpus_per_worker(&self) -> u32 {
+        self.spec.gpus_per_worker()
+    }
+
+    /// Optimiser steps (federated: rounds) the job runs.
+    pub fn total_steps(&self) -> u64 {
+        self.trainer.train.steps
     }
 
     /// Whether clients train alone and fail alone (Federated mode).
@@ -184,9 +190,12 @@ mod tests {
 
     #[test]
     fn facts_name_the_job_and_count_its_ranks() {
-        let job = parse_manifests(&JOB.replace("{workers: 2}", "{workers: 2, gpusPerWorker: 4}"))
-            .unwrap()
-            .remove(0);
+        let job = parse_manifests(&JOB.replace(
+            "{workers: 2}",
+            "{workers: 2, gpusPerWorker: 4}\n  training: {steps: 40}",
+        ))
+        .unwrap()
+        .remove(0);
         assert_eq!(validated(&job).unwrap_err().path, "metadata");
         let facts = validated(&with_uid(job, "u-9".into())).unwrap();
         assert_eq!(
@@ -198,8 +207,8 @@ mod tests {
                 generation: Some(1),
             }
         );
-        assert_eq!((facts.world_size, facts.gpus_per_worker), (8, 4));
-        assert_eq!(facts.total_steps, facts.trainer.train.steps);
+        assert_eq!((facts.world_size(), facts.gpus_per_worker()), (8, 4));
+        assert_eq!(facts.total_steps(), 40);
         assert_eq!(
             facts.roles,
             Roles {

@@ -199,7 +199,7 @@ pub async fn run(mut job: TrainingJob, opts: &LocalOptions) -> anyhow::Result<Ou
     let mut terminate = signal(SignalKind::terminate()).context("failed to watch SIGTERM")?;
     let ui = Ui::new(
         opts.progress_bar,
-        facts.total_steps,
+        facts.total_steps(),
         if facts.federated() { "rounds" } else { "steps" },
     );
     let mut last_written = None;
@@ -619,7 +619,7 @@ fn thread_hint(job: &ValidatedJob) -> Option<usize> {
         return None;
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let replicas = job.world_size as usize;
+    let replicas = job.world_size() as usize;
     Some((cores / replicas.max(1)).max(1))
 }
 

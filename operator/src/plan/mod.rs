@@ -797,7 +797,7 @@ impl Planner<'_> {
         let Some(report) = &self.observed.progress else {
             return;
         };
-        let total = job.total_steps;
+        let total = job.total_steps();
         let progress = self.status.progress.get_or_insert_with(Progress::default);
         if report.step > progress.step || progress.updated_time.is_none() {
             progress.updated_time = Some(Time(self.now));

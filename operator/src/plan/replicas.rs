@@ -217,7 +217,7 @@ impl<'a> Gang<'a> {
             args,
             env: self.env(role, index),
             gpus: if role == Role::Worker {
-                self.job.gpus_per_worker
+                self.job.gpus_per_worker()
             } else {
                 0
             },
@@ -243,7 +243,7 @@ impl<'a> Gang<'a> {
     /// Trainyard's variables first, then the user's.
     fn env(&self, role: Role, index: u32) -> Vec<EnvVar> {
         let job = self.job;
-        let (gpus, world_size) = (job.gpus_per_worker, job.world_size);
+        let (gpus, world_size) = (job.gpus_per_worker(), job.world_size());
         let mut vars = vec![
             var(env::JOB, format!("{}/{}", job.id.namespace, job.id.name)),
             var(env::REPLICA_ROLE, role.as_str().into()),
@@ -363,7 +363,7 @@ impl<'a> Gang<'a> {
             }
             Placement::Local { .. } => {}
         }
-        if role == Role::Worker && self.job.gpus_per_worker > 0 {
+        if role == Role::Worker && self.job.gpus_per_worker() > 0 {
             // `launch -- train …`: the supervisor reads GROUP_RANK,
             // LOCAL_WORLD_SIZE and WORLD_SIZE from the env.
             args.splice(0..0, [cli::LAUNCH.to_string(), "--".to_string()]);
