@@ -162,6 +162,14 @@ async fn receive(
     }
 }
 
+/// Where job `namespace/job` posts its reports on the endpoint at `base`.
+pub fn job_url(base: &str, namespace: &str, job: &str) -> String {
+    format!(
+        "{}{PROGRESS_PATH}/{namespace}/{job}",
+        base.trim_end_matches('/')
+    )
+}
+
 /// The endpoint's routes: `POST /v1/progress/{namespace}/{job}`.
 pub fn router(hub: Arc<ProgressHub>) -> axum::Router {
     axum::Router::new()

@@ -31,7 +31,6 @@ use crate::plan::{self, Action, EventType, Observation, Placement};
 use crate::progress::ProgressHub;
 use crate::store::{Store, history};
 use resources::labels;
-use trainyard_trainer::protocol::PROGRESS_PATH;
 
 /// The field manager of every write (server-side apply).
 pub const MANAGER: &str = "trainyard-operator";
@@ -515,7 +514,7 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
             let token = ensure_token(&ctx, &job, &ns, &name).await?;
             p.hub.register(&ns, &name, &token);
             Some(resources::ProgressEnv {
-                url: format!("{}{PROGRESS_PATH}/{ns}/{name}", p.url.trim_end_matches('/')),
+                url: crate::progress::job_url(&p.url, &ns, &name),
                 secret: resources::token_secret_name(&name),
             })
         }

@@ -446,7 +446,7 @@ fn observe(children: &mut BTreeMap<String, Child>) {
 async fn progress_endpoint(
     job: &ValidatedJob,
 ) -> anyhow::Result<(Arc<ProgressHub>, Vec<(&'static str, String)>)> {
-    use trainyard_trainer::{env, protocol::PROGRESS_PATH};
+    use trainyard_trainer::env;
     let hub = Arc::new(ProgressHub::new(None));
     let token = crate::random_hex(32)
         .map_err(|e| anyhow::anyhow!("no randomness for the progress token: {e}"))?;
@@ -462,7 +462,7 @@ async fn progress_endpoint(
         None,
         trainyard_trainer::serve::Limits::default(),
     ));
-    let url = format!("http://{addr}{PROGRESS_PATH}/{namespace}/{name}");
+    let url = crate::progress::job_url(&format!("http://{addr}"), namespace, name);
     Ok((
         hub,
         vec![(env::PROGRESS_URL, url), (env::PROGRESS_TOKEN, token)],
