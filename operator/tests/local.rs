@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use trainyard_trainer::run_dir::{RoundRow, Row, RunDir};
 
 fn trainyard() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_trainyard"))
@@ -543,17 +544,19 @@ fn the_federated_example_survives_a_killed_client_and_improves() {
         !lines.is_empty() && lines.iter().all(|l| l.contains("/12 rounds ")),
         "{lines:?}"
     );
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&rounds)
+    // The aggregator's rows, read through the trainer's own row types.
+    let rows: Vec<RoundRow> = RunDir::at(rounds.parent().unwrap())
+        .rows()
         .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .into_iter()
+        .filter_map(|row| match row {
+            Row::Round(r) => Some(r),
+            _ => None,
+        })
         .collect();
     assert_eq!(rows.len(), 12);
-    assert!(
-        rows.iter()
-            .all(|r| r["participants"].as_u64().unwrap() >= 3)
-    );
-    let miou: Vec<f64> = rows.iter().filter_map(|r| r["val_miou"].as_f64()).collect();
+    assert!(rows.iter().all(|r| r.participants >= 3));
+    let miou: Vec<f64> = rows.iter().filter_map(|r| r.val_miou).collect();
     let (first, last) = (miou[0], *miou.last().unwrap());
     assert!(last > first + 0.03, "validation mIoU {first} → {last}");
     let summary = json(&out.join("replicas/shapes-fl-aggregator-0/summary.json"));

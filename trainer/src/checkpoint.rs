@@ -30,7 +30,10 @@ pub enum CheckpointError {
     /// Reading or writing the file failed.
     #[error(transparent)]
     File(#[from] TensorFileError),
-    /// The checkpoint directory could not be listed or created.
+    /// The checkpoint directory could not be listed.
+    #[error(transparent)]
+    List(#[from] crate::run_dir::RunDirError),
+    /// The checkpoint directory could not be created.
     #[error("failed to {action} checkpoint directory {path}: {source}")]
     Dir {
         /// What was attempted.
@@ -249,30 +252,9 @@ impl CheckpointDir {
         self.dir.join(crate::run_dir::checkpoint_file_name(step))
     }
 
-    /// Complete checkpoints, oldest first. Temporary files of interrupted
-    /// writes never match the pattern, so they are never picked up.
+    /// Complete checkpoints, oldest first ([`crate::run_dir::checkpoints_in`]).
     pub fn list(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
-        let read = match std::fs::read_dir(&self.dir) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(CheckpointError::Dir {
-                    action: "list",
-                    path: self.dir.clone(),
-                    source,
-                });
-            }
-        };
-        let mut out = Vec::new();
-        for entry in read.flatten() {
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(step) = crate::run_dir::checkpoint_step(name) {
-                out.push((step, entry.path()));
-            }
-        }
-        out.sort();
-        Ok(out)
+        Ok(crate::run_dir::checkpoints_in(&self.dir)?)
     }
 
     /// The newest complete checkpoint.

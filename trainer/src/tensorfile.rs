@@ -1,12 +1,10 @@
 //! Named f32 tensors on disk as safetensors, written atomically.
 //!
-//! See [`write_atomic`] and [`read`]. Atomic means: the bytes go to a temporary
-//! file in the same directory, are fsynced, and the file is renamed over the
-//! target (then the directory is fsynced), so a crash or a full disk leaves
-//! either the old file or the new one, never a truncated one.
+//! See [`write_atomic`] (atomic as [`crate::run_dir::write_atomic`] is: a
+//! crash or a full disk leaves the old file or the new one, never a truncated
+//! one) and [`read`].
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -34,6 +32,9 @@ pub enum TensorFileError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Writing the file failed ([`crate::run_dir::write_atomic`]).
+    #[error(transparent)]
+    Write(#[from] crate::run_dir::RunDirError),
     /// The bytes are not a valid safetensors file.
     #[error("{path} is not a valid safetensors file (truncated or corrupt?): {message}")]
     Format {
@@ -63,31 +64,6 @@ fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Tenso
     }
 }
 
-/// Writes `bytes` to `path` atomically (temp file, fsync, rename, fsync dir).
-pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<(), TensorFileError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("sync", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io("rename into place", path))?;
-        // Persist the rename itself.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("sync directory", dir))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
 /// Serialises named tensors and string metadata into safetensors bytes.
 pub fn to_bytes(tensors: &[(String, NamedTensor)], metadata: HashMap<String, String>) -> Vec<u8> {
     let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
@@ -112,7 +88,10 @@ pub fn write_atomic(
     tensors: &[(String, NamedTensor)],
     metadata: HashMap<String, String>,
 ) -> Result<(), TensorFileError> {
-    write_bytes_atomic(path, &to_bytes(tensors, metadata))
+    Ok(crate::run_dir::write_atomic(
+        path,
+        &to_bytes(tensors, metadata),
+    )?)
 }
 
 /// The contents of a safetensors file.
@@ -197,13 +176,5 @@ mod tests {
             e.contains("t.safetensors") && e.contains("not a valid safetensors"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn failed_write_leaves_the_old_file_and_no_temp() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("missing-dir").join("t.safetensors");
-        let e = write_bytes_atomic(&path, b"x").unwrap_err().to_string();
-        assert!(e.contains("failed to create"), "{e}");
     }
 }

@@ -174,12 +174,8 @@ impl ClientArgs {
             metrics: serve_metrics(metrics_addr)?,
         };
         let summary = federated::client::run(&config, &opts)?;
-        std::fs::create_dir_all(&out)
-            .with_context(|| format!("failed to create {}", out.display()))?;
-        trainyard_trainer::tensorfile::write_bytes_atomic(
-            &out.join("summary.json"),
-            &serde_json::to_vec_pretty(&summary)?,
-        )?;
+        // A client's directory holds its summary alone: there is nothing to resume or refuse.
+        trainyard_trainer::run_dir::RunDir::open(&out, true)?.write_summary(&summary)?;
         println!("{}", serde_json::to_string(&summary)?);
         Ok(())
     }

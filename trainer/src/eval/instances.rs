@@ -4,8 +4,6 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use serde::Serialize;
-
 use crate::data::neighbours4;
 
 /// Splits a class map into instances. Pixels of class 0 (background) or
@@ -70,16 +68,8 @@ pub struct PanopticQuality {
     per_class: Vec<(f64, u64, u64, u64)>,
 }
 
-/// Panoptic quality and its factors, averaged over object classes that occur.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct PanopticScores {
-    /// PQ = SQ · RQ.
-    pub pq: f64,
-    /// Segmentation quality: mean IoU of matched segments.
-    pub sq: f64,
-    /// Recognition quality: F1 of segment matching.
-    pub rq: f64,
-}
+/// Panoptic quality and its factors.
+pub use crate::run_dir::PanopticScores;
 
 impl PanopticQuality {
     /// Statistics for `classes` classes (class 0 is background and not scored).

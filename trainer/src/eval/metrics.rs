@@ -1,7 +1,5 @@
 //! Segmentation quality: confusion matrix, pixel accuracy, per-class and mean IoU.
 
-use serde::Serialize;
-
 use crate::config::IGNORE_INDEX;
 
 /// A `classes × classes` confusion matrix of pixel counts (rows: truth, columns: prediction).
@@ -12,15 +10,7 @@ pub struct Confusion {
 }
 
 /// What a validation pass reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SegmentationScores {
-    /// Correct pixels over counted pixels.
-    pub pixel_accuracy: f64,
-    /// Mean IoU over the classes present in truth or prediction.
-    pub miou: f64,
-    /// IoU per class; `None` for a class absent from both truth and prediction.
-    pub iou: Vec<Option<f64>>,
-}
+pub use crate::run_dir::SegmentationScores;
 
 impl Confusion {
     /// An empty matrix.

@@ -8,24 +8,13 @@ pub mod metrics;
 
 use std::path::Path;
 
-use serde::Serialize;
-
 use crate::data::{self, Batch, Dataset, Split};
 use crate::infer::{InferError, Predictor};
-use instances::{PanopticQuality, PanopticScores};
-use metrics::{Confusion, SegmentationScores};
+use instances::PanopticQuality;
+use metrics::Confusion;
 
-/// What `eval` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct EvalReport {
-    /// Samples scored.
-    pub samples: usize,
-    /// Semantic scores.
-    #[serde(flatten)]
-    pub scores: SegmentationScores,
-    /// Instance scores, when the model has a boundary head and the data has instances.
-    pub panoptic: Option<PanopticScores>,
-}
+/// What `eval` reports (one home with the validation rows it is written in).
+pub use crate::run_dir::EvalReport;
 
 /// Raw validation statistics of some samples, mergeable across ranks.
 #[derive(Debug, Clone)]

@@ -13,20 +13,19 @@ use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::privacy::{self, Accountant};
-use super::server_opt::Server;
+use super::global::{Global, Updates};
+use super::privacy;
 use super::update::{self, Rejection, Schema};
-use super::{
-    AVAILABLE_WINDOW, FederatedError, LONG_POLL, TASK_PATH, UPDATE_PATH, aggregate, partition,
-};
-use crate::checkpoint::{Checkpoint, CheckpointDir};
+use super::{AVAILABLE_WINDOW, FederatedError, LONG_POLL, TASK_PATH, UPDATE_PATH, partition};
+use crate::checkpoint::CheckpointDir;
 use crate::config::{FederatedConfig, TrainerConfig, client_token};
 use crate::eval;
 use crate::infer::Predictor;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
 use crate::protocol::{CheckpointMessage, ProgressMessage};
-use crate::tensorfile::{self, NamedTensor};
+use crate::run_dir::{RoundRow, Row, RunDir};
+use crate::tensorfile::NamedTensor;
 use crate::train::Setup;
 use burn::module::Module;
 use burn::tensor::Device;
@@ -83,24 +82,6 @@ pub struct FederatedSummary {
     pub wall_seconds: f64,
 }
 
-/// One `metrics.jsonl` row per round.
-#[derive(Debug, Serialize)]
-struct RoundRow {
-    kind: &'static str,
-    round: u64,
-    sampled: usize,
-    participants: usize,
-    dropped: usize,
-    rejected: u64,
-    loss: Option<f64>,
-    val_miou: Option<f64>,
-    seconds: f64,
-    aggregate_seconds: f64,
-    checkpoint_seconds: f64,
-    epsilon: Option<f64>,
-    clip_norm: Option<f64>,
-}
-
 /// Clients sampled, and the updates that arrived.
 type RoundResult = (usize, BTreeMap<usize, Received>);
 
@@ -143,6 +124,43 @@ struct Shared {
     body_timeout: Duration,
     /// Most examples each client can have (its partition, or the dataset).
     example_caps: Vec<u64>,
+}
+
+impl Shared {
+    fn new(
+        fed: &FederatedConfig,
+        opts: &AggregatorOptions,
+        schema: Schema,
+        max_bytes: usize,
+        example_caps: Vec<u64>,
+    ) -> Self {
+        Self {
+            state: Mutex::new(State {
+                last_seen: vec![None; fed.clients],
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+            wake: tokio::sync::Notify::new(),
+            schema,
+            tokens: (0..fed.clients)
+                .map(|i| client_token(&opts.secret, i))
+                .collect(),
+            max_bytes,
+            max_norm: fed.max_update_norm,
+            metrics: opts.metrics.clone(),
+            in_flight: Mutex::new(BTreeSet::new()),
+            decoding: tokio::sync::Semaphore::new(DECODERS),
+            body_timeout: body_timeout(max_bytes),
+            example_caps,
+        }
+    }
+
+    /// The job is over (done, failed or stopped): pollers are woken to hear
+    /// `410 Gone`.
+    fn close(&self) {
+        self.state.lock().expect("state").done = true;
+        self.wake.notify_waiters();
+    }
 }
 
 /// Updates decoded concurrently.
@@ -252,121 +270,41 @@ pub fn run(
     let device = Device::flex().autodiff();
     let model = SegNet::new(&config.model, config.train.seed, &device);
     let schema = Schema::of(&Layout::of(&model));
-    // A valid update has exactly the model's tensors: nothing larger is
-    // read. A configured limit below that would refuse every client, each
-    // seeing a closed connection.
-    let valid_bytes = schema.max_update_bytes();
-    let configured = (fed.max_update_mib * (1 << 20) as f64) as usize;
-    if configured < valid_bytes {
-        return Err(FederatedError::Other(format!(
-            "federated.max_update_mib ({} MiB) is below the {:.2} MiB of parameters \
-             ({}, f32, with the update's header) every update of this model carries: raise it",
-            fed.max_update_mib,
-            valid_bytes as f64 / (1 << 20) as f64,
-            schema.len
-        )));
-    }
-    let max_bytes = valid_bytes;
+    let max_bytes = update_limit(&fed, &schema)?;
     let example_caps = example_caps(config, &fed, &setup)?;
-    let mut global: Vec<f32> = params::named_values(&model)
+    let values = params::named_values(&model)
         .into_iter()
         .flat_map(|(_, v)| v)
         .collect();
-    let mut server = Server::new(&fed.server_optimizer);
-    let mut accountant = fed.privacy.as_ref().map(Accountant::new);
-    let mut sampled_history: Vec<f32> = Vec::new();
-    std::fs::create_dir_all(&opts.out_dir).map_err(|source| crate::train::TrainError::Write {
-        path: opts.out_dir.clone(),
-        source,
-    })?;
-    let checkpoints = CheckpointDir::new(opts.out_dir.join(crate::run_dir::CHECKPOINTS_DIR));
-    let mut start_round = 1;
-    if !opts.resume && checkpoints.latest()?.is_some() {
-        return Err(crate::train::TrainError::Exists {
-            path: checkpoints.dir().to_owned(),
-        }
-        .into());
-    }
-    let found = if opts.resume {
-        checkpoints.load_newest()?
-    } else {
-        None
+    let mut global = Global::new(values, &fed);
+    let run = RunDir::open(&opts.out_dir, opts.resume)?;
+    let checkpoints = CheckpointDir::new(run.checkpoints_dir());
+    let resumed_after = match opts.resume {
+        true => resume(
+            &checkpoints,
+            &mut global,
+            &schema,
+            &fed,
+            opts.metrics.as_ref(),
+        )?,
+        false => None,
     };
-    if let (Some(found), Some(m)) = (&found, &opts.metrics) {
-        m.checkpoints_skipped_total
-            .inc_by(found.skipped.len() as u64);
-    }
-    if let Some((path, ck)) = found.map(|f| (f.path, f.checkpoint)) {
-        let by_name: HashMap<&str, &NamedTensor> =
-            ck.model.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        global.clear();
-        for (name, shape) in &schema.entries {
-            let t = by_name
-                .get(name.as_str())
-                .filter(|t| &t.shape == shape)
-                .ok_or_else(|| {
-                    FederatedError::Other(format!(
-                        "{}: tensor `{name}` is missing or has another shape",
-                        path.display()
-                    ))
-                })?;
-            global.extend_from_slice(&t.values);
-        }
-        let get = |slot: &str| {
-            ck.optimizer_state
-                .iter()
-                .find(|(n, _)| n == slot)
-                .map(|(_, v)| v.clone())
-        };
-        server.load_state(ck.optimizer_step, get);
-        if let (Some(a), Some(p)) = (accountant.as_mut(), fed.privacy.as_ref()) {
-            sampled_history = get("privacy/sampled").unwrap_or_default();
-            let clip = get("privacy/clip_norm")
-                .and_then(|v| v.first().copied())
-                .map_or(p.clip_norm, f64::from);
-            let rounds: Vec<(f64, u64)> = sampled_history
-                .iter()
-                .map(|&m| (m as f64 / fed.clients as f64, 1))
-                .collect();
-            *a = Accountant::restore(p, clip, &rounds);
-        }
-        start_round = ck.step + 1;
-        tracing::info!(checkpoint = %path.display(), round = ck.step, "resuming after round");
-    }
-    tensorfile::write_bytes_atomic(
-        &opts.out_dir.join("config.json"),
-        &serde_json::to_vec_pretty(config).expect("configs serialise"),
-    )?;
+    let start_round = resumed_after.unwrap_or(0) + 1;
+    run.write_config(config)?;
 
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            last_seen: vec![None; fed.clients],
-            ..Default::default()
-        }),
-        changed: Condvar::new(),
-        wake: tokio::sync::Notify::new(),
-        schema: schema.clone(),
-        tokens: (0..fed.clients)
-            .map(|i| client_token(&opts.secret, i))
-            .collect(),
+    let shared = Arc::new(Shared::new(
+        &fed,
+        opts,
+        schema.clone(),
         max_bytes,
-        max_norm: fed.max_update_norm,
-        metrics: opts.metrics.clone(),
-        in_flight: Mutex::new(BTreeSet::new()),
-        decoding: tokio::sync::Semaphore::new(DECODERS),
-        body_timeout: body_timeout(max_bytes),
         example_caps,
-    });
+    ));
     let server_addr = serve(shared.clone(), opts.bind, opts.tls.clone())?;
     tracing::info!(addr = %server_addr, clients = fed.clients, rounds = fed.rounds, "aggregator listening");
 
     // Rows of rounds after the checkpoint resumed from (a crash, or newer
     // checkpoints set aside) are dropped: those rounds run again.
-    let mut metrics_log = crate::train::MetricsLog::open(
-        &opts.out_dir.join(crate::run_dir::METRICS_FILE),
-        (start_round > 1).then_some(start_round - 1),
-        "round",
-    )?;
+    let mut metrics_log = run.log(resumed_after)?;
     let mut summary = FederatedSummary {
         rounds: start_round - 1,
         val_miou: Vec::new(),
@@ -385,178 +323,54 @@ pub fn run(
     let mut progress = ProgressMessage::default();
     for round in start_round..=fed.rounds {
         let round_started = Instant::now();
-        let mut attempt = 0;
-        let (sampled, received) = loop {
-            attempt += 1;
-            match run_round(&shared, &fed, config.train.seed, round, attempt, &global)? {
-                Some(r) => break r,
-                None if attempt >= fed.round_attempts => {
-                    shared.state.lock().expect("state").done = true;
-                    shared.wake.notify_waiters();
-                    return Err(FederatedError::Quorum(format!(
-                        "round {round}: fewer than federated.min_clients ({}) clients answered in {attempt} attempts; check the clients' logs, or lower min_clients",
-                        fed.min_clients
-                    )));
-                }
-                None => summary.retried_rounds += 1,
-            }
-        };
+        let (sampled, received) = gather(&shared, &fed, config.train.seed, round, &global.values)
+            .inspect_err(|_| shared.close())?;
+        summary.retried_rounds += u64::from(sampled.attempts - 1);
+        let sampled = sampled.clients;
         let participants = received.len();
         summary.dropped += (sampled - participants) as u64;
-        let weights: Vec<f64> = received.values().map(|r| r.examples as f64).collect();
-        let loss = Some(
-            received
-                .values()
-                .map(|r| r.loss * r.examples as f64)
-                .sum::<f64>()
-                / weights.iter().sum::<f64>().max(1.0),
-        );
+        let (updates, loss) = updates_of(received, sampled);
+
         let t = Instant::now();
-        let mut deltas: Vec<Vec<f32>> = received.into_values().map(|r| r.delta).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            config.train.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let delta = match (accountant.as_mut(), fed.privacy.as_ref()) {
-            (Some(acc), Some(p)) => {
-                let m = deltas.len();
-                let (sigma, count_sigma) = acc.noise(m).map_err(FederatedError::Other)?;
-                let c = acc.clip_norm;
-                let unclipped = deltas
-                    .iter_mut()
-                    .map(|d| privacy::clip(d, c))
-                    .filter(|&n| n <= c)
-                    .count();
-                let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
-                let mut mean = aggregate::weighted_mean(&refs, &vec![1.0; m])
-                    .map_err(|e| FederatedError::Other(e.to_string()))?;
-                privacy::add_gaussian_noise(&mut mean, sigma, &mut rng);
-                if let (Some(adaptive), Some(sb)) = (p.adaptive_clipping.as_ref(), count_sigma) {
-                    let noisy = unclipped as f64
-                        + rand_distr::Distribution::sample(
-                            &rand_distr::Normal::new(0.0, sb).expect("finite σ"),
-                            &mut rng,
-                        );
-                    acc.adapt(adaptive, noisy, m);
-                }
-                // Sampling rate: sampled clients over the population.
-                acc.account(sampled as f64 / fed.clients as f64, 1);
-                sampled_history.push(sampled as f32);
-                mean
-            }
-            _ => {
-                let refs: Vec<&[f32]> = deltas.iter().map(Vec::as_slice).collect();
-                let (agg, used) = aggregate::aggregate(&fed.aggregation, &refs, &weights)
-                    .map_err(|e| FederatedError::Other(format!("round {round}: {e}")))?;
-                if used.len() < refs.len() {
-                    tracing::info!(
-                        round,
-                        kept = used.len(),
-                        of = refs.len(),
-                        "robust aggregation kept a subset"
-                    );
-                }
-                agg
-            }
-        };
-        server.step(&mut global, &delta);
+        global.aggregate(updates, &fed, config.train.seed, round)?;
         let aggregate_seconds = t.elapsed().as_secs_f64();
         aggregate_total += aggregate_seconds;
 
         let evaluate = fed.eval_every > 0 && round % fed.eval_every == 0 || round == fed.rounds;
-        let val_miou = if evaluate && !setup.split.val.is_empty() {
-            let model = load(config, &schema, &global, &device)?;
-            let predictor =
-                Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
-            let report = eval::evaluate(
-                &predictor,
-                setup.dataset.as_ref(),
-                &setup.split.val,
-                config.train.batch_size,
-            );
-            summary.val_miou.push((round, report.scores.miou));
-            Some(report.scores.miou)
-        } else {
-            None
-        };
-        let (model_step, buffers) = server.state();
-        let mut optimizer_state: Vec<(String, Vec<f32>)> = buffers
-            .into_iter()
-            .map(|(n, v)| (n.to_string(), v))
-            .collect();
-        if let Some(acc) = &accountant {
-            optimizer_state.push(("privacy/clip_norm".into(), vec![acc.clip_norm as f32]));
-            optimizer_state.push(("privacy/sampled".into(), sampled_history.clone()));
+        let val_miou = (evaluate && !setup.split.val.is_empty())
+            .then(|| evaluate_global(config, &schema, &global.values, &setup, &device))
+            .transpose()?;
+        if let Some(v) = val_miou {
+            summary.val_miou.push((round, v));
         }
-        let ck = Checkpoint {
-            step: round,
-            data_position: 0,
-            model: schema.tensors(&global),
-            optimizer: server.kind().into(),
-            optimizer_step: model_step,
-            optimizer_state,
-            config: config.clone(),
-        };
         let t = Instant::now();
-        let ck_path = checkpoints.save(&ck, config.checkpoint.keep_last)?;
-        let checkpoint_seconds = t.elapsed().as_secs_f64();
-        let epsilon = accountant.as_ref().map(|a| a.epsilon().0);
-        let rejected: u64 = shared.state.lock().expect("state").rejected.values().sum();
+        let ck_path = checkpoints.save(
+            &global.checkpoint(round, &schema, config),
+            config.checkpoint.keep_last,
+        )?;
         let row = RoundRow {
-            kind: "round",
             round,
             sampled,
             participants,
             dropped: sampled - participants,
-            rejected,
+            rejected: shared.state.lock().expect("state").rejected.values().sum(),
             loss,
             val_miou,
             seconds: round_started.elapsed().as_secs_f64(),
             aggregate_seconds,
-            checkpoint_seconds,
-            epsilon,
-            clip_norm: accountant.as_ref().map(|a| a.clip_norm),
+            checkpoint_seconds: t.elapsed().as_secs_f64(),
+            epsilon: global.epsilon(),
+            clip_norm: global.clip_norm(),
         };
-        metrics_log.write(&row)?;
+        metrics_log.write(&Row::Round(row.clone()))?;
         metrics_log.flush()?;
-        tracing::info!(round, participants, sampled, loss = ?loss, val_miou = ?val_miou, epsilon = ?epsilon, "round done");
+        tracing::info!(round, participants, sampled, loss = ?loss, val_miou = ?val_miou, epsilon = ?row.epsilon, "round done");
         summary.rounds = round;
         summary.final_loss = loss;
-        summary.epsilon = epsilon;
-        if let Some(m) = &opts.metrics {
-            m.federated_round.set(round as i64);
-            m.step.set(round as i64);
-            m.federated_participants.set(participants as i64);
-            m.federated_round_seconds.set(row.seconds);
-            m.checkpoints_total.inc();
-            if let Some(l) = loss {
-                m.loss.set(l);
-            }
-            if let Some(v) = val_miou {
-                m.val_miou.set(v);
-            }
-            if let Some(e) = epsilon {
-                m.federated_epsilon.set(e);
-            }
-        }
-        if let Some(r) = &opts.report {
-            progress.step = round;
-            progress.loss = loss;
-            if val_miou.is_some() {
-                progress.metric = val_miou;
-            }
-            progress.checkpoint = Some(CheckpointMessage {
-                step: round,
-                path: ck_path.display().to_string(),
-            });
-            progress.participants = Some(participants as u32);
-            progress.rejected = Some(rejected);
-            progress.epsilon = epsilon;
-            progress.round_seconds = Some(row.seconds);
-            r.send(progress.clone());
-        }
+        summary.epsilon = row.epsilon;
+        publish(&row, &ck_path, opts, &mut progress);
         if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) && round < fed.rounds {
-            shared.state.lock().expect("state").done = true;
-            shared.wake.notify_waiters();
+            shared.close();
             return Err(FederatedError::Stopped(format!(
                 "stopped after round {round} on request; checkpoint {} written, continue with --resume",
                 ck_path.display()
@@ -564,8 +378,7 @@ pub fn run(
         }
     }
     {
-        let mut s = shared.state.lock().expect("state");
-        s.done = true;
+        let s = shared.state.lock().expect("state");
         summary.updates_accepted = s.accepted;
         summary.updates_rejected = s
             .rejected
@@ -573,21 +386,168 @@ pub fn run(
             .map(|(k, v)| (k.to_string(), *v))
             .collect();
     }
-    shared.wake.notify_waiters();
+    shared.close();
     // Rounds this process ran (a resumed run skips those before start_round).
     let rounds_run = (summary.rounds + 1).saturating_sub(start_round).max(1);
     summary.aggregate_seconds = aggregate_total / rounds_run as f64;
     summary.wall_seconds = started.elapsed().as_secs_f64();
-    tensorfile::write_bytes_atomic(
-        &opts.out_dir.join("summary.json"),
-        &serde_json::to_vec_pretty(&summary).expect("summaries serialise"),
-    )?;
+    run.write_summary(&summary)?;
     // Let polling clients see `410 Gone` and exit on their own.
     let deadline = Instant::now() + opts.linger;
     while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(summary)
+}
+
+/// The largest update to read: exactly the model's tensors. A configured
+/// limit below that would refuse every client, each seeing a closed
+/// connection, so it is refused here.
+fn update_limit(fed: &FederatedConfig, schema: &Schema) -> Result<usize, FederatedError> {
+    let valid_bytes = schema.max_update_bytes();
+    let configured = (fed.max_update_mib * (1 << 20) as f64) as usize;
+    if configured < valid_bytes {
+        return Err(FederatedError::Other(format!(
+            "federated.max_update_mib ({} MiB) is below the {:.2} MiB of parameters \
+             ({}, f32, with the update's header) every update of this model carries: raise it",
+            fed.max_update_mib,
+            valid_bytes as f64 / (1 << 20) as f64,
+            schema.len
+        )));
+    }
+    Ok(valid_bytes)
+}
+
+/// With `--resume`: the newest round checkpoint that loads (newer ones that
+/// do not are set aside and counted) into `global`. Returns the round it
+/// holds, or `None` where there is none.
+fn resume(
+    checkpoints: &CheckpointDir,
+    global: &mut Global,
+    schema: &Schema,
+    fed: &FederatedConfig,
+    metrics: Option<&crate::metrics::TrainerMetrics>,
+) -> Result<Option<u64>, FederatedError> {
+    let Some(found) = checkpoints.load_newest()? else {
+        return Ok(None);
+    };
+    if let Some(m) = metrics {
+        m.checkpoints_skipped_total
+            .inc_by(found.skipped.len() as u64);
+    }
+    global.restore(&found.checkpoint, &found.path, schema, fed)?;
+    let round = found.checkpoint.step;
+    tracing::info!(checkpoint = %found.path.display(), round, "resuming after round");
+    Ok(Some(round))
+}
+
+/// Clients sampled for a round, and the attempts it took.
+struct Sampled {
+    clients: usize,
+    attempts: u32,
+}
+
+/// Round `round`, attempted until enough clients answer, at most
+/// `federated.round_attempts` times.
+fn gather(
+    shared: &Shared,
+    fed: &FederatedConfig,
+    seed: u64,
+    round: u64,
+    global: &[f32],
+) -> Result<(Sampled, BTreeMap<usize, Received>), FederatedError> {
+    for attempt in 1..=fed.round_attempts {
+        if let Some((clients, received)) = run_round(shared, fed, seed, round, attempt, global)? {
+            return Ok((
+                Sampled {
+                    clients,
+                    attempts: attempt,
+                },
+                received,
+            ));
+        }
+    }
+    Err(FederatedError::Quorum(format!(
+        "round {round}: fewer than federated.min_clients ({}) clients answered in {} attempts; check the clients' logs, or lower min_clients",
+        fed.min_clients, fed.round_attempts
+    )))
+}
+
+/// The updates to aggregate, and the clients' loss weighted by their examples.
+fn updates_of(received: BTreeMap<usize, Received>, sampled: usize) -> (Updates, Option<f64>) {
+    let weights: Vec<f64> = received.values().map(|r| r.examples as f64).collect();
+    let loss = received
+        .values()
+        .map(|r| r.loss * r.examples as f64)
+        .sum::<f64>()
+        / weights.iter().sum::<f64>().max(1.0);
+    let deltas = received.into_values().map(|r| r.delta).collect();
+    let updates = Updates {
+        deltas,
+        weights,
+        sampled,
+    };
+    (updates, Some(loss))
+}
+
+/// Validation mIoU of the global model.
+fn evaluate_global(
+    config: &TrainerConfig,
+    schema: &Schema,
+    values: &[f32],
+    setup: &Setup,
+    device: &Device,
+) -> Result<f64, FederatedError> {
+    let model = load(config, schema, values, device)?;
+    let predictor = Predictor::from_model(config.clone(), model.valid(), device.clone().inner());
+    let report = eval::evaluate(
+        &predictor,
+        setup.dataset.as_ref(),
+        &setup.split.val,
+        config.train.batch_size,
+    );
+    Ok(report.scores.miou)
+}
+
+/// A finished round told to Prometheus and to the operator.
+fn publish(
+    row: &RoundRow,
+    checkpoint: &std::path::Path,
+    opts: &AggregatorOptions,
+    progress: &mut ProgressMessage,
+) {
+    if let Some(m) = &opts.metrics {
+        m.federated_round.set(row.round as i64);
+        m.step.set(row.round as i64);
+        m.federated_participants.set(row.participants as i64);
+        m.federated_round_seconds.set(row.seconds);
+        m.checkpoints_total.inc();
+        if let Some(l) = row.loss {
+            m.loss.set(l);
+        }
+        if let Some(v) = row.val_miou {
+            m.val_miou.set(v);
+        }
+        if let Some(e) = row.epsilon {
+            m.federated_epsilon.set(e);
+        }
+    }
+    if let Some(r) = &opts.report {
+        progress.step = row.round;
+        progress.loss = row.loss;
+        if row.val_miou.is_some() {
+            progress.metric = row.val_miou;
+        }
+        progress.checkpoint = Some(CheckpointMessage {
+            step: row.round,
+            path: checkpoint.display().to_string(),
+        });
+        progress.participants = Some(row.participants as u32);
+        progress.rejected = Some(row.rejected);
+        progress.epsilon = row.epsilon;
+        progress.round_seconds = Some(row.seconds);
+        r.send(progress.clone());
+    }
 }
 
 /// A model holding the flat `values` (layout order).

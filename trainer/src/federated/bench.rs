@@ -136,21 +136,23 @@ pub fn round_overhead(config: &TrainerConfig, rounds: u64) -> Result<RoundBench,
     for w in workers {
         w.join().expect("clients do not panic");
     }
-    let rows: Vec<serde_json::Value> =
-        std::fs::read_to_string(dir.join(crate::run_dir::METRICS_FILE))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+    let rows = crate::run_dir::RunDir::at(&dir).rows();
     let _ = std::fs::remove_dir_all(&dir);
+    let rows: Vec<crate::run_dir::RoundRow> = rows?
+        .into_iter()
+        .filter_map(|row| match row {
+            crate::run_dir::Row::Round(r) => Some(r),
+            _ => None,
+        })
+        .collect();
     // The first round includes start-up, the last the final evaluation.
     let middle = if rows.len() > 2 {
         &rows[1..rows.len() - 1]
     } else {
         &rows[..]
     };
-    let median = |key: &str| {
-        let mut v: Vec<f64> = middle.iter().filter_map(|r| r[key].as_f64()).collect();
+    let median = |key: fn(&crate::run_dir::RoundRow) -> f64| {
+        let mut v: Vec<f64> = middle.iter().map(key).collect();
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
@@ -158,9 +160,9 @@ pub fn round_overhead(config: &TrainerConfig, rounds: u64) -> Result<RoundBench,
         clients,
         params: summary.parameters,
         rounds: middle.len(),
-        median_round_seconds: median("seconds"),
-        median_aggregate_seconds: median("aggregate_seconds"),
-        median_checkpoint_seconds: median("checkpoint_seconds"),
+        median_round_seconds: median(|r| r.seconds),
+        median_aggregate_seconds: median(|r| r.aggregate_seconds),
+        median_checkpoint_seconds: median(|r| r.checkpoint_seconds),
     })
 }
 

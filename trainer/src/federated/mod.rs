@@ -40,6 +40,7 @@ pub mod aggregate;
 pub mod aggregator;
 pub mod bench;
 pub mod client;
+mod global;
 pub mod partition;
 pub mod privacy;
 pub mod server_opt;
@@ -88,6 +89,9 @@ pub enum FederatedError {
     /// Writing outputs.
     #[error(transparent)]
     Output(#[from] crate::tensorfile::TensorFileError),
+    /// The run directory: a fresh run where one left checkpoints, a full disk.
+    #[error(transparent)]
+    RunDir(#[from] crate::run_dir::RunDirError),
 }
 
 impl FederatedError {

@@ -55,13 +55,13 @@ pub fn save(dir: &Path, model: &mut SegNet, config: &LoraConfig) -> Result<u64, 
         &tensors,
         HashMap::from([("format".to_string(), "pt".to_string())]),
     );
-    tensorfile::write_bytes_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    crate::run_dir::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     // PEFT writes json.dumps(config, indent=2, sort_keys=True).
     let value = serde_json::to_value(config).expect("configs serialise");
     let sorted: std::collections::BTreeMap<String, serde_json::Value> =
         serde_json::from_value(value).expect("an object");
     let text = serde_json::to_string_pretty(&sorted).expect("configs serialise");
-    tensorfile::write_bytes_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
+    crate::run_dir::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())?;
     Ok(bytes.len() as u64)
 }
 

@@ -31,4 +31,7 @@ pub enum PeftError {
     /// The safetensors file.
     #[error(transparent)]
     File(#[from] crate::tensorfile::TensorFileError),
+    /// Writing the adapter's files.
+    #[error(transparent)]
+    Write(#[from] crate::run_dir::RunDirError),
 }

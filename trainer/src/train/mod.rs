@@ -1,15 +1,14 @@
 //! Single-process training: the loop, validation, checkpoints and run outputs.
 //!
-//! See [`train`] for the primary entry point. A run directory holds
-//! `config.json` (the effective config), `metrics.jsonl` (one row per step and
-//! one per validation), `checkpoints/` and, at the end, `summary.json`.
+//! See [`train`] for the primary entry point; what it writes is a
+//! [`RunDir`], and what a step tells the world goes through [`outputs`].
 
 pub mod learner;
 pub mod loss;
 pub mod optim;
+mod outputs;
 pub mod schedule;
 
-use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,9 +33,11 @@ use crate::infer::Predictor;
 use crate::metrics::TrainerMetrics;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
-use crate::tensorfile::{self, NamedTensor, TensorFileError};
+use crate::run_dir::{RunDir, RunDirError};
+use crate::tensorfile::{NamedTensor, TensorFileError};
 use learner::Learner;
 use loss::{PixelTargets, binary_cross_entropy_with_logits, cross_entropy};
+use outputs::{Outputs, StepDone};
 
 /// Why a run stopped early.
 #[derive(Debug, thiserror::Error)]
@@ -62,22 +63,10 @@ pub enum TrainError {
         /// What differs.
         message: String,
     },
-    /// The output directory already holds a run.
-    #[error(
-        "{path} already holds checkpoints of a run; pass --resume to continue it, or choose another --out"
-    )]
-    Exists {
-        /// The checkpoint directory.
-        path: PathBuf,
-    },
-    /// Writing an output file failed.
-    #[error("failed to write {path}: {source}")]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    /// The run directory cannot be opened or written (a fresh run where one
+    /// left checkpoints, a full disk).
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
     /// Writing an output file atomically failed.
     #[error(transparent)]
     File(#[from] TensorFileError),
@@ -177,25 +166,6 @@ pub struct Summary {
     /// end: equal on every rank (checked), and across runs that should be
     /// bit-identical.
     pub parameter_hash: String,
-}
-
-/// One `metrics.jsonl` row.
-#[derive(Debug, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum Row<'a> {
-    Train {
-        step: u64,
-        loss: f64,
-        lr: f64,
-        grad_norm: f64,
-        samples_per_sec: f64,
-        noisy_samples: usize,
-    },
-    Val {
-        step: u64,
-        #[serde(flatten)]
-        report: &'a EvalReport,
-    },
 }
 
 /// Peak resident set size of this process (Linux), in bytes.
@@ -424,79 +394,6 @@ fn validate_group(
     Ok(counts.report())
 }
 
-/// Appends rows to `metrics.jsonl` (the trainer's steps, the aggregator's rounds).
-pub(crate) struct MetricsLog {
-    path: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
-    /// Loss of the last training row kept from an earlier run, if any.
-    last_loss: Option<f64>,
-}
-
-impl MetricsLog {
-    /// Opens the log, first dropping rows whose `key` (`step`, `round`) is past
-    /// `keep_through` (written after the checkpoint a resumed run restarts
-    /// from); a fresh run (`None`) starts it empty.
-    pub(crate) fn open(
-        path: &Path,
-        keep_through: Option<u64>,
-        key: &str,
-    ) -> Result<Self, TrainError> {
-        let werr = |source| TrainError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        let mut last_loss = None;
-        match keep_through {
-            Some(step) if path.exists() => {
-                let f = std::fs::File::open(path).map_err(werr)?;
-                let mut kept = String::new();
-                for line in std::io::BufReader::new(f).lines() {
-                    let line = line.map_err(werr)?;
-                    let row = serde_json::from_str::<serde_json::Value>(&line).ok();
-                    let row_step = row.as_ref().and_then(|v| v.get(key)?.as_u64());
-                    if row_step.is_some_and(|s| s <= step) {
-                        if let Some(loss) = row.as_ref().and_then(|v| v.get("loss")?.as_f64()) {
-                            last_loss = Some(loss);
-                        }
-                        kept.push_str(&line);
-                        kept.push('\n');
-                    }
-                }
-                tensorfile::write_bytes_atomic(path, kept.as_bytes())?;
-            }
-            Some(_) => {}
-            None => {
-                std::fs::File::create(path).map_err(werr)?;
-            }
-        }
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(werr)?;
-        Ok(Self {
-            path: path.to_owned(),
-            file: std::io::BufWriter::new(file),
-            last_loss,
-        })
-    }
-
-    pub(crate) fn write(&mut self, row: &impl Serialize) -> Result<(), TrainError> {
-        let line = serde_json::to_string(row).expect("rows serialise");
-        writeln!(self.file, "{line}").map_err(|source| TrainError::Write {
-            path: self.path.clone(),
-            source,
-        })
-    }
-
-    pub(crate) fn flush(&mut self) -> Result<(), TrainError> {
-        self.file.flush().map_err(|source| TrainError::Write {
-            path: self.path.clone(),
-            source,
-        })
-    }
-}
-
 /// Puts the tensors of `checkpoint` into the learner's model and optimiser.
 fn restore(learner: &mut Learner, checkpoint: &Checkpoint, path: &Path) -> Result<(), TrainError> {
     let incompatible = |message: String| TrainError::Incompatible {
@@ -578,26 +475,16 @@ fn build_model(
     }
 }
 
-/// Rank 0's start: with `--resume`, the newest checkpoint that loads (newer
-/// ones that do not are set aside and counted); a fresh run otherwise. A run
-/// directory that already holds checkpoints is refused without `--resume`.
-/// Returns the step resumed from.
-fn open_checkpoints(
-    resume: bool,
+/// Rank 0's start with `--resume`: the newest checkpoint that loads (newer
+/// ones that do not are set aside and counted), or a fresh start where there
+/// is none. Returns the step resumed from.
+fn resume(
     checkpoints: &CheckpointDir,
     config: &TrainerConfig,
     learner: &mut Learner,
     local_sgd: Option<&mut LocalSgd>,
     metrics: Option<&TrainerMetrics>,
 ) -> Result<Option<u64>, TrainError> {
-    if !resume {
-        return match checkpoints.latest()? {
-            Some(_) => Err(TrainError::Exists {
-                path: checkpoints.dir().to_owned(),
-            }),
-            None => Ok(None),
-        };
-    }
     let Some(found) = checkpoints.load_newest()? else {
         tracing::info!(dir = %checkpoints.dir().display(), "no checkpoint to resume from; starting fresh");
         return Ok(None);
@@ -696,284 +583,125 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
     let compute = crate::device::resolve(config.train.device, dist.local_rank)?;
     let device = compute.device.clone().autodiff();
     let setup = Setup::new(config)?;
-    let (rank, world) = (dist.rank, dist.world_size);
-    let root = rank == 0;
-    let out = &opts.out_dir;
-    if root {
-        std::fs::create_dir_all(out).map_err(|source| TrainError::Write {
-            path: out.clone(),
-            source,
-        })?;
-    }
+    let root = dist.rank == 0;
+    let run = root
+        .then(|| RunDir::open(&opts.out_dir, opts.resume))
+        .transpose()?;
     let lora = config
         .peft
         .as_ref()
         .map(crate::peft::config::LoraConfig::from_section);
     let (model, selection) = build_model(config, lora.as_ref(), &device)?;
-    let mut learner = Learner::new(model, selection, &config.train.optimizer, &device);
-    let mut local_sgd = config
+    let learner = Learner::new(model, selection, &config.train.optimizer, &device);
+    let local_sgd = config
         .train
         .local_sgd
         .as_ref()
         .map(|l| LocalSgd::new(l, learner.params()));
-    let checkpoints = CheckpointDir::new(out.join(crate::run_dir::CHECKPOINTS_DIR));
-    let mut resumed_from = if root {
-        open_checkpoints(
-            opts.resume,
+    let mut replica = Replica {
+        learner,
+        local_sgd,
+        group: None,
+    };
+    let checkpoints = CheckpointDir::new(RunDir::at(&opts.out_dir).checkpoints_dir());
+    let mut resumed_from = match run {
+        Some(_) if opts.resume => resume(
             &checkpoints,
             config,
-            &mut learner,
-            local_sgd.as_mut(),
+            &mut replica.learner,
+            replica.local_sgd.as_mut(),
             opts.metrics.as_ref(),
-        )?
-    } else {
-        None
+        )?,
+        _ => None,
     };
     let mut start_step = resumed_from.unwrap_or(0);
     // NCCL asked for by name joins even alone (a one-GPU machine still runs
     // the device collective in the loop).
-    let mut group = if world > 1 || config.train.backend == CollectiveBackend::Nccl {
-        Some(DataParallel::join(
+    if dist.world_size > 1 || config.train.backend == CollectiveBackend::Nccl {
+        let mut group = DataParallel::join(
             &dist,
             &config.train,
             compute.compute,
-            learner.len(),
+            replica.learner.len(),
             opts.timeouts,
-        )?)
-    } else {
-        None
-    };
-    if let Some(g) = group.as_mut() {
-        start_step = ddp::sync::adopt_root_state(g, start_step, &mut learner, local_sgd.as_mut())?;
+        )?;
+        start_step = ddp::sync::adopt_root_state(
+            &mut group,
+            start_step,
+            &mut replica.learner,
+            replica.local_sgd.as_mut(),
+        )?;
         resumed_from = (start_step > 0).then_some(start_step);
+        replica.group = Some(group);
     }
-    let mut log = if root {
-        let config_json = serde_json::to_vec_pretty(config).expect("configs serialise");
-        tensorfile::write_bytes_atomic(&out.join("config.json"), &config_json)?;
-        Some(MetricsLog::open(
-            &out.join(crate::run_dir::METRICS_FILE),
-            resumed_from,
-            "step",
-        )?)
-    } else {
-        None
-    };
+    let mut outputs = Outputs::open(run.as_ref(), config, opts, start_step, resumed_from)?;
 
     let steps = config.train.steps;
-    // What rank 0 last told the operator; each report carries all of it.
-    let mut progress = crate::protocol::ProgressMessage::default();
-    let reporter = opts.report.as_ref().filter(|_| root);
-    let batch_size = config.train.batch_size;
     let accumulate = config.train.accumulate_steps;
+    let rank_batch = config.train.batch_size as u64 * accumulate;
     // Samples per optimiser step over the whole group.
-    let global_batch = (batch_size as u64) * accumulate * world as u64;
+    let global_batch = rank_batch * dist.world_size as u64;
     let prefetch = Prefetch::spawn(
         &setup,
-        rank,
-        world,
+        dist.rank,
+        dist.world_size,
         start_step * accumulate..steps * accumulate,
     );
-    let bar = (root && opts.progress_bar && start_step < steps).then(|| {
-        let bar = indicatif::ProgressBar::new(steps);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise}<{eta_precise}]",
-            )
-            .expect("valid template"),
-        );
-        bar.set_position(start_step);
-        bar
-    });
-
+    let has_val = !setup.split.val.is_empty();
     // A resumed run that was already complete reports the logged last loss.
-    let mut final_loss = log.as_ref().and_then(|l| l.last_loss).unwrap_or(f64::NAN);
+    let mut final_loss = outputs.logged_loss().unwrap_or(f64::NAN);
     let mut steady = (Duration::ZERO, 0u64);
-    // What the metrics have been told of the communication so far.
-    let mut comm_reported = ddp::CommStats::default();
-    let mut last_scores: Option<crate::eval::metrics::SegmentationScores> = None;
+    let mut last_scores = None;
     // Fine-tuning starts from the base itself (B = 0): scoring it first gives
     // the base's quality on this data, the baseline the adapter must beat.
     let mut base_val_miou = None;
-    if lora.is_some() && start_step == 0 && !setup.split.val.is_empty() {
-        let report = validate_group(
-            learner.model(),
-            config,
-            &setup,
-            group.as_mut().map(|g| g.collective()),
-            &device,
-        )?;
-        if let Some(log) = log.as_mut() {
-            log.write(&Row::Val {
-                step: 0,
-                report: &report,
-            })?;
-        }
-        tracing::info!(
-            miou = report.scores.miou,
-            "the base on this data, before fine-tuning"
-        );
+    if lora.is_some() && start_step == 0 && has_val {
+        let report = replica.validate(config, &setup, &device)?;
+        outputs.base(&report)?;
         base_val_miou = Some(report.scores.miou);
     }
     for step in start_step..steps {
         let t0 = Instant::now();
         let lr = schedule::learning_rate(&config.train, step);
-        // Gradient accumulation: the mean gradient of `accumulate` micro-batches.
-        let mut noisy = 0;
-        let micro_batches = (0..accumulate).map(|_| {
-            let (batch, n) = prefetch.next();
-            noisy += n;
-            batch
-        });
-        let (mut loss, mut grads) = learner.mean_gradient(micro_batches, config);
-        let mut stopping = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-        if let Some(g) = group.as_mut() {
-            grads = g.average_gradients(grads)?;
-            // The loss, a stop request from any rank, and the BN running statistics.
-            (loss, stopping) = g.agree(loss, stopping)?;
-            learner.set_buffers(g.average(learner.buffers())?);
-        }
-        if !loss.is_finite() {
-            return Err(TrainError::Diverged {
-                step: step + 1,
-                loss,
-            });
-        }
-        let grad_norm = learner
-            .apply(grads, lr, config.train.grad_clip_norm)
-            .grad_norm;
-        let done = step + 1;
-        if let Some(l) = local_sgd.as_mut()
-            && l.due(done, steps, stopping)
-        {
-            let agreed = l.synchronise(learner.params().clone(), group.as_mut())?;
-            learner.set_params(agreed);
-        }
+        let stop = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        let stepped = replica.step(&prefetch, config, step, lr, stop)?;
         let dt = t0.elapsed();
         if step >= start_step + config.train.throughput_warmup_steps {
             steady.0 += dt;
             steady.1 += global_batch;
         }
-        let sps = global_batch as f64 / dt.as_secs_f64();
-        final_loss = loss as f64;
-        if let Some(log) = log.as_mut() {
-            log.write(&Row::Train {
-                step: done,
-                loss: final_loss,
-                lr,
-                grad_norm,
-                samples_per_sec: sps,
-                noisy_samples: noisy,
-            })?;
-        }
-        if let Some(r) = reporter {
-            progress.step = done;
-            progress.loss = Some(final_loss);
-            progress.samples_per_second = Some(sps);
-            r.send(progress.clone());
-        }
-        if let Some(m) = &opts.metrics {
-            let comm = group.as_ref().map(|g| g.stats()).unwrap_or_default();
-            m.step.set(done as i64);
-            m.steps_total.inc();
-            m.loss.set(final_loss);
-            m.learning_rate.set(lr);
-            m.samples_per_second.set(sps);
-            m.samples_total.inc_by(batch_size as u64 * accumulate);
-            m.allreduce_seconds_total
-                .inc_by((comm.time - comm_reported.time).as_secs_f64());
-            m.allreduce_bytes_total
-                .inc_by(comm.bytes - comm_reported.bytes);
-            comm_reported = comm;
-        }
-        match &bar {
-            Some(bar) => {
-                bar.set_position(done);
-                bar.set_message(format!("loss {final_loss:.4}  {sps:.1} img/s"));
-            }
-            None if root && (done % config.train.log_every == 0 || done == steps) => {
-                tracing::info!(
-                    step = done,
-                    loss = final_loss,
-                    lr,
-                    samples_per_sec = sps,
-                    "train"
-                );
-            }
-            None => {}
-        }
+        let done = step + 1;
+        final_loss = stepped.loss as f64;
+        outputs.step(&StepDone {
+            done,
+            loss: final_loss,
+            lr,
+            grad_norm: stepped.grad_norm,
+            samples_per_sec: global_batch as f64 / dt.as_secs_f64(),
+            samples: rank_batch,
+            noisy: stepped.noisy,
+            comm: replica.comm(),
+        })?;
 
-        let last = done == steps;
-        let due = Due::after(done, steps, stopping, config);
-        let report = (due.validate && !setup.split.val.is_empty())
-            .then(|| {
-                validate_group(
-                    learner.model(),
-                    config,
-                    &setup,
-                    group.as_mut().map(|g| g.collective()),
-                    &device,
-                )
-            })
-            .transpose()?;
-        if let (Some(log), Some(report)) = (log.as_mut(), report) {
-            log.write(&Row::Val {
-                step: done,
-                report: &report,
-            })?;
-            let scores = report.scores;
-            if let Some(r) = reporter {
-                progress.metric = Some(scores.miou);
-                r.send(progress.clone());
-            }
-            if let Some(m) = &opts.metrics {
-                m.val_miou.set(scores.miou);
-                m.val_pixel_accuracy.set(scores.pixel_accuracy);
-            }
-            let message = format!(
-                "val miou {:.3} pixel accuracy {:.3}",
-                scores.miou, scores.pixel_accuracy
-            );
-            match &bar {
-                Some(bar) => bar.println(format!("step {done}: {message}")),
-                None => tracing::info!(
-                    step = done,
-                    miou = scores.miou,
-                    pixel_accuracy = scores.pixel_accuracy,
-                    "validation"
-                ),
-            }
-            last_scores = Some(scores);
+        let due = Due::after(done, steps, stepped.stopping, config);
+        if due.validate && has_val {
+            let report = replica.validate(config, &setup, &device)?;
+            outputs.validation(done, &report)?;
+            last_scores = Some(report.scores);
         }
         if due.checkpoint {
             // Every rank must hold the model rank 0 is about to save.
-            if let Some(g) = group.as_mut() {
-                ddp::sync::check_in_sync(g.collective(), ddp::sync::fingerprint(&learner))?;
-            }
+            replica.check_in_sync()?;
             let path = checkpoints.path_for(done);
-            if let Some(log) = log.as_mut() {
-                // Rows up to this step become durable with the checkpoint that covers them.
-                log.flush()?;
-                let ck = checkpoint_of(&learner, local_sgd.as_ref(), config, done, global_batch);
-                let started = Instant::now();
+            if root {
+                outputs.flush()?;
+                let ck = replica.checkpoint(config, done, global_batch);
+                let t = Instant::now();
                 checkpoints.save(&ck, config.checkpoint.keep_last)?;
-                if let Some(r) = reporter {
-                    progress.checkpoint = Some(crate::protocol::CheckpointMessage {
-                        step: done,
-                        path: path.display().to_string(),
-                    });
-                    r.send(progress.clone());
-                }
-                if let Some(m) = &opts.metrics {
-                    m.checkpoints_total.inc();
-                    m.checkpoint_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                }
-                tracing::debug!(path = %path.display(), "checkpoint written");
+                outputs.checkpoint(done, &path, t.elapsed());
             }
-            if stopping && !last {
-                if let Some(bar) = &bar {
-                    bar.abandon();
-                }
+            if stepped.stopping && done < steps {
+                outputs.abandon();
                 return Err(TrainError::Stopped {
                     step: done,
                     checkpoint: path,
@@ -981,30 +709,24 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
             }
         }
     }
-    if let Some(log) = log.as_mut() {
-        log.flush()?;
-    }
-    if let Some(bar) = bar {
-        bar.finish();
-    }
+    outputs.finish()?;
+
     // The adapter in PEFT's format; the checkpoints hold the whole model.
-    let mut adapter = None;
-    if let (true, Some(lora)) = (root, &lora) {
-        let dir = out.join(crate::run_dir::ADAPTER_DIR);
-        let mut model = learner.model().clone();
-        let bytes = crate::peft::adapter::save(&dir, &mut model, lora)?;
-        tracing::info!(dir = %dir.display(), bytes, "adapter written");
-        if let Some(r) = reporter {
-            progress.adapter = Some(dir.display().to_string());
-            r.send(progress.clone());
+    let adapter = match (&run, &lora) {
+        (Some(run), Some(lora)) => {
+            let dir = run.adapter_dir();
+            let mut model = replica.learner.model().clone();
+            let bytes = crate::peft::adapter::save(&dir, &mut model, lora)?;
+            outputs.adapter(&dir, bytes);
+            Some((dir, bytes))
         }
-        adapter = Some((dir, bytes));
-    }
-    if root && last_scores.is_none() && !setup.split.val.is_empty() {
+        _ => None,
+    };
+    if root && last_scores.is_none() && has_val {
         // A resumed run that was already complete still reports its quality.
-        last_scores = Some(validate_group(learner.model(), config, &setup, None, &device)?.scores);
+        let alone = validate_group(replica.learner.model(), config, &setup, None, &device)?;
+        last_scores = Some(alone.scores);
     }
-    let comm = group.as_ref().map(|g| g.stats()).unwrap_or_default();
     let summary = Summary {
         steps,
         final_loss,
@@ -1018,12 +740,12 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         },
         wall_seconds: started.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
-        parameters: learner.len(),
+        parameters: replica.learner.len(),
         resumed_from,
-        world_size: world,
-        bytes_communicated: comm.bytes,
-        allreduce_seconds: comm.time.as_secs_f64(),
-        model_values: Layout::of(learner.model())
+        world_size: dist.world_size,
+        bytes_communicated: replica.comm().bytes,
+        allreduce_seconds: replica.comm().time.as_secs_f64(),
+        model_values: Layout::of(replica.learner.model())
             .entries
             .iter()
             .map(|e| e.len)
@@ -1032,13 +754,127 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         base_val_miou,
         adapter: adapter.map(|(d, _)| d),
         device: compute.compute.to_string(),
-        parameter_hash: format!("{:016x}", ddp::sync::fingerprint(&learner)),
+        parameter_hash: format!("{:016x}", ddp::sync::fingerprint(&replica.learner)),
     };
-    if root {
-        let json = serde_json::to_vec_pretty(&summary).expect("summaries serialise");
-        tensorfile::write_bytes_atomic(&out.join("summary.json"), &json)?;
+    if let Some(run) = &run {
+        run.write_summary(&summary)?;
     }
     Ok(summary)
+}
+
+/// This process's copy of the model, and what keeps it in step with the
+/// other ranks' copies.
+struct Replica {
+    learner: Learner,
+    /// Local SGD / DiLoCo: averaging every H steps instead of every step.
+    local_sgd: Option<LocalSgd>,
+    /// The data-parallel group, when there is one.
+    group: Option<DataParallel>,
+}
+
+/// What one optimiser step gave.
+struct Stepped {
+    /// The group's mean loss.
+    loss: f32,
+    /// Norm of the averaged gradient before clipping.
+    grad_norm: f64,
+    /// Some rank was asked to stop.
+    stopping: bool,
+    /// This rank's samples that had input noise added.
+    noisy: usize,
+}
+
+impl Replica {
+    /// Optimiser step `step` at learning rate `lr`: the mean gradient of the
+    /// step's micro-batches (gradient accumulation), averaged over the group
+    /// with the loss, any rank's stop request (`stop` is this rank's) and
+    /// the BN running statistics, applied, then local SGD's averaging when due.
+    fn step(
+        &mut self,
+        prefetch: &Prefetch,
+        config: &TrainerConfig,
+        step: u64,
+        lr: f64,
+        stop: bool,
+    ) -> Result<Stepped, TrainError> {
+        let mut noisy = 0;
+        let micro_batches = (0..config.train.accumulate_steps).map(|_| {
+            let (batch, n) = prefetch.next();
+            noisy += n;
+            batch
+        });
+        let (mut loss, mut grads) = self.learner.mean_gradient(micro_batches, config);
+        let mut stopping = stop;
+        if let Some(g) = self.group.as_mut() {
+            grads = g.average_gradients(grads)?;
+            (loss, stopping) = g.agree(loss, stopping)?;
+            self.learner.set_buffers(g.average(self.learner.buffers())?);
+        }
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: step + 1,
+                loss,
+            });
+        }
+        let grad_norm = self
+            .learner
+            .apply(grads, lr, config.train.grad_clip_norm)
+            .grad_norm;
+        let done = step + 1;
+        if let Some(l) = self.local_sgd.as_mut()
+            && l.due(done, config.train.steps, stopping)
+        {
+            let agreed = l.synchronise(self.learner.params().clone(), self.group.as_mut())?;
+            self.learner.set_params(agreed);
+        }
+        Ok(Stepped {
+            loss,
+            grad_norm,
+            stopping,
+            noisy,
+        })
+    }
+
+    /// The whole validation split's scores, on every rank of the group.
+    fn validate(
+        &mut self,
+        config: &TrainerConfig,
+        setup: &Setup,
+        device: &Device,
+    ) -> Result<EvalReport, TrainError> {
+        let group = self.group.as_mut().map(|g| g.collective());
+        Ok(validate_group(
+            self.learner.model(),
+            config,
+            setup,
+            group,
+            device,
+        )?)
+    }
+
+    /// Fails unless every rank holds the same model and buffers.
+    fn check_in_sync(&mut self) -> Result<(), TrainError> {
+        if let Some(g) = self.group.as_mut() {
+            ddp::sync::check_in_sync(g.collective(), ddp::sync::fingerprint(&self.learner))?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint of step `done`.
+    fn checkpoint(&self, config: &TrainerConfig, done: u64, global_batch: u64) -> Checkpoint {
+        checkpoint_of(
+            &self.learner,
+            self.local_sgd.as_ref(),
+            config,
+            done,
+            global_batch,
+        )
+    }
+
+    /// This rank's communication so far.
+    fn comm(&self) -> ddp::CommStats {
+        self.group.as_ref().map(|g| g.stats()).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use trainyard_trainer::federated::client::{self, ClientOptions};
 use trainyard_trainer::federated::{FederatedError, TASK_PATH, UPDATE_PATH, privacy};
 use trainyard_trainer::tensorfile::{self, NamedTensor};
 
-use crate::util::tiny_config;
+use crate::util::{round_rows, tiny_config};
 
 const SECRET: &str = "test-secret";
 
@@ -388,15 +388,7 @@ fn a_restarted_aggregator_resumes_after_its_last_round() {
         .into_iter()
         .for_each(|h| assert!(h.join().unwrap().is_ok()));
     assert_eq!(summary.rounds, 4);
-    let rounds: Vec<u64> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let rounds: Vec<u64> = round_rows(dir.path()).iter().map(|r| r.round).collect();
     assert_eq!(rounds, [1, 2, 3, 4], "no round ran twice");
 }
 
@@ -429,15 +421,7 @@ fn a_corrupt_round_checkpoint_is_skipped_on_resume() {
         .into_iter()
         .for_each(|h| assert!(h.join().unwrap().is_ok()));
     assert_eq!(summary.rounds, 3);
-    let rounds: Vec<u64> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["round"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let rounds: Vec<u64> = round_rows(dir.path()).iter().map(|r| r.round).collect();
     assert_eq!(rounds, [1, 2, 3], "round 2 ran again and is logged once");
     assert!(
         dir.path()

@@ -2,6 +2,7 @@
 
 use trainyard_trainer::checkpoint::{Checkpoint, CheckpointDir};
 use trainyard_trainer::eval::metrics::Confusion;
+use trainyard_trainer::run_dir::{Row, RunDir, RunDirError};
 use trainyard_trainer::train::{RunOptions, Setup, TrainError, train};
 
 use crate::util::{tiny_config, train_rows};
@@ -46,8 +47,8 @@ fn short_run_learns_shapes() {
     ]);
     let summary = train(&config, &opts(dir.path(), false)).unwrap();
     let rows = train_rows(dir.path());
-    let mean = |r: &[serde_json::Value]| {
-        r.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / r.len() as f64
+    let mean = |r: &[trainyard_trainer::run_dir::TrainRow]| {
+        r.iter().map(|v| v.loss).sum::<f64>() / r.len() as f64
     };
     let (first, last) = (mean(&rows[..10]), mean(&rows[rows.len() - 10..]));
     assert!(last < 0.5 * first, "loss fell from {first:.3} to {last:.3}");
@@ -128,7 +129,10 @@ fn an_existing_run_is_not_overwritten_and_mismatches_are_named() {
     train(&config, &opts(dir.path(), false)).unwrap();
 
     let again = train(&config, &opts(dir.path(), false)).unwrap_err();
-    assert!(matches!(again, TrainError::Exists { .. }), "{again}");
+    assert!(
+        matches!(again, TrainError::RunDir(RunDirError::Exists { .. })),
+        "{again}"
+    );
     assert!(again.to_string().contains("--resume"));
 
     let wider = tiny_config(&["train.steps=6", "model.widths=[8, 32]"]);
@@ -426,11 +430,14 @@ fn sharded_validation_equals_scoring_the_whole_split() {
         "model.boundary_head=true",
     ]);
     let run = train_group(&config, 3);
-    let rows: Vec<serde_json::Value> = std::fs::read_to_string(run.path().join("metrics.jsonl"))
+    let rows: Vec<trainyard_trainer::run_dir::EvalReport> = RunDir::at(run.path())
+        .rows()
         .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|v: &serde_json::Value| v["kind"] == "val")
+        .into_iter()
+        .filter_map(|row| match row {
+            Row::Val(v) => Some(v.report),
+            _ => None,
+        })
         .collect();
     let last = rows.last().expect("a validation row at the last step");
     let predictor = trainyard_trainer::infer::Predictor::load(
@@ -440,18 +447,12 @@ fn sharded_validation_equals_scoring_the_whole_split() {
     let setup = Setup::new(&config).unwrap();
     let whole =
         trainyard_trainer::eval::evaluate(&predictor, setup.dataset.as_ref(), &setup.split.val, 4);
-    assert_eq!(
-        last["samples"].as_u64().unwrap() as usize,
-        setup.split.val.len()
-    );
-    assert_eq!(last["miou"].as_f64().unwrap(), whole.scores.miou);
-    assert_eq!(
-        last["pixel_accuracy"].as_f64().unwrap(),
-        whole.scores.pixel_accuracy
-    );
+    assert_eq!(last.samples, setup.split.val.len());
+    assert_eq!(last.scores.miou, whole.scores.miou);
+    assert_eq!(last.scores.pixel_accuracy, whole.scores.pixel_accuracy);
     // IoU sums are f64 and add up in another order across shards.
     let (ours, theirs) = (
-        last["panoptic"]["pq"].as_f64().unwrap(),
+        last.panoptic.as_ref().unwrap().pq,
         whole.panoptic.unwrap().pq,
     );
     assert!((ours - theirs).abs() < 1e-12, "{ours} vs {theirs}");

@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use trainyard_trainer::config::TrainerConfig;
+use trainyard_trainer::run_dir::{RoundRow, Row, RunDir, TrainRow};
 
 /// The group secret the tests' multi-rank runs share.
 pub const SECRET: &str = "integration-test group secret";
@@ -32,16 +33,32 @@ pub fn tiny_config(extra: &[&str]) -> TrainerConfig {
     TrainerConfig::from_value(serde_yaml::Value::Null, &overrides).expect("valid test config")
 }
 
-/// The `kind: train` rows of a run's metrics.jsonl, without timing fields.
-pub fn train_rows(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
+/// The training rows of a run's metrics.jsonl, with their timing zeroed
+/// (the one field that differs between runs that should be identical).
+pub fn train_rows(dir: &Path) -> Vec<TrainRow> {
+    RunDir::at(dir)
+        .rows()
         .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "train")
-        .map(|mut v| {
-            v.as_object_mut().unwrap().remove("samples_per_sec");
-            v
+        .into_iter()
+        .filter_map(|row| match row {
+            Row::Train(r) => Some(TrainRow {
+                samples_per_sec: 0.0,
+                ..r
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The rounds of an aggregator's metrics.jsonl.
+pub fn round_rows(dir: &Path) -> Vec<RoundRow> {
+    RunDir::at(dir)
+        .rows()
+        .unwrap()
+        .into_iter()
+        .filter_map(|row| match row {
+            Row::Round(r) => Some(r),
+            _ => None,
         })
         .collect()
 }
