@@ -482,53 +482,26 @@ fn cleanup(job: &TrainingJob, ctx: &Context) {
 /// Observe, plan, act, for a job that is not being deleted.
 async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, ReconcileError> {
     let id = Identity::of(&job)?;
-    let (ns, name, uid) = (id.namespace.clone(), id.name.clone(), id.uid.clone());
     if ctx.is_stale(&job) {
         // Deciding on a status older than our own last write could undo it
         // (delete the gang it created, count a restart twice).
         tracing::debug!("the cache has not seen our last status write yet");
         return Ok(Requeue::requeue(Duration::from_millis(500)));
     }
-    let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &ns);
-    let labelled: Vec<Pod> = match &ctx.children {
-        Some(children) => children.pods_named(&ns, &name),
-        None => {
-            api(
-                "list pods",
-                pods_api
-                    .list(&ListParams::default().labels(&format!("{}={name}", labels::JOB_NAME))),
-            )
-            .await?
-            .items
-        }
-    };
-    // A job recreated under the same name must not adopt its predecessor's
-    // pods, nor apply its own over theirs (same names): it waits for the
-    // garbage collector to remove them.
-    let (pods, predecessors): (Vec<Pod>, Vec<Pod>) =
-        labelled.into_iter().partition(|p| owned_by(p, &uid));
-    let predecessors: std::collections::BTreeSet<String> =
-        predecessors.into_iter().map(|p| p.name_any()).collect();
-    let progress_env = match &ctx.progress {
-        Some(p) => {
-            let token = ensure_token(&ctx, &job, &ns, &name).await?;
-            p.hub.register(&ns, &name, &token);
-            Some(resources::ProgressEnv {
-                url: crate::progress::job_url(&p.url, &ns, &name),
-                secret: resources::token_secret_name(&name),
-            })
-        }
-        None => None,
-    };
+    let pods = Pods::of(&ctx, &id).await?;
+    let progress_env = progress_env(&ctx, &job, &id).await?;
     let observation = Observation {
-        replicas: pods.iter().filter_map(observe::replica).collect(),
-        progress: ctx.progress.as_ref().and_then(|p| p.hub.latest(&ns, &name)),
+        replicas: pods.ours.iter().filter_map(observe::replica).collect(),
+        progress: ctx
+            .progress
+            .as_ref()
+            .and_then(|p| p.hub.latest(&id.namespace, &id.name)),
         history: ctx.store.as_ref().map(Store::healthy),
-        admission: ctx.refusal(&uid),
+        admission: ctx.refusal(&id.uid),
     };
     let now = Timestamp::now();
     // The one place a reconcile turns the spec into facts.
-    let decision = match ValidatedJob::new(id, &job.spec) {
+    let decision = match ValidatedJob::new(id.clone(), &job.spec) {
         Ok(facts) => plan::plan(
             &facts,
             job.status.as_ref(),
@@ -547,124 +520,27 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
         }
     }
 
-    let apply = PatchParams::apply(MANAGER).force();
-    if !decision.status.phase.is_terminal()
-        && decision.status.phase != Phase::Suspended
-        && let Some(leader) = decision.desired.first()
-        // A cached Service is ours already: re-applying it every reconcile
-        // would be one write per job per poll for nothing.
-        && !ctx
-            .children
-            .as_ref()
-            .is_some_and(|c| c.has_service(&ns, &name, &uid))
-    {
-        let service = resources::service(&job, leader);
-        let services = Api::<Service>::namespaced(ctx.client.clone(), &ns);
-        api(
-            "apply the Service",
-            services.patch(&name, &apply, &Patch::Apply(&service)),
-        )
-        .await?;
-    }
-    // Gates hold a starting gang together; a replica recreated alone in a
-    // running job (federated) has no gang to wait for.
-    let gated = resources::gang_gated(&job) && decision.status.phase == Phase::Pending;
-    // Pods read their tokens from the federation Secret: it must exist before
-    // any pod is created, and is not needed (nor fetched) otherwise.
-    if let (crate::api::Mode::Federated, Some(f)) = (job.spec.mode, &job.spec.federated)
-        && decision
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::Create(_)))
-    {
-        ensure_federation_secret(&ctx, &job, &ns, &name, f.clients as usize).await?;
-    }
-    // Workers prove the group's secret to each other: the Secret must exist
-    // before any of them is created.
-    if matches!(
-        job.spec.mode,
-        crate::api::Mode::Distributed | crate::api::Mode::Peft
-    ) && decision
-        .actions
-        .iter()
-        .any(|a| matches!(a, Action::Create(_)))
-    {
-        use crate::plan::replicas::{GROUP_SECRET_KEY, group_secret_name};
-        ensure_random_secret(&ctx, &job, &ns, &group_secret_name(&name), GROUP_SECRET_KEY).await?;
-    }
-    let mut waiting = Vec::new();
-    let mut refused = None;
-    for action in &decision.actions {
-        match action {
-            Action::Create(replica) if predecessors.contains(&replica.name) => {
-                waiting.push(replica.name.clone());
-            }
-            Action::Create(replica) => {
-                let pod = resources::pod(&job, replica, gated, progress_env.as_ref());
-                match api(
-                    "apply a pod",
-                    pods_api.patch(&replica.name, &apply, &Patch::Apply(&pod)),
-                )
-                .await
-                {
-                    Ok(_) => ctx.admitted(&uid, None),
-                    // Admission (Pod Security, a webhook, a quota) or RBAC
-                    // said no: the next plan shows it and, after a few
-                    // tries, fails the job with the API server's words.
-                    Err(ReconcileError::Kube(kube::Error::Api(e)))
-                        if matches!(e.code, 400 | 403 | 422) =>
-                    {
-                        ctx.admitted(&uid, Some(e.message.clone()));
-                        refused = Some(ReconcileError::Refused {
-                            pod: replica.name.clone(),
-                            message: e.message,
-                        });
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            Action::Delete { name } => {
-                match api(
-                    "delete a pod",
-                    pods_api.delete(name, &DeleteParams::default()),
-                )
-                .await
-                {
-                    Ok(_) => {}
-                    Err(ReconcileError::Kube(kube::Error::Api(e))) if e.code == 404 => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            Action::Event {
-                kind,
-                reason,
-                message,
-            } => publish(&ctx, &job, *kind, reason, message).await,
-            Action::DeleteJob => {
-                // The final status first, so that watchers see how the job
-                // ended even when a TTL of 0 deletes it in the same pass.
-                if job.status.as_ref() != Some(&decision.status) {
-                    write_status(&ctx, &job, &decision.status).await?;
-                }
-                let jobs = Api::<TrainingJob>::namespaced(ctx.client.clone(), &ns);
-                api(
-                    "delete the TrainingJob",
-                    jobs.delete(&name, &DeleteParams::background()),
-                )
-                .await?;
-                return Ok(Requeue::await_change());
-            }
+    let gang = Gang {
+        ctx: &ctx,
+        job: &job,
+        id: &id,
+        plan: &decision,
+        // Gates hold a starting gang together; a replica recreated alone in
+        // a running job (federated) has no gang to wait for.
+        gated: resources::gang_gated(&job) && decision.status.phase == Phase::Pending,
+        progress_env: progress_env.as_ref(),
+    };
+    gang.prepare().await?;
+    let waiting = match gang.act(&pods.predecessors).await? {
+        Acted::Done { waiting } => waiting,
+        Acted::Deleted => return Ok(Requeue::await_change()),
+        Acted::Refused(refusal) => {
+            // The status still says so (the condition the plan set), and
+            // the retry comes with the error policy's backoff.
+            gang.write_status().await?;
+            return Err(refusal);
         }
-    }
-    if let Some(refusal) = refused {
-        // The status still says so (the condition the plan set), and the
-        // retry comes with the error policy's backoff.
-        if job.status.as_ref() != Some(&decision.status) {
-            write_status(&ctx, &job, &decision.status).await?;
-        }
-        return Err(refusal);
-    }
+    };
     if !waiting.is_empty() {
         let message = format!(
             "{} still exist(s), left by an earlier TrainingJob of this name; created once the garbage collector removes them",
@@ -679,42 +555,8 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
         )
         .await;
     }
-    // The gang is complete: lift the gates together, so no partial gang
-    // ever holds nodes.
-    let attempt = decision.status.attempt;
-    let existing: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| {
-            observe::replica(p).is_some_and(|r| r.attempt == attempt)
-                && p.metadata.deletion_timestamp.is_none()
-        })
-        .collect();
-    if gated
-        && decision.status.phase == Phase::Pending
-        && !decision.desired.is_empty()
-        && decision.desired.iter().all(|r| {
-            existing
-                .iter()
-                .any(|p| p.metadata.name.as_deref() == Some(&r.name))
-        })
-    {
-        for replica in &decision.desired {
-            let pod = existing
-                .iter()
-                .find(|p| p.metadata.name.as_deref() == Some(&replica.name));
-            if pod.is_some_and(|p| observe::is_gated(p)) {
-                let ungated = resources::pod(&job, replica, false, progress_env.as_ref());
-                api(
-                    "lift a pod's scheduling gate",
-                    pods_api.patch(&replica.name, &apply, &Patch::Apply(&ungated)),
-                )
-                .await?;
-            }
-        }
-    }
-    if job.status.as_ref() != Some(&decision.status) {
-        write_status(&ctx, &job, &decision.status).await?;
-    }
+    gang.lift_gates(&pods.ours).await?;
+    gang.write_status().await?;
     // Reports arrive without a Kubernetes event: look again soon while
     // running, so progress reaches the status at a bounded rate.
     let poll = (ctx.progress.is_some() && decision.status.phase == Phase::Running)
@@ -732,6 +574,259 @@ async fn apply(job: Arc<TrainingJob>, ctx: Arc<Context>) -> Result<Requeue, Reco
             None => Requeue::await_change(),
         },
     )
+}
+
+/// The pods labelled with a job's name.
+struct Pods {
+    /// This job's (owned by its uid).
+    ours: Vec<Pod>,
+    /// Names of pods an earlier job of the same name left. A job recreated
+    /// under the same name must not adopt them, nor apply its own over them
+    /// (same names): it waits for the garbage collector to remove them.
+    predecessors: std::collections::BTreeSet<String>,
+}
+
+impl Pods {
+    /// From the cache where the controller keeps one, else listed.
+    async fn of(ctx: &Context, id: &Identity) -> Result<Self, ReconcileError> {
+        let labelled: Vec<Pod> = match &ctx.children {
+            Some(children) => children.pods_named(&id.namespace, &id.name),
+            None => {
+                let pods_api = Api::<Pod>::namespaced(ctx.client.clone(), &id.namespace);
+                let selector = format!("{}={}", labels::JOB_NAME, id.name);
+                api(
+                    "list pods",
+                    pods_api.list(&ListParams::default().labels(&selector)),
+                )
+                .await?
+                .items
+            }
+        };
+        let (ours, predecessors): (Vec<Pod>, Vec<Pod>) =
+            labelled.into_iter().partition(|p| owned_by(p, &id.uid));
+        Ok(Self {
+            ours,
+            predecessors: predecessors.into_iter().map(|p| p.name_any()).collect(),
+        })
+    }
+}
+
+/// Where the job's trainers post progress, with the job's token registered
+/// in the hub (absent without a progress endpoint).
+async fn progress_env(
+    ctx: &Context,
+    job: &TrainingJob,
+    id: &Identity,
+) -> Result<Option<resources::ProgressEnv>, ReconcileError> {
+    let Some(p) = &ctx.progress else {
+        return Ok(None);
+    };
+    let token = ensure_token(ctx, job, &id.namespace, &id.name).await?;
+    p.hub.register(&id.namespace, &id.name, &token);
+    Ok(Some(resources::ProgressEnv {
+        url: crate::progress::job_url(&p.url, &id.namespace, &id.name),
+        secret: resources::token_secret_name(&id.name),
+    }))
+}
+
+/// One reconcile's plan, carried out against the API server.
+struct Gang<'a> {
+    ctx: &'a Context,
+    job: &'a TrainingJob,
+    id: &'a Identity,
+    plan: &'a plan::Plan,
+    /// Pods are created behind a scheduling gate.
+    gated: bool,
+    progress_env: Option<&'a resources::ProgressEnv>,
+}
+
+/// How carrying out the actions ended.
+enum Acted {
+    /// All done; these pods wait for their predecessors to go.
+    Done { waiting: Vec<String> },
+    /// The job itself was deleted (its TTL ran out).
+    Deleted,
+    /// Admission or RBAC refused a pod.
+    Refused(ReconcileError),
+}
+
+impl Gang<'_> {
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.ctx.client.clone(), &self.id.namespace)
+    }
+
+    fn creates(&self) -> bool {
+        self.plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Create(_)))
+    }
+
+    /// What must exist before the pods: the leader's Service while the job
+    /// runs, and the Secrets the pods read (the federation's client tokens,
+    /// the workers' group secret) before any pod is created.
+    async fn prepare(&self) -> Result<(), ReconcileError> {
+        let (ctx, job, name) = (self.ctx, self.job, &self.id.name);
+        let ns = &self.id.namespace;
+        let phase = self.plan.status.phase;
+        if !phase.is_terminal()
+            && phase != Phase::Suspended
+            && let Some(leader) = self.plan.desired.first()
+            // A cached Service is ours already: re-applying it every
+            // reconcile would be one write per job per poll for nothing.
+            && !ctx
+                .children
+                .as_ref()
+                .is_some_and(|c| c.has_service(ns, name, &self.id.uid))
+        {
+            let service = resources::service(job, leader);
+            let services = Api::<Service>::namespaced(ctx.client.clone(), ns);
+            api(
+                "apply the Service",
+                services.patch(name, &apply_params(), &Patch::Apply(&service)),
+            )
+            .await?;
+        }
+        if !self.creates() {
+            return Ok(());
+        }
+        match (job.spec.mode, &job.spec.federated) {
+            (crate::api::Mode::Federated, Some(f)) => {
+                ensure_federation_secret(ctx, job, ns, name, f.clients as usize).await
+            }
+            (crate::api::Mode::Distributed | crate::api::Mode::Peft, _) => {
+                use crate::plan::replicas::{GROUP_SECRET_KEY, group_secret_name};
+                ensure_random_secret(ctx, job, ns, &group_secret_name(name), GROUP_SECRET_KEY)
+                    .await
+                    .map(drop)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The plan's actions, in order. A pod whose name a predecessor still
+    /// holds is not created; a refused pod stops the rest.
+    async fn act(
+        &self,
+        predecessors: &std::collections::BTreeSet<String>,
+    ) -> Result<Acted, ReconcileError> {
+        let (ctx, job, uid) = (self.ctx, self.job, &self.id.uid);
+        let pods_api = self.pods();
+        let mut waiting = Vec::new();
+        for action in &self.plan.actions {
+            match action {
+                Action::Create(replica) if predecessors.contains(&replica.name) => {
+                    waiting.push(replica.name.clone());
+                }
+                Action::Create(replica) => {
+                    let pod = resources::pod(job, replica, self.gated, self.progress_env);
+                    match api(
+                        "apply a pod",
+                        pods_api.patch(&replica.name, &apply_params(), &Patch::Apply(&pod)),
+                    )
+                    .await
+                    {
+                        Ok(_) => ctx.admitted(uid, None),
+                        // Admission (Pod Security, a webhook, a quota) or
+                        // RBAC said no: the next plan shows it and, after a
+                        // few tries, fails the job with the API server's words.
+                        Err(ReconcileError::Kube(kube::Error::Api(e)))
+                            if matches!(e.code, 400 | 403 | 422) =>
+                        {
+                            ctx.admitted(uid, Some(e.message.clone()));
+                            return Ok(Acted::Refused(ReconcileError::Refused {
+                                pod: replica.name.clone(),
+                                message: e.message,
+                            }));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Action::Delete { name } => {
+                    match api(
+                        "delete a pod",
+                        pods_api.delete(name, &DeleteParams::default()),
+                    )
+                    .await
+                    {
+                        Ok(_) => {}
+                        Err(ReconcileError::Kube(kube::Error::Api(e))) if e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Action::Event {
+                    kind,
+                    reason,
+                    message,
+                } => publish(ctx, job, *kind, reason, message).await,
+                Action::DeleteJob => {
+                    // The final status first, so that watchers see how the
+                    // job ended even when a TTL of 0 deletes it in the same pass.
+                    self.write_status().await?;
+                    let jobs =
+                        Api::<TrainingJob>::namespaced(ctx.client.clone(), &self.id.namespace);
+                    api(
+                        "delete the TrainingJob",
+                        jobs.delete(&self.id.name, &DeleteParams::background()),
+                    )
+                    .await?;
+                    return Ok(Acted::Deleted);
+                }
+            }
+        }
+        Ok(Acted::Done { waiting })
+    }
+
+    /// The gang is complete: lift the gates together, so no partial gang
+    /// ever holds nodes.
+    async fn lift_gates(&self, observed: &[Pod]) -> Result<(), ReconcileError> {
+        let desired = &self.plan.desired;
+        if !self.gated || desired.is_empty() {
+            return Ok(());
+        }
+        let attempt = self.plan.status.attempt;
+        let existing: Vec<&Pod> = observed
+            .iter()
+            .filter(|p| {
+                observe::replica(p).is_some_and(|r| r.attempt == attempt)
+                    && p.metadata.deletion_timestamp.is_none()
+            })
+            .collect();
+        let find = |name: &str| {
+            existing
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(name))
+        };
+        if !desired.iter().all(|r| find(&r.name).is_some()) {
+            return Ok(());
+        }
+        for replica in desired {
+            if find(&replica.name).is_some_and(|p| observe::is_gated(p)) {
+                let ungated = resources::pod(self.job, replica, false, self.progress_env);
+                api(
+                    "lift a pod's scheduling gate",
+                    self.pods()
+                        .patch(&replica.name, &apply_params(), &Patch::Apply(&ungated)),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the planned status where it differs from the stored one.
+    async fn write_status(&self) -> Result<(), ReconcileError> {
+        if self.job.status.as_ref() != Some(&self.plan.status) {
+            write_status(self.ctx, self.job, &self.plan.status).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Server-side apply as the operator's field manager, taking over fields
+/// another manager set (the operator owns its children).
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
 }
 
 /// Server-side applies the job's status subresource, on the condition that
@@ -753,11 +848,7 @@ async fn write_status(
         Api::<TrainingJob>::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let written = api(
         "write the status",
-        jobs.patch_status(
-            &job.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&body),
-        ),
+        jobs.patch_status(&job.name_any(), &apply_params(), &Patch::Apply(&body)),
     )
     .await?;
     ctx.wrote(job, written.resource_version());
