@@ -592,19 +592,9 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         .as_ref()
         .map(crate::peft::config::LoraConfig::from_section);
     let (model, selection) = build_model(config, lora.as_ref(), &device)?;
-    let learner = Learner::new(model, selection, &config.train.optimizer, &device);
-    let local_sgd = config
-        .train
-        .local_sgd
-        .as_ref()
-        .map(|l| LocalSgd::new(l, learner.params()));
-    let mut replica = Replica {
-        learner,
-        local_sgd,
-        group: None,
-    };
+    let mut replica = Replica::new(model, selection, config, &device);
     let checkpoints = CheckpointDir::new(RunDir::at(&opts.out_dir).checkpoints_dir());
-    let mut resumed_from = match run {
+    let resumed = match run {
         Some(_) if opts.resume => resume(
             &checkpoints,
             config,
@@ -614,26 +604,14 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         )?,
         _ => None,
     };
-    let mut start_step = resumed_from.unwrap_or(0);
-    // NCCL asked for by name joins even alone (a one-GPU machine still runs
-    // the device collective in the loop).
-    if dist.world_size > 1 || config.train.backend == CollectiveBackend::Nccl {
-        let mut group = DataParallel::join(
-            &dist,
-            &config.train,
-            compute.compute,
-            replica.learner.len(),
-            opts.timeouts,
-        )?;
-        start_step = ddp::sync::adopt_root_state(
-            &mut group,
-            start_step,
-            &mut replica.learner,
-            replica.local_sgd.as_mut(),
-        )?;
-        resumed_from = (start_step > 0).then_some(start_step);
-        replica.group = Some(group);
-    }
+    let start_step = replica.join(
+        &dist,
+        config,
+        compute.compute,
+        opts.timeouts,
+        resumed.unwrap_or(0),
+    )?;
+    let resumed_from = (start_step > 0).then_some(start_step);
     let mut outputs = Outputs::open(run.as_ref(), config, opts, start_step, resumed_from)?;
 
     let steps = config.train.steps;
@@ -785,6 +763,55 @@ struct Stepped {
 }
 
 impl Replica {
+    /// A replica of `model` training the parameters `selection` picks, alone
+    /// until it [`join`](Self::join)s its group.
+    fn new(
+        model: SegNet,
+        selection: params::Trainable,
+        config: &TrainerConfig,
+        device: &Device,
+    ) -> Self {
+        let learner = Learner::new(model, selection, &config.train.optimizer, device);
+        let local_sgd = config
+            .train
+            .local_sgd
+            .as_ref()
+            .map(|l| LocalSgd::new(l, learner.params()));
+        Self {
+            learner,
+            local_sgd,
+            group: None,
+        }
+    }
+
+    /// Joins the data-parallel group when there is one and takes rank 0's
+    /// state (fresh or resumed at `start_step`). Returns the step every
+    /// rank starts from.
+    fn join(
+        &mut self,
+        dist: &DistEnv,
+        config: &TrainerConfig,
+        compute: crate::device::Compute,
+        timeouts: RingTimeouts,
+        start_step: u64,
+    ) -> Result<u64, TrainError> {
+        // NCCL asked for by name joins even alone (a one-GPU machine still
+        // runs the device collective in the loop).
+        if dist.world_size <= 1 && config.train.backend != CollectiveBackend::Nccl {
+            return Ok(start_step);
+        }
+        let mut group =
+            DataParallel::join(dist, &config.train, compute, self.learner.len(), timeouts)?;
+        let start_step = ddp::sync::adopt_root_state(
+            &mut group,
+            start_step,
+            &mut self.learner,
+            self.local_sgd.as_mut(),
+        )?;
+        self.group = Some(group);
+        Ok(start_step)
+    }
+
     /// Optimiser step `step` at learning rate `lr`: the mean gradient of the
     /// step's micro-batches (gradient accumulation), averaged over the group
     /// with the loss, any rank's stop request (`stop` is this rank's) and
