@@ -241,17 +241,19 @@ fn federated_config(f: &api::FederatedSpec) -> tc::FederatedConfig {
             api::AggregationKind::Mean => tc::Aggregation::Mean,
             api::AggregationKind::Median => tc::Aggregation::Median,
             api::AggregationKind::TrimmedMean => tc::Aggregation::TrimmedMean {
-                beta: a.beta.unwrap_or(0.2),
+                beta: a.beta.unwrap_or(tc::Aggregation::TRIM_BETA),
             },
             api::AggregationKind::Krum => tc::Aggregation::Krum {
-                byzantine: a.byzantine.unwrap_or(0) as usize,
-                keep: a.keep.unwrap_or(1) as usize,
+                byzantine: a
+                    .byzantine
+                    .map_or(tc::Aggregation::KRUM_BYZANTINE, |b| b as usize),
+                keep: a.keep.map_or(tc::Aggregation::KRUM_KEEP, |k| k as usize),
             },
         },
         server_optimizer: match s.kind {
             api::ServerOptimizerKind::Sgd => tc::ServerOptimizer::Sgd {
-                lr: s.lr.unwrap_or(1.0),
-                momentum: s.momentum.unwrap_or(0.0),
+                lr: s.lr.unwrap_or(tc::ServerOptimizer::SGD_LR),
+                momentum: s.momentum.unwrap_or(tc::ServerOptimizer::SGD_MOMENTUM),
             },
             api::ServerOptimizerKind::Adam => tc::ServerOptimizer::Adam(adaptive(s)),
             api::ServerOptimizerKind::Yogi => tc::ServerOptimizer::Yogi(adaptive(s)),
@@ -271,11 +273,13 @@ fn federated_config(f: &api::FederatedSpec) -> tc::FederatedConfig {
         partition: match p.kind {
             api::PartitionKind::Iid => tc::Partition::Iid { seed: p.seed },
             api::PartitionKind::Dirichlet => tc::Partition::Dirichlet {
-                alpha: p.alpha.unwrap_or(0.5),
+                alpha: p.alpha.unwrap_or(tc::Partition::DIRICHLET_ALPHA),
                 seed: p.seed,
             },
             api::PartitionKind::Classes => tc::Partition::Classes {
-                classes_per_client: p.classes_per_client.unwrap_or(2) as usize,
+                classes_per_client: p
+                    .classes_per_client
+                    .map_or(tc::Partition::CLASSES_PER_CLIENT, |c| c as usize),
                 seed: p.seed,
             },
             api::PartitionKind::Own => tc::Partition::Own,
@@ -422,6 +426,165 @@ mod tests {
             .map(|(k, path)| format!("{k} -> {path}"))
             .collect();
         assert!(missing.is_empty(), "not in the CRD: {missing:#?}");
+    }
+
+    /// Every number a CRD description gives as a field's default is what the
+    /// trainer really runs with when the field is left out. Each row: the
+    /// spec field, the job (its variant selected, the field unset), and
+    /// where the trainer config holds the value. A new "(default N)" in a
+    /// description without a row here fails too.
+    #[test]
+    fn the_defaults_kubectl_explain_states_are_the_trainers() {
+        const DISTRIBUTED: &str = "mode: Distributed\nimage: t\ndistributed: {workers: 2}\n";
+        const FEDERATED: &str =
+            "mode: Federated\nimage: t\nfederated: {clients: 4, rounds: 2, minClients: 3}\n";
+        let federated = |extra: &str| {
+            format!(
+                "mode: Federated\nimage: t\nfederated: {{clients: 4, rounds: 2, minClients: 3, {extra}}}\n"
+            )
+        };
+        let adamw = DISTRIBUTED.to_string();
+        let sgd = format!("{DISTRIBUTED}training: {{optimizer: {{type: Sgd}}}}\n");
+        let trimmed = federated("aggregation: {type: TrimmedMean}");
+        let krum = federated("aggregation: {type: Krum}");
+        let dirichlet = federated("partition: {type: Dirichlet}");
+        let classes = federated("partition: {type: Classes}");
+        let adam = federated("serverOptimizer: {type: Adam}");
+        let rows: &[(&str, &str, &str)] = &[
+            (
+                "spec.training.optimizer.beta1",
+                &adamw,
+                "/train/optimizer/beta1",
+            ),
+            (
+                "spec.training.optimizer.beta2",
+                &adamw,
+                "/train/optimizer/beta2",
+            ),
+            (
+                "spec.training.optimizer.eps",
+                &adamw,
+                "/train/optimizer/eps",
+            ),
+            (
+                "spec.training.optimizer.weightDecay",
+                &adamw,
+                "/train/optimizer/weight_decay",
+            ),
+            (
+                "spec.training.optimizer.momentum",
+                &sgd,
+                "/train/optimizer/momentum",
+            ),
+            (
+                "spec.training.optimizer.nesterov",
+                &sgd,
+                "/train/optimizer/nesterov",
+            ),
+            (
+                "spec.federated.aggregation.beta",
+                &trimmed,
+                "/federated/aggregation/beta",
+            ),
+            (
+                "spec.federated.aggregation.byzantine",
+                &krum,
+                "/federated/aggregation/byzantine",
+            ),
+            (
+                "spec.federated.aggregation.keep",
+                &krum,
+                "/federated/aggregation/keep",
+            ),
+            (
+                "spec.federated.partition.alpha",
+                &dirichlet,
+                "/federated/partition/alpha",
+            ),
+            (
+                "spec.federated.partition.classesPerClient",
+                &classes,
+                "/federated/partition/classes_per_client",
+            ),
+            (
+                "spec.federated.serverOptimizer.lr",
+                FEDERATED,
+                "/federated/server_optimizer/lr",
+            ),
+            (
+                "spec.federated.serverOptimizer.momentum",
+                FEDERATED,
+                "/federated/server_optimizer/momentum",
+            ),
+            (
+                "spec.federated.serverOptimizer.beta1",
+                &adam,
+                "/federated/server_optimizer/beta1",
+            ),
+            (
+                "spec.federated.serverOptimizer.beta2",
+                &adam,
+                "/federated/server_optimizer/beta2",
+            ),
+            (
+                "spec.federated.serverOptimizer.tau",
+                &adam,
+                "/federated/server_optimizer/tau",
+            ),
+        ];
+        let schema = crate::api::crd::schema();
+        let stated = |path: &str| -> Option<serde_json::Value> {
+            let mut node = &schema;
+            for seg in path.split('.') {
+                node = node["properties"].get(seg)?;
+            }
+            let description = node["description"].as_str()?;
+            let (_, after) = description.split_once("efault ")?;
+            let word = after.split([' ', ')', ';', ',', '\n']).next()?;
+            serde_json::from_str(word).ok()
+        };
+        for (path, job, pointer) in rows {
+            let spec: TrainingJobSpec = serde_yaml::from_str(job).unwrap();
+            let config = serde_json::to_value(trainer_config(&spec).unwrap()).unwrap();
+            let ran = &config
+                .pointer(pointer)
+                .unwrap_or_else(|| panic!("{path}: the trainer config has no {pointer}"));
+            let said = stated(path).unwrap_or_else(|| panic!("{path} states no default"));
+            let equal = match (said.as_f64(), ran.as_f64()) {
+                (Some(a), Some(b)) => a == b,
+                _ => said == **ran,
+            };
+            assert!(
+                equal,
+                "{path}: described as default {said}, runs with {ran}"
+            );
+        }
+        // Every stated number has its row.
+        fn stated_paths(node: &serde_json::Value, path: &str, out: &mut Vec<String>) {
+            let d = node["description"].as_str().unwrap_or("");
+            if let Some((_, after)) = d.split_once("efault ")
+                && after.starts_with(|c: char| {
+                    c.is_ascii_digit() || after.starts_with("false") || after.starts_with("true")
+                })
+            {
+                out.push(path.to_string());
+            }
+            if let Some(props) = node["properties"].as_object() {
+                for (k, child) in props {
+                    stated_paths(child, &format!("{path}.{k}"), out);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        stated_paths(&schema["properties"]["spec"], "spec", &mut found);
+        let unchecked: Vec<&String> = found
+            .iter()
+            .filter(|p| !p.starts_with("spec.template") && !rows.iter().any(|(r, _, _)| r == p))
+            .collect();
+        assert!(
+            unchecked.is_empty(),
+            "defaults stated but not checked: {unchecked:?}"
+        );
     }
 
     #[test]

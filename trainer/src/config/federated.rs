@@ -87,16 +87,36 @@ pub enum Aggregation {
     /// of smallest values (FedTrimmedAvg).
     TrimmedMean {
         /// Fraction cut from each end, in [0, 0.5).
+        #[serde(default = "trim_beta")]
         beta: f64,
     },
     /// Krum / Multi-Krum: keep the `keep` updates closest to their
     /// n − f − 2 nearest neighbours and average them.
     Krum {
         /// Byzantine clients tolerated (f).
+        #[serde(default)]
         byzantine: usize,
         /// Updates averaged (1 is Krum, more is Multi-Krum).
+        #[serde(default = "krum_keep")]
         keep: usize,
     },
+}
+
+impl Aggregation {
+    /// TrimmedMean's `beta` where none is set (Flower's FedTrimmedAvg default).
+    pub const TRIM_BETA: f64 = 0.2;
+    /// Krum's `byzantine` where none is set.
+    pub const KRUM_BYZANTINE: usize = 0;
+    /// Krum's `keep` where none is set: plain Krum.
+    pub const KRUM_KEEP: usize = 1;
+}
+
+fn trim_beta() -> f64 {
+    Aggregation::TRIM_BETA
+}
+
+fn krum_keep() -> usize {
+    Aggregation::KRUM_KEEP
 }
 
 /// The server optimiser, applied to the aggregated update as a pseudo-gradient
@@ -107,7 +127,7 @@ pub enum ServerOptimizer {
     /// w ← w + lr·Δ (lr 1 is FedAvg); with momentum, FedAvgM.
     Sgd {
         /// Server learning rate.
-        #[serde(default = "one")]
+        #[serde(default = "sgd_server_lr")]
         lr: f64,
         /// Server momentum.
         #[serde(default)]
@@ -119,17 +139,25 @@ pub enum ServerOptimizer {
     Yogi(AdaptiveServer),
 }
 
+impl ServerOptimizer {
+    /// Sgd's server learning rate where none is set: 1 applies the
+    /// aggregated update as it is (FedAvg).
+    pub const SGD_LR: f64 = 1.0;
+    /// Sgd's server momentum where none is set (none: FedAvg, not FedAvgM).
+    pub const SGD_MOMENTUM: f64 = 0.0;
+}
+
 impl Default for ServerOptimizer {
     fn default() -> Self {
         Self::Sgd {
-            lr: 1.0,
-            momentum: 0.0,
+            lr: Self::SGD_LR,
+            momentum: Self::SGD_MOMENTUM,
         }
     }
 }
 
-fn one() -> f64 {
-    1.0
+fn sgd_server_lr() -> f64 {
+    ServerOptimizer::SGD_LR
 }
 
 /// FedAdam / FedYogi settings (Flower's defaults).
@@ -231,6 +259,7 @@ pub enum Partition {
     /// Per-class proportions drawn from Dirichlet(α) (smaller α is more skewed).
     Dirichlet {
         /// Concentration α.
+        #[serde(default = "dirichlet_alpha")]
         alpha: f64,
         /// Seed of the split.
         #[serde(default)]
@@ -240,6 +269,7 @@ pub enum Partition {
     /// `classes_per_client` classes.
     Classes {
         /// Classes each client holds.
+        #[serde(default = "classes_per_client")]
         classes_per_client: usize,
         /// Seed of the split.
         #[serde(default)]
@@ -248,6 +278,21 @@ pub enum Partition {
     /// Each client reads its own `data` as configured (real deployments:
     /// every client mounts its own volume); nothing is split.
     Own,
+}
+
+impl Partition {
+    /// Dirichlet's α where none is set.
+    pub const DIRICHLET_ALPHA: f64 = 0.5;
+    /// Classes' classes per client where none is set.
+    pub const CLASSES_PER_CLIENT: usize = 2;
+}
+
+fn dirichlet_alpha() -> f64 {
+    Partition::DIRICHLET_ALPHA
+}
+
+fn classes_per_client() -> usize {
+    Partition::CLASSES_PER_CLIENT
 }
 
 impl Default for Partition {
@@ -418,6 +463,44 @@ pub fn client_token(secret: &str, index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variant_fields_left_out_take_the_one_default() {
+        let parse = |yaml: &str| serde_yaml::from_str::<serde_yaml::Value>(yaml).unwrap();
+        let a: Aggregation = serde_yaml::from_value(parse("kind: trimmed_mean")).unwrap();
+        assert_eq!(
+            a,
+            Aggregation::TrimmedMean {
+                beta: Aggregation::TRIM_BETA
+            }
+        );
+        let a: Aggregation = serde_yaml::from_value(parse("kind: krum")).unwrap();
+        assert_eq!(
+            a,
+            Aggregation::Krum {
+                byzantine: Aggregation::KRUM_BYZANTINE,
+                keep: Aggregation::KRUM_KEEP
+            }
+        );
+        let p: Partition = serde_yaml::from_value(parse("kind: dirichlet")).unwrap();
+        assert_eq!(
+            p,
+            Partition::Dirichlet {
+                alpha: Partition::DIRICHLET_ALPHA,
+                seed: 0
+            }
+        );
+        let p: Partition = serde_yaml::from_value(parse("kind: classes")).unwrap();
+        assert_eq!(
+            p,
+            Partition::Classes {
+                classes_per_client: Partition::CLASSES_PER_CLIENT,
+                seed: 0
+            }
+        );
+        let s: ServerOptimizer = serde_yaml::from_value(parse("kind: sgd")).unwrap();
+        assert_eq!(s, ServerOptimizer::default());
+    }
 
     #[test]
     fn defaults_validate_and_bad_values_name_their_field() {
