@@ -549,10 +549,7 @@ fn the_federated_example_survives_a_killed_client_and_improves() {
         .rows()
         .unwrap()
         .into_iter()
-        .filter_map(|row| match row {
-            Row::Round(r) => Some(r),
-            _ => None,
-        })
+        .filter_map(Row::round)
         .collect();
     assert_eq!(rows.len(), 12);
     assert!(rows.iter().all(|r| r.participants >= 3));

@@ -140,10 +140,7 @@ pub fn round_overhead(config: &TrainerConfig, rounds: u64) -> Result<RoundBench,
     let _ = std::fs::remove_dir_all(&dir);
     let rows: Vec<crate::run_dir::RoundRow> = rows?
         .into_iter()
-        .filter_map(|row| match row {
-            crate::run_dir::Row::Round(r) => Some(r),
-            _ => None,
-        })
+        .filter_map(crate::run_dir::Row::round)
         .collect();
     // The first round includes start-up, the last the final evaluation.
     let middle = if rows.len() > 2 {

@@ -26,6 +26,30 @@ impl Row {
             Self::Round(r) => r.round,
         }
     }
+
+    /// The training row, if this is one.
+    pub fn train(self) -> Option<TrainRow> {
+        match self {
+            Self::Train(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The validation row, if this is one.
+    pub fn val(self) -> Option<ValRow> {
+        match self {
+            Self::Val(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The round row, if this is one.
+    pub fn round(self) -> Option<RoundRow> {
+        match self {
+            Self::Round(r) => Some(r),
+            _ => None,
+        }
+    }
 }
 
 /// An optimiser step.

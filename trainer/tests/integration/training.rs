@@ -434,10 +434,8 @@ fn sharded_validation_equals_scoring_the_whole_split() {
         .rows()
         .unwrap()
         .into_iter()
-        .filter_map(|row| match row {
-            Row::Val(v) => Some(v.report),
-            _ => None,
-        })
+        .filter_map(Row::val)
+        .map(|v| v.report)
         .collect();
     let last = rows.last().expect("a validation row at the last step");
     let predictor = trainyard_trainer::infer::Predictor::load(

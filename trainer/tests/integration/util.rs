@@ -40,12 +40,10 @@ pub fn train_rows(dir: &Path) -> Vec<TrainRow> {
         .rows()
         .unwrap()
         .into_iter()
-        .filter_map(|row| match row {
-            Row::Train(r) => Some(TrainRow {
-                samples_per_sec: 0.0,
-                ..r
-            }),
-            _ => None,
+        .filter_map(Row::train)
+        .map(|r| TrainRow {
+            samples_per_sec: 0.0,
+            ..r
         })
         .collect()
 }
@@ -56,9 +54,6 @@ pub fn round_rows(dir: &Path) -> Vec<RoundRow> {
         .rows()
         .unwrap()
         .into_iter()
-        .filter_map(|row| match row {
-            Row::Round(r) => Some(r),
-            _ => None,
-        })
+        .filter_map(Row::round)
         .collect()
 }
