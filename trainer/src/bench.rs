@@ -103,7 +103,7 @@ pub fn step_throughput(
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let t0 = Instant::now();
-        let (_, grads) = learner.mean_gradient([batch.clone()], config);
+        let (_, grads) = learner.mean_gradient([batch.clone()], config, i as u64);
         learner.apply(grads, config.train.lr, None);
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());

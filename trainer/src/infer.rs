@@ -12,8 +12,8 @@ use crate::data::folder::{FolderError, load_image};
 use crate::data::{self, Batch};
 use crate::eval::instances;
 use crate::eval::metrics::argmax_classes;
-use crate::model::SegNet;
 use crate::model::params::{self, LoadError};
+use crate::model::{SegNet, noise};
 
 /// Why inference failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,16 @@ impl Predictor {
             model,
             device,
         })
+    }
+
+    /// This predictor with its weights under multiplicative Gaussian noise of
+    /// σ = `sigma`, one draw from `seed` (one noisy device).
+    pub fn with_weight_noise(&self, sigma: f64, seed: u64) -> Self {
+        Self {
+            config: self.config.clone(),
+            model: noise::perturb_weights(self.model.clone(), sigma, seed, 0),
+            device: self.device.clone(),
+        }
     }
 
     /// Predicts a batch.

@@ -104,6 +104,19 @@ impl Default for TrainingSpec {
             log_every: t.log_every,
             threads: None,
             device: super::ComputeDevice::Auto,
+            weight_noise: None,
+            validation_noise: None,
+        }
+    }
+}
+
+impl Default for EvalNoiseSpec {
+    fn default() -> Self {
+        let n = tc::EvalNoise::default();
+        Self {
+            input_sigma: n.input_sigma,
+            weight_sigma: n.weight_sigma,
+            seed: n.seed,
         }
     }
 }

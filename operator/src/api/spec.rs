@@ -320,6 +320,44 @@ pub struct TrainingSpec {
     /// them (`gpusPerWorker` > 0), otherwise on the CPU; Cuda requires
     /// GPUs and fails a replica that finds none; Cpu trains on the CPU.
     pub device: ComputeDevice,
+    /// Multiplicative Gaussian noise on the conv and linear weights of every
+    /// training forward pass, for a model that will run on low-precision or
+    /// analog hardware; left out, training uses the clean weights.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_noise: Option<WeightNoiseSpec>,
+    /// The noise every validation is scored under (inputs and weights), to
+    /// see accuracy as a noisy deployment will; left out, validation is clean.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_noise: Option<EvalNoiseSpec>,
+}
+
+/// Weight noise in training: each forward pass uses w·(1 + σ·ε), ε ~ N(0, 1),
+/// drawn afresh every step from training.seed and the step; the optimiser
+/// updates the clean weights.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightNoiseSpec {
+    /// Relative standard deviation σ of each weight's noise (0.1: weights off
+    /// by about 10%); 0 trains exactly as without noise.
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub sigma: f64,
+}
+
+/// Noise a model is scored under, reproducible from its seed.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct EvalNoiseSpec {
+    /// Standard deviation of Gaussian noise added to every input pixel, in
+    /// normalised intensity (0..1) (default 0, clean inputs).
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub input_sigma: f64,
+    /// Relative standard deviation of multiplicative Gaussian noise on the
+    /// conv and linear weights, one draw per validation (default 0, clean
+    /// weights).
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub weight_sigma: f64,
+    /// Seed of both draws: the same seed gives the same scores (default 0).
+    pub seed: u64,
 }
 
 /// Where replicas compute.

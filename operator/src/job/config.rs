@@ -153,6 +153,15 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, Problem> 
             }),
         }),
         class_weights: t.class_weights.clone(),
+        weight_noise: t
+            .weight_noise
+            .as_ref()
+            .map(|n| tc::WeightNoiseConfig { sigma: n.sigma }),
+        validation_noise: t.validation_noise.as_ref().map(|n| tc::EvalNoise {
+            input_sigma: n.input_sigma,
+            weight_sigma: n.weight_sigma,
+            seed: n.seed,
+        }),
         validate_every: t.validate_every,
         log_every: t.log_every,
         seed: t.seed,
@@ -354,6 +363,8 @@ fn spec_path(trainer_field: &str) -> String {
         ("train.compression", "spec.distributed.compression"),
         ("train.local_sgd", "spec.distributed.localSgd"),
         ("train.validate_every", "spec.training.validateEvery"),
+        ("train.weight_noise", "spec.training.weightNoise"),
+        ("train.validation_noise", "spec.training.validationNoise"),
         ("train.log_every", "spec.training.logEvery"),
         ("train.threads", "spec.training.threads"),
         ("train", "spec.training"),
@@ -411,11 +422,14 @@ mod tests {
                 _ => {}
             }
         }
-        let full = TrainerConfig {
+        let mut full = TrainerConfig {
             federated: Some(tc::FederatedConfig::default()),
             peft: Some(tc::PeftConfig::default()),
             ..TrainerConfig::default()
         };
+        full.data.noise = Some(tc::NoiseConfig::default());
+        full.train.weight_noise = Some(tc::WeightNoiseConfig { sigma: 0.1 });
+        full.train.validation_noise = Some(tc::EvalNoise::default());
         let mut keys = Vec::new();
         leaves("", &serde_json::to_value(&full).unwrap(), &mut keys);
         let schema = crate::api::crd::schema();
@@ -450,6 +464,7 @@ mod tests {
         let dirichlet = federated("partition: {type: Dirichlet}");
         let classes = federated("partition: {type: Classes}");
         let adam = federated("serverOptimizer: {type: Adam}");
+        let noisy = format!("{DISTRIBUTED}training: {{validationNoise: {{}}}}\n");
         let rows: &[(&str, &str, &str)] = &[
             (
                 "spec.training.optimizer.beta1",
@@ -530,6 +545,21 @@ mod tests {
                 "spec.federated.serverOptimizer.tau",
                 &adam,
                 "/federated/server_optimizer/tau",
+            ),
+            (
+                "spec.training.validationNoise.inputSigma",
+                &noisy,
+                "/train/validation_noise/input_sigma",
+            ),
+            (
+                "spec.training.validationNoise.weightSigma",
+                &noisy,
+                "/train/validation_noise/weight_sigma",
+            ),
+            (
+                "spec.training.validationNoise.seed",
+                &noisy,
+                "/train/validation_noise/seed",
             ),
         ];
         let schema = crate::api::crd::schema();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use trainyard_trainer::config::{ShapesConfig, TrainerConfig};
+use trainyard_trainer::config::{EvalNoise, ShapesConfig, TrainerConfig};
 use trainyard_trainer::{infer, train};
 
 use super::config_or_defaults;
@@ -222,14 +222,57 @@ pub(crate) struct EvalArgs {
     /// the validation split of the dataset the checkpoint was trained on.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// σ of Gaussian noise added to every input pixel, in normalised
+    /// intensity (0..1): the sensor noise a deployment has.
+    #[arg(
+        long,
+        value_name = "SIGMA",
+        default_value_t = 0.0,
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
+    input_noise: f64,
+    /// σ of multiplicative Gaussian noise on the conv and linear weights: the
+    /// noise of low-precision or analog hardware (one draw per evaluation).
+    #[arg(
+        long,
+        value_name = "SIGMA",
+        default_value_t = 0.0,
+        value_parser = non_negative,
+        allow_negative_numbers = true
+    )]
+    weight_noise: f64,
+    /// Seed of both noises: the same seed gives the same scores.
+    #[arg(long, default_value_t = 0)]
+    noise_seed: u64,
 }
 
 impl EvalArgs {
     pub(crate) fn run(self) -> anyhow::Result<()> {
-        let Self { checkpoint, data } = self;
-        let report = trainyard_trainer::eval::eval_checkpoint(&checkpoint, data.as_deref())?;
+        let Self {
+            checkpoint,
+            data,
+            input_noise,
+            weight_noise,
+            noise_seed,
+        } = self;
+        let noise = Some(EvalNoise {
+            input_sigma: input_noise,
+            weight_sigma: weight_noise,
+            seed: noise_seed,
+        })
+        .filter(|n| !n.is_clean());
+        let report =
+            trainyard_trainer::eval::eval_checkpoint(&checkpoint, data.as_deref(), noise.as_ref())?;
         println!("{}", serde_json::to_string(&report)?);
         Ok(())
+    }
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("must be a non-negative number, got {s}")),
     }
 }
 

@@ -381,6 +381,58 @@ impl Default for NoiseConfig {
     }
 }
 
+/// Weight noise in training (`train.weight_noise`): every forward pass uses
+/// `w · (1 + σ·ε)` with `ε ~ N(0, 1)` per element of each conv and linear
+/// weight, a fresh draw per optimiser step, seeded by `train.seed` and the
+/// step (so resuming draws the same noise). Gradients reach the clean
+/// weights through the product; biases and normalisation stay clean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightNoiseConfig {
+    /// σ of the multiplicative noise (0.1: each weight off by about 10%).
+    pub sigma: f64,
+}
+
+/// The noise a model is scored under (`eval` and validation take the same
+/// description): additive Gaussian noise on every input pixel, as a sensor
+/// adds it, and multiplicative Gaussian noise on the conv and linear weights,
+/// as low-precision or analog hardware inflicts it. A pure function of
+/// `seed`: the same description gives the same number.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalNoise {
+    /// σ of the input noise, in normalised pixel intensity (0..1); drawn per
+    /// sample from (`seed`, the sample's index), so sharding does not change it.
+    pub input_sigma: f64,
+    /// σ of the multiplicative weight noise; one draw per scoring (one device).
+    pub weight_sigma: f64,
+    /// Seed of both draws.
+    pub seed: u64,
+}
+
+impl Default for EvalNoise {
+    fn default() -> Self {
+        Self {
+            input_sigma: 0.0,
+            weight_sigma: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+impl EvalNoise {
+    /// Checks of a noise description at `field`.
+    pub fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        check_non_negative(&format!("{field}.input_sigma"), self.input_sigma)?;
+        check_non_negative(&format!("{field}.weight_sigma"), self.weight_sigma)
+    }
+
+    /// Whether scoring under this noise is scoring clean.
+    pub fn is_clean(&self) -> bool {
+        self.input_sigma == 0.0 && self.weight_sigma == 0.0
+    }
+}
+
 /// The optimiser and its hyper-parameters (learning rate lives in [`TrainConfig::lr`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -589,6 +641,12 @@ pub struct TrainConfig {
     pub local_sgd: Option<LocalSgdConfig>,
     /// Per-class loss weights (length = `model.classes`).
     pub class_weights: Option<Vec<f64>>,
+    /// Multiplicative Gaussian noise on the conv and linear weights of every
+    /// training forward pass (training for low-precision or analog hardware);
+    /// the optimiser updates the clean weights.
+    pub weight_noise: Option<WeightNoiseConfig>,
+    /// The noise every validation is scored under (absent: clean inputs and weights).
+    pub validation_noise: Option<EvalNoise>,
     /// Validate every this many steps (and at the end); 0 validates only at the end.
     #[serde(alias = "val_every")]
     pub validate_every: u64,
@@ -623,6 +681,8 @@ impl Default for TrainConfig {
             topk: None,
             local_sgd: None,
             class_weights: None,
+            weight_noise: None,
+            validation_noise: None,
             validate_every: 200,
             log_every: 10,
             seed: 42,
@@ -682,6 +742,12 @@ impl TrainConfig {
                     "at least one class weight must be positive",
                 ));
             }
+        }
+        if let Some(n) = &self.weight_noise {
+            check_non_negative("train.weight_noise.sigma", n.sigma)?;
+        }
+        if let Some(n) = &self.validation_noise {
+            n.validate("train.validation_noise")?;
         }
         if !(self.bucket_mib.is_finite() && self.bucket_mib >= 0.001) {
             return Err(ConfigError::invalid(
@@ -1122,6 +1188,18 @@ mod tests {
             ),
             ("data: {noise: {probability: 2}}", "data.noise.probability"),
             ("train: {class_weights: [1, 1]}", "train.class_weights"),
+            (
+                "train: {weight_noise: {sigma: -0.1}}",
+                "train.weight_noise.sigma",
+            ),
+            (
+                "train: {validation_noise: {input_sigma: .nan}}",
+                "train.validation_noise.input_sigma",
+            ),
+            (
+                "train: {validation_noise: {weight_sigma: -1}}",
+                "train.validation_noise.weight_sigma",
+            ),
             (
                 "train: {optimizer: {kind: sgd, momentum: 0, nesterov: true}}",
                 "train.optimizer.nesterov",

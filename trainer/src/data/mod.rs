@@ -200,6 +200,27 @@ impl Batch {
         }
         noisy
     }
+
+    /// Adds Gaussian noise of σ = `sigma` to every pixel of every image, the
+    /// noise of image `i` drawn from (`seed`, `samples[i]`): scoring under
+    /// sensor noise gives the same number however the samples are batched or
+    /// sharded.
+    pub fn add_sensor_noise(&mut self, sigma: f64, seed: u64, samples: &[usize]) {
+        assert_eq!(samples.len(), self.len, "one sample index per image");
+        if sigma == 0.0 {
+            return;
+        }
+        let per_image = self.image_shape.iter().product::<usize>();
+        let normal =
+            Normal::new(0.0f32, sigma as f32).expect("validated: sigma is finite and >= 0");
+        for (image, &sample) in self.images.chunks_mut(per_image).zip(samples) {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(sample as u64);
+            for v in image {
+                *v += normal.sample(&mut rng);
+            }
+        }
+    }
 }
 
 /// The 4-neighbours of pixel `p` in a `width × height` image.

@@ -8,6 +8,7 @@ pub mod metrics;
 
 use std::path::Path;
 
+use crate::config::EvalNoise;
 use crate::data::{self, Batch, Dataset, Split};
 use crate::infer::{InferError, Predictor};
 use instances::PanopticQuality;
@@ -25,6 +26,8 @@ pub struct EvalCounts {
     pub confusion: Confusion,
     /// Instance statistics, when scored.
     pub panoptic: Option<PanopticQuality>,
+    /// The noise the samples were scored under (the same on every rank).
+    pub noise: Option<EvalNoise>,
 }
 
 impl EvalCounts {
@@ -34,6 +37,7 @@ impl EvalCounts {
             samples: self.samples,
             scores: self.confusion.scores(),
             panoptic: self.panoptic.as_ref().map(|p| p.scores()),
+            noise: self.noise,
         }
     }
 
@@ -71,24 +75,34 @@ pub fn scores_instances(
         && any_index.is_some_and(|i| dataset.get(i).instances.is_some())
 }
 
-/// Accumulates the statistics of `predictor` on `indices` of `dataset`.
+/// Accumulates the statistics of `predictor` on `indices` of `dataset`,
+/// under `noise` when given.
 pub fn accumulate(
     predictor: &Predictor,
     dataset: &dyn Dataset,
     indices: &[usize],
     batch_size: usize,
     with_instances: bool,
+    noise: Option<&EvalNoise>,
 ) -> EvalCounts {
     let classes = predictor.config.model.classes;
     let mut counts = EvalCounts {
         samples: indices.len(),
         confusion: Confusion::new(classes),
         panoptic: with_instances.then(|| PanopticQuality::new(classes)),
+        noise: noise.copied(),
     };
+    let noisy = noise
+        .filter(|n| n.weight_sigma > 0.0)
+        .map(|n| predictor.with_weight_noise(n.weight_sigma, n.seed));
+    let predictor = noisy.as_ref().unwrap_or(predictor);
     let [h, w] = dataset.size();
     for chunk in indices.chunks(batch_size.max(1)) {
         let samples: Vec<_> = chunk.iter().map(|&i| dataset.get(i)).collect();
-        let batch = Batch::collate(&samples, dataset.channels(), [h, w]);
+        let mut batch = Batch::collate(&samples, dataset.channels(), [h, w]);
+        if let Some(n) = noise {
+            batch.add_sensor_noise(n.input_sigma, n.seed, chunk);
+        }
         for (pred, sample) in predictor.predict(&batch).into_iter().zip(&samples) {
             counts.confusion.add(&sample.mask, &pred.classes);
             if let (Some(pq), Some(pi), Some(ti)) = (
@@ -103,20 +117,33 @@ pub fn accumulate(
     counts
 }
 
-/// Scores `predictor` on `indices` of `dataset`.
+/// Scores `predictor` on `indices` of `dataset`, under `noise` when given.
 pub fn evaluate(
     predictor: &Predictor,
     dataset: &dyn Dataset,
     indices: &[usize],
     batch_size: usize,
+    noise: Option<&EvalNoise>,
 ) -> EvalReport {
     let with_instances = scores_instances(predictor, dataset, indices.first().copied());
-    accumulate(predictor, dataset, indices, batch_size, with_instances).report()
+    accumulate(
+        predictor,
+        dataset,
+        indices,
+        batch_size,
+        with_instances,
+        noise,
+    )
+    .report()
 }
 
 /// `eval`: scores a checkpoint on an image folder (every sample), or on the
-/// validation split of the dataset it was trained on.
-pub fn eval_checkpoint(checkpoint: &Path, folder: Option<&Path>) -> Result<EvalReport, InferError> {
+/// validation split of the dataset it was trained on, under `noise` when given.
+pub fn eval_checkpoint(
+    checkpoint: &Path,
+    folder: Option<&Path>,
+    noise: Option<&EvalNoise>,
+) -> Result<EvalReport, InferError> {
     let predictor = Predictor::load(checkpoint)?;
     let mut config = predictor.config.clone();
     let batch_size = config.train.batch_size;
@@ -128,7 +155,13 @@ pub fn eval_checkpoint(checkpoint: &Path, folder: Option<&Path>) -> Result<EvalR
         let dataset = data::open(&config.data, config.model.in_channels, config.model.classes)?;
         data::check_fits(&config.model, dataset.as_ref())?;
         let all: Vec<usize> = (0..dataset.len()).collect();
-        return Ok(evaluate(&predictor, dataset.as_ref(), &all, batch_size));
+        return Ok(evaluate(
+            &predictor,
+            dataset.as_ref(),
+            &all,
+            batch_size,
+            noise,
+        ));
     }
     let dataset = data::open(&config.data, config.model.in_channels, config.model.classes)?;
     data::check_fits(&config.model, dataset.as_ref())?;
@@ -142,5 +175,11 @@ pub fn eval_checkpoint(checkpoint: &Path, folder: Option<&Path>) -> Result<EvalR
     } else {
         split.val
     };
-    Ok(evaluate(&predictor, dataset.as_ref(), &indices, batch_size))
+    Ok(evaluate(
+        &predictor,
+        dataset.as_ref(),
+        &indices,
+        batch_size,
+        noise,
+    ))
 }

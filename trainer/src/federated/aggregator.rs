@@ -505,6 +505,7 @@ fn evaluate_global(
         setup.dataset.as_ref(),
         &setup.split.val,
         config.train.batch_size,
+        config.train.validation_noise.as_ref(),
     );
     Ok(report.scores.miou)
 }

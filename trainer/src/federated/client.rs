@@ -256,7 +256,7 @@ fn train_locally(
     for step in offset..offset + steps {
         let lr = schedule::learning_rate(schedule_config, step);
         let micro_batches = (0..accumulate).map(|_| prefetch.next().0);
-        let (loss, mut grads) = learner.mean_gradient(micro_batches, config);
+        let (loss, mut grads) = learner.mean_gradient(micro_batches, config, step);
         if !loss.is_finite() {
             return Err(FederatedError::Other(format!(
                 "local loss is {loss} at step {step}; lower train.lr"

@@ -4,6 +4,7 @@
 //! tensors.
 
 pub mod layers;
+pub mod noise;
 pub mod params;
 pub mod pool;
 mod segnet;

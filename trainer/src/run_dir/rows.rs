@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::EvalNoise;
+
 /// One line of `metrics.jsonl`, tagged by `kind`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -118,6 +120,9 @@ pub struct EvalReport {
     pub scores: SegmentationScores,
     /// Instance scores, when the model has a boundary head and the data has instances.
     pub panoptic: Option<PanopticScores>,
+    /// The noise the model was scored under; absent: clean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<EvalNoise>,
 }
 
 /// Semantic segmentation quality.

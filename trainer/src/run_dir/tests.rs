@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::EvalNoise;
 
 fn train_row(step: u64, loss: f64) -> Row {
     Row::Train(TrainRow {
@@ -25,6 +26,11 @@ fn val_row(step: u64) -> Row {
                 pq: 0.25,
                 sq: 0.5,
                 rq: 0.5,
+            }),
+            noise: Some(EvalNoise {
+                input_sigma: 0.1,
+                weight_sigma: 0.05,
+                seed: 3,
             }),
         },
     })

@@ -13,8 +13,8 @@ use super::batch_loss;
 use super::optim::{self, Optimizer};
 use crate::config::{OptimizerConfig, TrainerConfig};
 use crate::data::Batch;
-use crate::model::SegNet;
 use crate::model::params::{self, Trainable};
+use crate::model::{SegNet, noise};
 
 /// A model, the parameters it trains and their optimiser.
 pub struct Learner {
@@ -124,20 +124,34 @@ impl Learner {
     }
 
     /// The loss (a one-element tensor on the device) and the flat gradient of
-    /// one micro-batch.
+    /// one micro-batch, computed by the clean model.
     pub fn loss_and_gradient(
         &self,
         batch: &Batch,
         config: &TrainerConfig,
     ) -> (Tensor<1>, Tensor<1>) {
-        let loss = batch_loss(&self.model, batch, config, &self.device);
+        self.loss_and_gradient_by(&self.model, batch, config)
+    }
+
+    /// [`Learner::loss_and_gradient`] with the forward pass computed by
+    /// `forward` (the model, or a view of it such as its weights under noise),
+    /// and the gradients read for the model's own parameters.
+    fn loss_and_gradient_by(
+        &self,
+        forward: &SegNet,
+        batch: &Batch,
+        config: &TrainerConfig,
+    ) -> (Tensor<1>, Tensor<1>) {
+        let loss = batch_loss(forward, batch, config, &self.device);
         let grads = loss.backward();
         let flat = params::flat_gradients_of(&self.model, &grads, &self.selection, &self.device);
         (loss.inner(), flat)
     }
 
-    /// The mean loss and mean gradient over `batches` (gradient accumulation).
-    /// The loss is read to the host here: one scalar per step.
+    /// The mean loss and mean gradient over `batches` (gradient accumulation)
+    /// of optimiser step `step`, under `train.weight_noise` when set (one draw
+    /// per step, the same for every micro-batch and rank). The loss is read to
+    /// the host here: one scalar per step.
     ///
     /// # Panics
     /// When `batches` is empty.
@@ -145,11 +159,21 @@ impl Learner {
         &self,
         batches: impl IntoIterator<Item = Batch>,
         config: &TrainerConfig,
+        step: u64,
     ) -> (f32, Tensor<1>) {
+        let draw = config
+            .train
+            .weight_noise
+            .as_ref()
+            .map(|n| noise::WeightNoise::draw(&self.model, n.sigma, config.train.seed, step));
         let mut sum: Option<(Tensor<1>, Tensor<1>)> = None;
         let mut count = 0usize;
         for batch in batches {
-            let (l, g) = self.loss_and_gradient(&batch, config);
+            // A graph per micro-batch: each has its own backward pass.
+            let (l, g) = match &draw {
+                Some(d) => self.loss_and_gradient_by(&d.apply(self.model.clone()), &batch, config),
+                None => self.loss_and_gradient(&batch, config),
+            };
             sum = Some(match sum {
                 None => (l, g),
                 Some((ls, gs)) => (ls.add(l), gs.add(g)),

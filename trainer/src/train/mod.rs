@@ -360,6 +360,7 @@ fn validate_group(
             &setup.split.val,
             config.train.batch_size,
             with_instances,
+            config.train.validation_noise.as_ref(),
         )
         .report());
     };
@@ -378,6 +379,7 @@ fn validate_group(
         &shard,
         config.train.batch_size,
         with_instances,
+        config.train.validation_noise.as_ref(),
     );
     let mine = counts.to_words();
     for root in 0..world {
@@ -830,7 +832,7 @@ impl Replica {
             noisy += n;
             batch
         });
-        let (mut loss, mut grads) = self.learner.mean_gradient(micro_batches, config);
+        let (mut loss, mut grads) = self.learner.mean_gradient(micro_batches, config, step);
         let mut stopping = stop;
         if let Some(g) = self.group.as_mut() {
             grads = g.average_gradients(grads)?;

@@ -202,6 +202,48 @@ fn shapes_train_eval_predict_round_trip() {
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["samples"], 12);
     assert!(report["miou"].as_f64().unwrap() >= 0.0);
+    assert!(report.get("noise").is_none(), "clean scores carry no noise");
+
+    let noisy = |seed: &str| {
+        let o = trainer(&[
+            "eval",
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--input-noise",
+            "0.3",
+            "--weight-noise",
+            "0.2",
+            "--noise-seed",
+            seed,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        o.stdout
+    };
+    assert_eq!(
+        noisy("3"),
+        noisy("3"),
+        "the same noise gives the same scores"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&noisy("3")).unwrap();
+    assert_eq!(
+        report["noise"],
+        serde_json::json!({"input_sigma": 0.3, "weight_sigma": 0.2, "seed": 3})
+    );
+    let o = trainer(&[
+        "eval",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--weight-noise",
+        "-1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--weight-noise") && stderr(&o).contains("non-negative"),
+        "{}",
+        stderr(&o)
+    );
 
     let pred = dir.path().join("pred");
     let o = trainer(&[

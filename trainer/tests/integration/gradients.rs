@@ -7,6 +7,7 @@ use trainyard_trainer::config::TrainerConfig;
 use trainyard_trainer::data::shapes::Shapes;
 use trainyard_trainer::data::{Batch, Dataset};
 use trainyard_trainer::model::SegNet;
+use trainyard_trainer::model::noise::perturb_weights;
 use trainyard_trainer::model::params::{trainable_values, with_trainable_values};
 use trainyard_trainer::model::pool::{max_pool2x2, max_unpool2d};
 use trainyard_trainer::train::{batch_loss, loss_and_gradients};
@@ -79,6 +80,9 @@ struct Probe {
     model: SegNet,
     base: Vec<f32>,
     analytic: Vec<f32>,
+    /// The optimiser step whose weight noise the loss is computed under
+    /// (when `config.train.weight_noise` is set).
+    step: u64,
 }
 
 impl Probe {
@@ -112,13 +116,17 @@ impl Probe {
             model,
             base,
             analytic,
+            step: 0,
         }
     }
 
     /// The loss at `params`. Batch norm in training mode normalises with batch
     /// statistics, as in the gradient computation.
     fn loss_at(&self, params: &[f32]) -> f64 {
-        let m = with_trainable_values(self.model.clone(), params, &self.device);
+        let mut m = with_trainable_values(self.model.clone(), params, &self.device);
+        if let Some(n) = &self.config.train.weight_noise {
+            m = perturb_weights(m, n.sigma, self.config.train.seed, self.step);
+        }
         scalar(batch_loss(&m, &self.batch, &self.config, &self.device))
     }
 
@@ -298,7 +306,7 @@ fn the_whole_model_on_burns_ops_equals_our_kernels() {
     };
     let first = compare(&learner, "initial weights");
     for step in 0..5 {
-        let (_, grads) = learner.mean_gradient([batch(4 * step)], &config);
+        let (_, grads) = learner.mean_gradient([batch(4 * step)], &config, step as u64);
         learner.apply(grads, 0.01, Some(5.0));
     }
     let later = compare(&learner, "after five steps");
@@ -356,5 +364,38 @@ fn device_flattening_equals_the_host_layout_bit_for_bit() {
     assert_eq!(
         bits(params::buffer_values(&rebuilt)),
         bits(params::buffer_values(&model))
+    );
+}
+
+/// Under weight noise the forward pass computes with w·(1 + σε); the gradient
+/// the learner returns is that loss's gradient in the clean weights, which is
+/// what finite differences of the clean weights measure (same draw: same step).
+#[test]
+fn weight_noise_gradient_is_the_clean_weights_gradient() {
+    use trainyard_trainer::config::WeightNoiseConfig;
+    use trainyard_trainer::model::params::Trainable;
+    use trainyard_trainer::train::learner::Learner;
+    let mut probe = Probe::new("nearest");
+    probe.config.train.weight_noise = Some(WeightNoiseConfig { sigma: 0.3 });
+    probe.step = 5;
+    let learner = Learner::new(
+        probe.model.clone(),
+        Trainable::All,
+        &probe.config.train.optimizer,
+        &probe.device,
+    );
+    let (_, g) = learner.mean_gradient([probe.batch.clone()], &probe.config, probe.step);
+    let noisy: Vec<f32> = g.into_data().convert::<f32>().try_into_vec().unwrap();
+    assert_ne!(noisy, probe.analytic, "the noise changes the gradient");
+    probe.analytic = noisy;
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let direction = probe.direction(&mut rng, |_| true);
+    let (fd, ad) = (
+        probe.directional(&direction, 1e-4),
+        probe.analytic_along(&direction),
+    );
+    assert!(
+        (fd - ad).abs() <= 0.02 * ad.abs(),
+        "finite difference {fd} vs autodiff {ad}"
     );
 }

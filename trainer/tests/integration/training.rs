@@ -259,7 +259,8 @@ fn final_model(dir: &std::path::Path, step: u64) -> Vec<(String, Vec<f32>)> {
 /// order differs from the sequential one, so they agree to rounding. AdamW
 /// divides by √v, which magnifies rounding in near-zero gradients, so the bound
 /// is absolute: 1e-6 (measured: 1.1e-7), under 0.01% of the 0.012 a weight
-/// can move in 4 steps at lr 0.003.
+/// can move in 4 steps at lr 0.003. Weight noise is drawn per step, the same
+/// on every rank and for every micro-batch, so it keeps the equality.
 #[test]
 fn data_parallel_equals_accumulating_the_same_micro_batches() {
     for (world, tolerance) in [(2usize, 0.0f32), (4, 1e-6)] {
@@ -267,6 +268,7 @@ fn data_parallel_equals_accumulating_the_same_micro_batches() {
             "train.steps=4",
             "checkpoint.every=0",
             "data.noise={sigma: 0.1, probability: 0.5}",
+            "train.weight_noise={sigma: 0.1}",
         ]);
         let mut single = group_config.clone();
         single.train.accumulate_steps = world as u64;
@@ -443,8 +445,13 @@ fn sharded_validation_equals_scoring_the_whole_split() {
     )
     .unwrap();
     let setup = Setup::new(&config).unwrap();
-    let whole =
-        trainyard_trainer::eval::evaluate(&predictor, setup.dataset.as_ref(), &setup.split.val, 4);
+    let whole = trainyard_trainer::eval::evaluate(
+        &predictor,
+        setup.dataset.as_ref(),
+        &setup.split.val,
+        4,
+        None,
+    );
     assert_eq!(last.samples, setup.split.val.len());
     assert_eq!(last.scores.miou, whole.scores.miou);
     assert_eq!(last.scores.pixel_accuracy, whole.scores.pixel_accuracy);
@@ -589,4 +596,103 @@ fn fine_tuning_trains_only_the_adapter_and_writes_it_in_peft_format() {
         .try_into_vec()
         .unwrap();
     assert_eq!(a, b);
+}
+
+/// Weight noise of σ = 0 multiplies every weight by exactly one on the way to
+/// the forward pass: if the gradients did not reach the clean weights through
+/// that product, or BN statistics were kept by the noisy copy, the runs differ.
+#[test]
+fn zero_weight_noise_trains_bit_for_bit_as_without_it() {
+    let plain = tiny_config(&["train.steps=3", "checkpoint.every=0"]);
+    let zero = tiny_config(&[
+        "train.steps=3",
+        "checkpoint.every=0",
+        "train.weight_noise={sigma: 0}",
+    ]);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train(&plain, &opts(a.path(), false)).unwrap();
+    train(&zero, &opts(b.path(), false)).unwrap();
+    assert_eq!(train_rows(a.path()), train_rows(b.path()));
+    for ((name, x), (_, y)) in final_model(a.path(), 3)
+        .iter()
+        .zip(&final_model(b.path(), 3))
+    {
+        assert!(x == y, "{name} differs with zero weight noise");
+    }
+}
+
+/// The weight noise is a function of (seed, step): a resumed run draws what
+/// the uninterrupted one drew. Validation under noise is labelled with it.
+#[test]
+fn resume_under_weight_noise_is_exact_and_validation_names_its_noise() {
+    let noise = "train.validation_noise={input_sigma: 0.2, weight_sigma: 0.1, seed: 4}";
+    assert_resume_is_exact(&["train.weight_noise={sigma: 0.2}", noise], 3);
+    let config = tiny_config(&["train.steps=3", "checkpoint.every=0", noise]);
+    let run = tempfile::tempdir().unwrap();
+    train(&config, &opts(run.path(), false)).unwrap();
+    let rows: Vec<_> = RunDir::at(run.path())
+        .rows()
+        .unwrap()
+        .into_iter()
+        .filter_map(Row::val)
+        .collect();
+    assert!(!rows.is_empty());
+    for r in rows {
+        assert_eq!(r.report.noise, config.train.validation_noise);
+    }
+}
+
+/// Scoring under noise is reproducible, does not depend on how the samples
+/// are batched or sharded, and is not the clean score.
+#[test]
+fn scores_under_noise_are_reproducible_and_independent_of_sharding() {
+    use trainyard_trainer::config::EvalNoise;
+    use trainyard_trainer::eval;
+    // A model that has learnt something, so its predictions are not one class
+    // everywhere and noise can change them.
+    let config = tiny_config(&["model.boundary_head=true", "checkpoint.every=0"]);
+    let run = tempfile::tempdir().unwrap();
+    train(&config, &opts(run.path(), false)).unwrap();
+    let steps = config.train.steps;
+    let predictor = trainyard_trainer::infer::Predictor::load(
+        &CheckpointDir::new(run.path().join("checkpoints")).path_for(steps),
+    )
+    .unwrap();
+    let setup = Setup::new(&config).unwrap();
+    let noise = EvalNoise {
+        input_sigma: 0.3,
+        weight_sigma: 0.2,
+        seed: 5,
+    };
+    let (data, val) = (setup.dataset.as_ref(), &setup.split.val);
+    let whole = eval::evaluate(&predictor, data, val, 4, Some(&noise));
+    assert_eq!(
+        whole,
+        eval::evaluate(&predictor, data, val, 4, Some(&noise))
+    );
+    assert_eq!(whole.noise, Some(noise));
+    let (even, odd): (Vec<usize>, Vec<usize>) = val.iter().partition(|&&i| i % 2 == 0);
+    let mut shards = eval::accumulate(&predictor, data, &even, 3, true, Some(&noise));
+    shards.add_words(&eval::accumulate(&predictor, data, &odd, 5, true, Some(&noise)).to_words());
+    let sharded = shards.report();
+    assert_eq!(sharded.scores, whole.scores);
+    let (ours, theirs) = (
+        sharded.panoptic.unwrap().pq,
+        whole.panoptic.clone().unwrap().pq,
+    );
+    assert!((ours - theirs).abs() < 1e-12, "{ours} vs {theirs}");
+    let clean = eval::evaluate(&predictor, data, val, 4, None);
+    assert_ne!(clean.scores, whole.scores);
+    for (input_sigma, weight_sigma) in [(0.3, 0.0), (0.0, 0.2)] {
+        let one = EvalNoise {
+            input_sigma,
+            weight_sigma,
+            seed: 5,
+        };
+        let scores = eval::evaluate(&predictor, data, val, 4, Some(&one)).scores;
+        assert_ne!(
+            scores, clean.scores,
+            "σ input {input_sigma}, weights {weight_sigma}"
+        );
+    }
 }
