@@ -463,10 +463,11 @@ fn sharded_validation_equals_scoring_the_whole_split() {
     assert!((ours - theirs).abs() < 1e-12, "{ours} vs {theirs}");
 }
 
-/// Fine-tuning a base on shifted data trains only the adapter and the saved
-/// head: the rest of the base is bit-identical afterwards, the optimiser
-/// holds state for the adapter alone, and the adapter written in PEFT's
-/// format reproduces the fine-tuned model on top of the base.
+/// Fine-tuning a base on shifted data (under weight noise) trains only the
+/// adapter and the saved head: the rest of the base is bit-identical
+/// afterwards, the optimiser holds state for the adapter alone, and the
+/// adapter written in PEFT's format reproduces the fine-tuned model on top of
+/// the base.
 #[test]
 fn fine_tuning_trains_only_the_adapter_and_writes_it_in_peft_format() {
     use burn::tensor::{Device, Tensor, TensorData};
@@ -486,7 +487,13 @@ fn fine_tuning_trains_only_the_adapter_and_writes_it_in_peft_format() {
         "peft={{base: '{}', r: 2, lora_alpha: 4, target_modules: [conv], modules_to_save: [head]}}",
         base_ck.display()
     );
-    let ft_config = tiny_config(&["data.shapes.seed=99", &peft]);
+    // Under weight noise, so the test also shows that noise on the frozen
+    // base's weights leaves them frozen (the draw multiplies copies).
+    let ft_config = tiny_config(&[
+        "data.shapes.seed=99",
+        &peft,
+        "train.weight_noise={sigma: 0.1}",
+    ]);
     let summary = train(&ft_config, &opts(&run, false)).unwrap();
 
     let tuned = Checkpoint::load(
