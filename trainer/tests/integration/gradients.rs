@@ -150,6 +150,22 @@ impl Probe {
             .sum()
     }
 
+    /// Asserts that the directional derivative along a random ±1 direction
+    /// (seeded by `seed`) over the tensors `select` picks equals autodiff's
+    /// to 2%.
+    fn assert_directional_derivative(&self, seed: u64, select: impl Fn(&str) -> bool) {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let direction = self.direction(&mut rng, select);
+        let (fd, ad) = (
+            self.directional(&direction, 1e-4),
+            self.analytic_along(&direction),
+        );
+        assert!(
+            (fd - ad).abs() <= 0.02 * ad.abs(),
+            "finite difference {fd} vs autodiff {ad}"
+        );
+    }
+
     /// A random ±1 direction over the tensors `select` picks.
     fn direction(&self, rng: &mut ChaCha8Rng, select: impl Fn(&str) -> bool) -> Vec<f32> {
         let layout = trainyard_trainer::model::params::Layout::of(&self.model);
@@ -217,16 +233,7 @@ fn whole_network_gradient_equals_finite_differences_per_coordinate() {
 #[test]
 fn decoder_and_head_directional_derivative_is_exact_with_unpooling() {
     let probe = Probe::new("unpool");
-    let mut rng = ChaCha8Rng::seed_from_u64(12);
-    let direction = probe.direction(&mut rng, |name| !name.starts_with("encoder."));
-    let (fd, ad) = (
-        probe.directional(&direction, 1e-4),
-        probe.analytic_along(&direction),
-    );
-    assert!(
-        (fd - ad).abs() <= 0.02 * ad.abs(),
-        "finite difference {fd} vs autodiff {ad}"
-    );
+    probe.assert_directional_derivative(12, |name| !name.starts_with("encoder."));
 }
 
 /// With nearest-neighbour upsampling the loss is continuous in every
@@ -234,16 +241,7 @@ fn decoder_and_head_directional_derivative_is_exact_with_unpooling() {
 #[test]
 fn whole_network_directional_derivative_is_exact_with_nearest_upsampling() {
     let probe = Probe::new("nearest");
-    let mut rng = ChaCha8Rng::seed_from_u64(13);
-    let direction = probe.direction(&mut rng, |_| true);
-    let (fd, ad) = (
-        probe.directional(&direction, 1e-4),
-        probe.analytic_along(&direction),
-    );
-    assert!(
-        (fd - ad).abs() <= 0.02 * ad.abs(),
-        "finite difference {fd} vs autodiff {ad}"
-    );
+    probe.assert_directional_derivative(13, |_| true);
 }
 
 /// The whole model with burn's own operations (what it runs on CUDA) against
@@ -388,14 +386,5 @@ fn weight_noise_gradient_is_the_clean_weights_gradient() {
     let noisy: Vec<f32> = g.into_data().convert::<f32>().try_into_vec().unwrap();
     assert_ne!(noisy, probe.analytic, "the noise changes the gradient");
     probe.analytic = noisy;
-    let mut rng = ChaCha8Rng::seed_from_u64(14);
-    let direction = probe.direction(&mut rng, |_| true);
-    let (fd, ad) = (
-        probe.directional(&direction, 1e-4),
-        probe.analytic_along(&direction),
-    );
-    assert!(
-        (fd - ad).abs() <= 0.02 * ad.abs(),
-        "finite difference {fd} vs autodiff {ad}"
-    );
+    probe.assert_directional_derivative(14, |_| true);
 }
