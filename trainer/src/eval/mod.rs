@@ -1,8 +1,9 @@
 //! Evaluation: how good a model's predictions are. Semantic scores
-//! ([`metrics`]: confusion, mIoU), instances from semantics and boundaries
+//! ([`metrics`]: confusion, mIoU), boundary F1 ([`boundary`]), instances from semantics and boundaries
 //! and panoptic quality ([`instances`]), and scoring a model on a dataset
 //! (validation during training, federated evaluation, `eval`).
 
+pub mod boundary;
 pub mod instances;
 pub mod metrics;
 
@@ -11,6 +12,7 @@ use std::path::Path;
 use crate::config::EvalNoise;
 use crate::data::{self, Batch, Dataset, Split};
 use crate::infer::{InferError, Predictor};
+use boundary::BoundaryCounts;
 use instances::PanopticQuality;
 use metrics::Confusion;
 
@@ -24,6 +26,8 @@ pub struct EvalCounts {
     pub samples: usize,
     /// Semantic confusion matrix.
     pub confusion: Confusion,
+    /// Class-boundary pixels found and missed.
+    pub boundary: BoundaryCounts,
     /// Instance statistics, when scored.
     pub panoptic: Option<PanopticQuality>,
     /// The noise the samples were scored under (the same on every rank).
@@ -36,6 +40,7 @@ impl EvalCounts {
         EvalReport {
             samples: self.samples,
             scores: self.confusion.scores(),
+            boundary_f1: Some(self.boundary.f1()),
             panoptic: self.panoptic.as_ref().map(|p| p.scores()),
             noise: self.noise,
         }
@@ -46,6 +51,7 @@ impl EvalCounts {
     pub fn to_words(&self) -> Vec<u64> {
         let mut words = vec![self.samples as u64];
         words.extend_from_slice(self.confusion.counts());
+        words.extend(self.boundary.to_words());
         if let Some(p) = &self.panoptic {
             words.extend(p.to_words());
         }
@@ -57,8 +63,9 @@ impl EvalCounts {
         let k = self.confusion.counts().len();
         self.samples += words[0] as usize;
         self.confusion.add_counts(&words[1..1 + k]);
+        self.boundary.add_words(&words[1 + k..5 + k]);
         if let Some(p) = self.panoptic.as_mut() {
-            p.add_words(&words[1 + k..]);
+            p.add_words(&words[5 + k..]);
         }
     }
 }
@@ -89,6 +96,7 @@ pub fn accumulate(
     let mut counts = EvalCounts {
         samples: indices.len(),
         confusion: Confusion::new(classes),
+        boundary: BoundaryCounts::default(),
         panoptic: with_instances.then(|| PanopticQuality::new(classes)),
         noise: noise.copied(),
     };
@@ -105,6 +113,7 @@ pub fn accumulate(
         }
         for (pred, sample) in predictor.predict(&batch).into_iter().zip(&samples) {
             counts.confusion.add(&sample.mask, &pred.classes);
+            counts.boundary.add(&sample.mask, &pred.classes, w, h);
             if let (Some(pq), Some(pi), Some(ti)) = (
                 counts.panoptic.as_mut(),
                 pred.instances.as_ref(),

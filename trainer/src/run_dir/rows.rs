@@ -118,6 +118,10 @@ pub struct EvalReport {
     /// Semantic scores.
     #[serde(flatten)]
     pub scores: SegmentationScores,
+    /// Boundary F1 within 2 pixels (`eval::boundary`); absent in rows written
+    /// before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boundary_f1: Option<f64>,
     /// Instance scores, when the model has a boundary head and the data has instances.
     pub panoptic: Option<PanopticScores>,
     /// The noise the model was scored under; absent: clean.

@@ -22,6 +22,7 @@ fn val_row(step: u64) -> Row {
                 miou: 0.5,
                 iou: vec![Some(0.75), None, Some(0.25)],
             },
+            boundary_f1: Some(0.625),
             panoptic: Some(PanopticScores {
                 pq: 0.25,
                 sq: 0.5,

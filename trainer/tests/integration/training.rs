@@ -455,6 +455,8 @@ fn sharded_validation_equals_scoring_the_whole_split() {
     assert_eq!(last.samples, setup.split.val.len());
     assert_eq!(last.scores.miou, whole.scores.miou);
     assert_eq!(last.scores.pixel_accuracy, whole.scores.pixel_accuracy);
+    assert!(last.boundary_f1.is_some());
+    assert_eq!(last.boundary_f1, whole.boundary_f1);
     // IoU sums are f64 and add up in another order across shards.
     let (ours, theirs) = (
         last.panoptic.as_ref().unwrap().pq,
@@ -683,6 +685,7 @@ fn scores_under_noise_are_reproducible_and_independent_of_sharding() {
     shards.add_words(&eval::accumulate(&predictor, data, &odd, 5, true, Some(&noise)).to_words());
     let sharded = shards.report();
     assert_eq!(sharded.scores, whole.scores);
+    assert_eq!(sharded.boundary_f1, whole.boundary_f1);
     let (ours, theirs) = (
         sharded.panoptic.unwrap().pq,
         whole.panoptic.clone().unwrap().pq,
