@@ -118,7 +118,7 @@ pub struct EvalReport {
     /// Semantic scores.
     #[serde(flatten)]
     pub scores: SegmentationScores,
-    /// Boundary F1 within 2 pixels (`eval::boundary`); absent in rows written
+    /// Boundary F1 within 1 pixel (`eval::boundary`); absent in rows written
     /// before it was measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boundary_f1: Option<f64>,
