@@ -256,14 +256,13 @@ impl EvalArgs {
             weight_noise,
             noise_seed,
         } = self;
-        let noise = Some(EvalNoise {
+        let noise = EvalNoise {
             input_sigma: input_noise,
             weight_sigma: weight_noise,
             seed: noise_seed,
-        })
-        .filter(|n| !n.is_clean());
+        };
         let report =
-            trainyard_trainer::eval::eval_checkpoint(&checkpoint, data.as_deref(), noise.as_ref())?;
+            trainyard_trainer::eval::eval_checkpoint(&checkpoint, data.as_deref(), Some(&noise))?;
         println!("{}", serde_json::to_string(&report)?);
         Ok(())
     }

@@ -58,6 +58,9 @@ fn dilate(set: &[bool], width: usize, height: usize, r: usize) -> Vec<bool> {
 }
 
 impl BoundaryCounts {
+    /// Length of [`BoundaryCounts::to_words`].
+    pub const WORDS: usize = 4;
+
     /// Counts the boundaries of one `width × height` prediction against its truth.
     pub fn add(&mut self, truth: &[u8], pred: &[u8], width: usize, height: usize) {
         let t = boundaries(truth, truth, width, height);
@@ -75,7 +78,7 @@ impl BoundaryCounts {
     }
 
     /// The counts as four integers, for exchange between ranks.
-    pub fn to_words(&self) -> [u64; 4] {
+    pub fn to_words(&self) -> [u64; Self::WORDS] {
         [
             self.predicted,
             self.predicted_matched,

@@ -63,9 +63,10 @@ impl EvalCounts {
         let k = self.confusion.counts().len();
         self.samples += words[0] as usize;
         self.confusion.add_counts(&words[1..1 + k]);
-        self.boundary.add_words(&words[1 + k..5 + k]);
+        let b = 1 + k + BoundaryCounts::WORDS;
+        self.boundary.add_words(&words[1 + k..b]);
         if let Some(p) = self.panoptic.as_mut() {
-            p.add_words(&words[5 + k..]);
+            p.add_words(&words[b..]);
         }
     }
 }
@@ -83,7 +84,8 @@ pub fn scores_instances(
 }
 
 /// Accumulates the statistics of `predictor` on `indices` of `dataset`,
-/// under `noise` when given.
+/// under `noise` when given. Noise of σ = 0 on both sides is scoring clean,
+/// and is reported as no noise.
 pub fn accumulate(
     predictor: &Predictor,
     dataset: &dyn Dataset,
@@ -92,6 +94,7 @@ pub fn accumulate(
     with_instances: bool,
     noise: Option<&EvalNoise>,
 ) -> EvalCounts {
+    let noise = noise.filter(|n| !n.is_clean());
     let classes = predictor.config.model.classes;
     let mut counts = EvalCounts {
         samples: indices.len(),
