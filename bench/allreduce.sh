@@ -15,8 +15,7 @@ WORLDS="${WORLDS:-2 4}"
 SIZES="$((1 << 20)) $((16 << 20)) $((64 << 20))"
 
 bench/setup-venv.sh >/dev/null
-cargo build --release --quiet -p trainyard-trainer
-bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+source bench/trainer-bin.sh
 mkdir -p bench/results
 out=bench/results/allreduce.jsonl
 : > "$out"

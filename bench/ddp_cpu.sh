@@ -11,8 +11,7 @@ cd "$(dirname "$0")/.."
 # Every group authenticates with the job's secret (trainer/README.md); one per run.
 export TRAINYARD_GROUP_SECRET="${TRAINYARD_GROUP_SECRET:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
 STEPS="${STEPS:-100}"
-cargo build --release --quiet -p trainyard-trainer
-bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+source bench/trainer-bin.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 common=(--config examples/trainer/shapes.yaml --set "train.steps=$STEPS" --set train.validate_every=0 --set checkpoint.every=0)

@@ -13,8 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ITERS="${ITERS:-5}"
-cargo build --release --quiet -p trainyard-trainer
-bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+source bench/trainer-bin.sh
 bench/setup-venv.sh >/dev/null
 if ! bench/.venv/bin/python -c 'import flwr' 2>/dev/null; then
   bench/.venv/bin/pip install --quiet "flwr==1.42.0"

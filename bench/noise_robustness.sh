@@ -25,10 +25,7 @@ WEIGHT_LEVELS="${WEIGHT_LEVELS:-0.1 0.2 0.3 0.4}"
 # The clean model is always trained: it is what the others are read against.
 read -r -a models <<< "clean ${MODELS:-input weights}"
 
-if [ -z "${TRAINER:-}" ]; then
-  cargo build --release --quiet -p trainyard-trainer
-fi
-bin="${TRAINER:-${CARGO_TARGET_DIR:-target}/release/trainyard-trainer}"
+source bench/trainer-bin.sh
 mkdir -p bench/results
 out=bench/results/noise_robustness.jsonl
 : > "$out"

@@ -4,9 +4,9 @@
 # peft into it. Exit 0 when every difference is within 1e-4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet -p trainyard-trainer
+source bench/trainer-bin.sh
 bench/setup-venv.sh >/dev/null
 if ! bench/.venv/bin/python -c 'import peft' 2>/dev/null; then
   bench/.venv/bin/pip install --quiet "peft==0.21.2"
 fi
-bench/.venv/bin/python bench/peft_interop.py "${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+bench/.venv/bin/python bench/peft_interop.py "$bin"

@@ -8,8 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS="${STEPS:-60}"
-cargo build --release --quiet -p trainyard-trainer
-bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+source bench/trainer-bin.sh
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 common=(--config examples/trainer/shapes.yaml --set "train.steps=$STEPS" --set train.validate_every=0

@@ -15,8 +15,7 @@ WARMUP="${WARMUP:-3}"
 THREADS="${THREADS:-2}"
 
 bench/setup-venv.sh >/dev/null
-cargo build --release --quiet -p trainyard-trainer
-bin="${CARGO_TARGET_DIR:-target}/release/trainyard-trainer"
+source bench/trainer-bin.sh
 mkdir -p bench/results
 out=bench/results/segnet_cpu.jsonl
 : > "$out"

@@ -18,10 +18,7 @@ cd "$(dirname "$0")/.."
 STEPS="${STEPS:-1000}"
 SEEDS="${SEEDS:-2}"
 
-if [ -z "${TRAINER:-}" ]; then
-  cargo build --release --quiet -p trainyard-trainer
-fi
-bin="${TRAINER:-${CARGO_TARGET_DIR:-target}/release/trainyard-trainer}"
+source bench/trainer-bin.sh
 mkdir -p bench/results
 out=bench/results/upsampling.jsonl
 : > "$out"
