@@ -46,6 +46,10 @@ impl Default for ModelSpec {
             in_channels: count(m.in_channels),
             boundary_head: m.boundary_head,
             boundary_loss_weight: m.boundary_loss_weight,
+            task_weighting: match m.task_weighting {
+                tc::TaskWeighting::Fixed => TaskWeighting::Fixed,
+                tc::TaskWeighting::Uncertainty => TaskWeighting::Uncertainty,
+            },
             squeeze_excitation: m.squeeze_excitation,
         }
     }

@@ -175,9 +175,15 @@ pub struct ModelSpec {
     pub in_channels: u32,
     /// Also train a per-pixel instance-boundary head (enables panoptic quality).
     pub boundary_head: bool,
-    /// Weight of the boundary loss relative to the segmentation loss.
+    /// Weight of the boundary loss relative to the segmentation loss, under
+    /// `taskWeighting: Fixed`.
     #[schemars(range(min = 0.0))]
     pub boundary_loss_weight: f64,
+    /// How the segmentation and boundary losses are balanced: Fixed (the
+    /// default) by `boundaryLossWeight`, Uncertainty by a learned
+    /// log-variance per task (Kendall, Gal & Cipolla 2018; needs
+    /// `boundaryHead`).
+    pub task_weighting: TaskWeighting,
     /// A squeeze-excitation block (two linear layers) re-weights the
     /// bottleneck's channels; PEFT can target its `fc1`/`fc2`.
     pub squeeze_excitation: bool,
@@ -202,6 +208,19 @@ pub enum Decoder {
     Unpool,
     /// Nearest-neighbour 2x upsampling.
     Nearest,
+}
+
+/// How the segmentation and boundary losses are balanced: Fixed (the
+/// default) by `boundaryLossWeight`, Uncertainty by a learned log-variance
+/// per task (Kendall, Gal & Cipolla 2018; needs `boundaryHead`).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TaskWeighting {
+    /// `segmentation + boundaryLossWeight * boundary`.
+    #[default]
+    Fixed,
+    /// `exp(-s1)*segmentation + s1/2 + exp(-s2)*boundary + s2/2`, with the
+    /// log-variances `s` learned like every other parameter.
+    Uncertainty,
 }
 
 /// Where samples come from.

@@ -64,6 +64,10 @@ pub fn trainer_config(spec: &TrainingJobSpec) -> Result<TrainerConfig, Problem> 
         in_channels: m.in_channels as usize,
         boundary_head: m.boundary_head,
         boundary_loss_weight: m.boundary_loss_weight,
+        task_weighting: match m.task_weighting {
+            api::TaskWeighting::Fixed => tc::TaskWeighting::Fixed,
+            api::TaskWeighting::Uncertainty => tc::TaskWeighting::Uncertainty,
+        },
         squeeze_excitation: m.squeeze_excitation,
     };
     let d = &spec.data;
@@ -329,6 +333,7 @@ fn spec_path(trainer_field: &str) -> String {
             "model.boundary_loss_weight",
             "spec.model.boundaryLossWeight",
         ),
+        ("model.task_weighting", "spec.model.taskWeighting"),
         ("model", "spec.model"),
         ("data.shapes.image_size", "spec.data.shapes.imageSize"),
         ("data.shapes.max_shapes", "spec.data.shapes.maxShapes"),
@@ -661,6 +666,16 @@ mod tests {
         s.data.shapes.as_mut().unwrap().image_size = 36;
         let e = trainer_config(&s).unwrap_err();
         assert_eq!(e.path, "spec.data.shapes.imageSize", "{e}");
+        let mut s = spec();
+        s.model.task_weighting = crate::api::TaskWeighting::Uncertainty;
+        let e = trainer_config(&s).unwrap_err();
+        assert_eq!(e.path, "spec.model.taskWeighting", "{e}");
+        s.model.boundary_head = true;
+        let learned = trainer_config(&s).unwrap();
+        assert_eq!(learned.model.task_weighting, tc::TaskWeighting::Uncertainty);
+        s.model.boundary_loss_weight = 3.0;
+        let e = trainer_config(&s).unwrap_err();
+        assert_eq!(e.path, "spec.model.boundaryLossWeight", "{e}");
         assert_eq!(s.world_size(), 2);
         s.mode = Mode::Federated;
         assert_eq!(s.world_size(), 1);

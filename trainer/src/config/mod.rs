@@ -121,6 +121,18 @@ pub enum DecoderKind {
     Nearest,
 }
 
+/// How the segmentation and boundary losses are added up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskWeighting {
+    /// `segmentation + boundary_loss_weight · boundary`.
+    #[default]
+    Fixed,
+    /// A learned log-variance per task (Kendall, Gal & Cipolla 2018), see
+    /// [`crate::model::task_weights`].
+    Uncertainty,
+}
+
 /// The SegNet family.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -137,8 +149,11 @@ pub struct ModelConfig {
     pub in_channels: usize,
     /// Train an auxiliary per-pixel instance-boundary head.
     pub boundary_head: bool,
-    /// Weight of the boundary loss relative to the segmentation loss.
+    /// Weight of the boundary loss relative to the segmentation loss, under
+    /// `task_weighting: fixed`.
     pub boundary_loss_weight: f64,
+    /// Whether the balance of the two losses is fixed or learned.
+    pub task_weighting: TaskWeighting,
     /// A squeeze-excitation block (two linear layers) on the bottleneck.
     pub squeeze_excitation: bool,
 }
@@ -153,6 +168,7 @@ impl Default for ModelConfig {
             in_channels: 3,
             boundary_head: false,
             boundary_loss_weight: 1.0,
+            task_weighting: TaskWeighting::Fixed,
             squeeze_excitation: false,
         }
     }
@@ -200,6 +216,23 @@ impl ModelConfig {
             ));
         }
         check_non_negative("model.boundary_loss_weight", self.boundary_loss_weight)?;
+        if self.task_weighting == TaskWeighting::Uncertainty {
+            if !self.boundary_head {
+                return Err(ConfigError::invalid(
+                    "model.task_weighting",
+                    "uncertainty weighting balances the segmentation and boundary losses, and \
+                     without the boundary head there is only one: turn the head on, or use fixed \
+                     weighting",
+                ));
+            }
+            if self.boundary_loss_weight != Self::default().boundary_loss_weight {
+                return Err(ConfigError::invalid(
+                    "model.boundary_loss_weight",
+                    "is learned under uncertainty task weighting: leave it out, or use fixed \
+                     weighting to set it by hand",
+                ));
+            }
+        }
 
         Ok(())
     }
@@ -1115,6 +1148,19 @@ mod tests {
         assert_eq!(old, new);
         assert_eq!(new.train.bucket_mib, 4.0);
         assert_eq!(new.federated.unwrap().max_update_mib, 8.0);
+    }
+
+    #[test]
+    fn uncertainty_weighting_needs_two_losses_and_owns_their_balance() {
+        let e = load("model: {task_weighting: uncertainty}", &[]).unwrap_err();
+        assert_eq!(field_of(e), "model.task_weighting");
+        let learned = "model: {task_weighting: uncertainty, boundary_head: true}";
+        let c = load(learned, &[]).unwrap();
+        assert_eq!(c.model.task_weighting, TaskWeighting::Uncertainty);
+        let e = load(learned, &["model.boundary_loss_weight=3"]).unwrap_err();
+        assert_eq!(field_of(e), "model.boundary_loss_weight");
+        let e = load("model: {task_weighting: gradnorm}", &[]).unwrap_err();
+        assert!(field_of(e).starts_with("model"));
     }
 
     #[test]

@@ -8,5 +8,6 @@ pub mod noise;
 pub mod params;
 pub mod pool;
 mod segnet;
+pub mod task_weights;
 
 pub use segnet::{SegNet, SegNetOutput, Stage};

@@ -7,7 +7,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::layers::{Conv2d, ConvBnRelu, SqueezeExcitation};
 use super::pool::{max_pool2x2, max_pool2x2_values, max_unpool2d, upsample_nearest};
-use crate::config::{DecoderKind, ModelConfig};
+use super::task_weights::TaskWeights;
+use crate::config::{DecoderKind, ModelConfig, TaskWeighting};
 
 /// `k` conv → BN → ReLU blocks.
 #[derive(Module, Debug)]
@@ -43,7 +44,8 @@ pub struct SegNetOutput {
 /// Parameter paths equal those of the PyTorch reference model in
 /// `bench/torch_segnet.py`, e.g. `encoder.0.convs.1.conv.weight`,
 /// `decoder.2.convs.0.bn.running_var`, `head.weight`, `boundary_head.bias`,
-/// `se.fc1.weight`.
+/// `se.fc1.weight`; `task_weights.log_vars` is ours alone (the reference
+/// model has no loss parameters).
 #[derive(Module, Debug)]
 pub struct SegNet {
     /// Encoder stages, shallow to deep.
@@ -56,6 +58,9 @@ pub struct SegNet {
     pub boundary_head: Option<Conv2d>,
     /// Squeeze-excitation between encoder and decoder, when configured.
     pub se: Option<SqueezeExcitation>,
+    /// Learned log-variances of the two losses, under
+    /// `model.task_weighting: uncertainty`. Used by the loss only.
+    pub task_weights: Option<TaskWeights>,
     #[module(skip)]
     decoder_kind: DecoderKind,
 }
@@ -94,12 +99,15 @@ impl SegNet {
         let se = config
             .squeeze_excitation
             .then(|| SqueezeExcitation::new(*widths.last().expect("validated"), &mut rng, device));
+        let task_weights =
+            (config.task_weighting == TaskWeighting::Uncertainty).then(|| TaskWeights::new(device));
         Self {
             encoder,
             decoder,
             head,
             boundary_head,
             se,
+            task_weights,
             decoder_kind: config.decoder,
         }
     }

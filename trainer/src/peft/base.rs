@@ -10,6 +10,7 @@ use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
 use super::PeftError;
+use super::lora::is_loss_parameter;
 use crate::config::TrainerConfig;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
@@ -63,6 +64,7 @@ pub fn load_base(
     }
     let model = SegNet::new(&config.model, config.train.seed, device);
     let layout = Layout::of(&model);
+    take_loss_parameters(&mut tensors, &model, path);
     for e in &layout.entries {
         match tensors.get(&e.name) {
             None => problems.push(format!("missing `{}`", e.name)),
@@ -89,4 +91,33 @@ pub fn load_base(
     }
     params::load_named(model, |n| tensors.get(n), device)
         .map_err(|e| PeftError::Mismatch(e.to_string()))
+}
+
+/// The task log-variances belong to the objective, not to the network: a
+/// base trained without them gives this run its starting values (0: both
+/// tasks weighted 1), and a base's own are dropped when this run does not
+/// learn them. A base that has them and a run that learns them continue
+/// from the base's balance.
+fn take_loss_parameters(
+    tensors: &mut std::collections::HashMap<String, NamedTensor>,
+    model: &SegNet,
+    path: &Path,
+) {
+    let own = params::named_values(model);
+    tensors.retain(|name, _| {
+        let keep = !is_loss_parameter(name) || own.iter().any(|(e, _)| &e.name == name);
+        if !keep {
+            tracing::info!(base = %path.display(), tensor = %name, "this run does not learn task weights; the base's are not used");
+        }
+        keep
+    });
+    for (e, values) in own.into_iter().filter(|(e, _)| is_loss_parameter(&e.name)) {
+        tensors.entry(e.name.clone()).or_insert_with(|| {
+            tracing::info!(base = %path.display(), tensor = %e.name, "the base has no task weights; they start at 0");
+            NamedTensor {
+                shape: e.shape,
+                values,
+            }
+        });
+    }
 }

@@ -322,17 +322,26 @@ pub fn merge(mut model: SegNet) -> SegNet {
     model
 }
 
-/// What fine-tuning with `config` trains: the LoRA factors and every
-/// parameter of the modules to save; the rest of the base is frozen.
+/// What fine-tuning with `config` trains: the LoRA factors, every
+/// parameter of the modules to save, and the learned task weights (they are
+/// part of the fine-tuning objective, not of the network the adapter
+/// changes); the rest of the base is frozen.
 pub fn trainable(config: &LoraConfig) -> crate::model::params::Trainable {
     let config = config.clone();
     crate::model::params::Trainable::Matching(std::sync::Arc::new(move |name: &str| {
-        if is_adapter_parameter(name) {
+        if is_adapter_parameter(name) || is_loss_parameter(name) {
             return true;
         }
         let module = name.rsplit_once('.').map_or(name, |(m, _)| m);
         config.saves(module)
     }))
+}
+
+/// Whether a parameter belongs to the loss rather than to the network: the
+/// task log-variances. A base need not have them, and an adapter never
+/// carries them (the adapted network computes the same without).
+pub fn is_loss_parameter(name: &str) -> bool {
+    name.starts_with("task_weights.")
 }
 
 /// Whether a parameter (by its in-memory path) belongs to an adapter.

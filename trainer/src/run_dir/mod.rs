@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-pub use rows::{EvalReport, PanopticScores, RoundRow, Row, SegmentationScores, TrainRow, ValRow};
+pub use rows::{
+    EvalReport, LearnedWeights, PanopticScores, RoundRow, Row, SegmentationScores, TrainRow, ValRow,
+};
 
 /// The effective config of the run.
 pub const CONFIG_FILE: &str = "config.json";

@@ -79,6 +79,18 @@ pub struct ValRow {
     /// The scores.
     #[serde(flatten)]
     pub report: EvalReport,
+    /// The loss weights learned so far, under `model.task_weighting: uncertainty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_weights: Option<LearnedWeights>,
+}
+
+/// What each loss is multiplied by, `exp(−s)` of its learned log-variance.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LearnedWeights {
+    /// The segmentation cross-entropy's weight.
+    pub segmentation: f64,
+    /// The boundary loss's weight.
+    pub boundary: f64,
 }
 
 /// A federated round.

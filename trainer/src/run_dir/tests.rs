@@ -34,6 +34,10 @@ fn val_row(step: u64) -> Row {
                 seed: 3,
             }),
         },
+        task_weights: Some(LearnedWeights {
+            segmentation: 0.75,
+            boundary: 2.5,
+        }),
     })
 }
 

@@ -33,6 +33,7 @@ use crate::infer::Predictor;
 use crate::metrics::TrainerMetrics;
 use crate::model::SegNet;
 use crate::model::params::{self, Layout};
+use crate::model::task_weights::TaskWeights;
 use crate::run_dir::{RunDir, RunDirError};
 use crate::tensorfile::{NamedTensor, TensorFileError};
 use learner::Learner;
@@ -298,13 +299,19 @@ pub fn batch_loss(
         config.train.class_weights.as_deref(),
         device,
     );
-    let mut loss = cross_entropy(out.logits, &targets);
-    if let (Some(logits), Some(b)) = (out.boundary_logits, batch.boundaries.as_ref()) {
-        let t = Tensor::from_data(TensorData::new(b.clone(), [batch.len, 1, h, w]), device);
-        let bl = binary_cross_entropy_with_logits(logits, t);
-        loss = loss.add(bl.mul_scalar(config.model.boundary_loss_weight));
+    let segmentation = cross_entropy(out.logits, &targets);
+    let boundary = match (out.boundary_logits, batch.boundaries.as_ref()) {
+        (Some(logits), Some(b)) => {
+            let t = Tensor::from_data(TensorData::new(b.clone(), [batch.len, 1, h, w]), device);
+            Some(binary_cross_entropy_with_logits(logits, t))
+        }
+        _ => None,
+    };
+    match (&model.task_weights, boundary) {
+        (Some(learned), boundary) => learned.combine(segmentation, boundary),
+        (None, Some(b)) => segmentation.add(b.mul_scalar(config.model.boundary_loss_weight)),
+        (None, None) => segmentation,
     }
-    loss
 }
 
 fn scalar(t: Tensor<1>) -> f32 {
@@ -666,7 +673,8 @@ pub fn train(config: &TrainerConfig, opts: &RunOptions) -> Result<Summary, Train
         let due = Due::after(done, steps, stepped.stopping, config);
         if due.validate && has_val {
             let report = replica.validate(config, &setup, &device)?;
-            outputs.validation(done, &report)?;
+            let learned = replica.learner.model().task_weights.as_ref();
+            outputs.validation(done, &report, learned.map(TaskWeights::weights))?;
             last_scores = Some(report.scores);
         }
         if due.checkpoint {

@@ -12,7 +12,7 @@ use crate::ddp::CommStats;
 use crate::metrics::TrainerMetrics;
 use crate::protocol::{CheckpointMessage, ProgressMessage};
 use crate::report::Reporter;
-use crate::run_dir::{EvalReport, MetricsLog, Row, RunDir, TrainRow, ValRow};
+use crate::run_dir::{EvalReport, LearnedWeights, MetricsLog, Row, RunDir, TrainRow, ValRow};
 
 use super::{RunOptions, TrainError};
 
@@ -154,7 +154,7 @@ impl<'a> Outputs<'a> {
     /// A fine-tuning run's base, scored before training: logged as step 0,
     /// not reported as the run's quality.
     pub(super) fn base(&mut self, report: &EvalReport) -> Result<(), TrainError> {
-        self.val_row(0, report)?;
+        self.val_row(0, report, None)?;
         if self.log.is_some() {
             tracing::info!(
                 miou = report.scores.miou,
@@ -166,11 +166,16 @@ impl<'a> Outputs<'a> {
 
     /// A validation pass after step `done` (rank 0's, which holds the whole
     /// split's counts).
-    pub(super) fn validation(&mut self, done: u64, report: &EvalReport) -> Result<(), TrainError> {
+    pub(super) fn validation(
+        &mut self,
+        done: u64,
+        report: &EvalReport,
+        task_weights: Option<LearnedWeights>,
+    ) -> Result<(), TrainError> {
         if self.log.is_none() {
             return Ok(());
         }
-        self.val_row(done, report)?;
+        self.val_row(done, report, task_weights)?;
         let scores = &report.scores;
         if let Some(r) = self.reporter {
             self.progress.metric = Some(scores.miou);
@@ -195,11 +200,17 @@ impl<'a> Outputs<'a> {
         Ok(())
     }
 
-    fn val_row(&mut self, step: u64, report: &EvalReport) -> Result<(), TrainError> {
+    fn val_row(
+        &mut self,
+        step: u64,
+        report: &EvalReport,
+        task_weights: Option<LearnedWeights>,
+    ) -> Result<(), TrainError> {
         if let Some(log) = self.log.as_mut() {
             log.write(&Row::Val(ValRow {
                 step,
                 report: report.clone(),
+                task_weights,
             }))?;
         }
         Ok(())

@@ -363,9 +363,16 @@ fn an_update_limit_below_the_models_size_is_refused_at_start() {
 }
 
 /// Two rounds, then a new aggregator process resumes at round 3 with the
-/// same global model and server state, and runs to round 4.
+/// same global model and server state, and runs to round 4. The model
+/// learns its task weights: the clients train the log-variances and the
+/// aggregator averages them like every other parameter.
 #[test]
 fn a_restarted_aggregator_resumes_after_its_last_round() {
+    const LEARNED: [&str; 2] = [
+        "model.boundary_head=true",
+        "model.task_weighting=uncertainty",
+    ];
+    let config = |extra: &[&str]| config(&[extra, &LEARNED].concat());
     let dir = tempfile::tempdir().unwrap();
     let c = config(&["federated.clients=2"]);
     let port = free_port();
@@ -390,6 +397,15 @@ fn a_restarted_aggregator_resumes_after_its_last_round() {
     assert_eq!(summary.rounds, 4);
     let rounds: Vec<u64> = round_rows(dir.path()).iter().map(|r| r.round).collect();
     assert_eq!(rounds, [1, 2, 3, 4], "no round ran twice");
+    let global = trainyard_trainer::checkpoint::CheckpointDir::new(dir.path().join("checkpoints"))
+        .load_newest()
+        .unwrap()
+        .unwrap();
+    let log_vars = global
+        .checkpoint
+        .tensor("task_weights.log_vars")
+        .expect("the global model has learned task weights");
+    assert!(log_vars.values.iter().all(|s| *s != 0.0), "{log_vars:?}");
 }
 
 /// A corrupt newest round checkpoint does not stop the aggregator: it

@@ -87,37 +87,60 @@ struct Probe {
 
 impl Probe {
     fn new(decoder: &str) -> Self {
-        let config = TrainerConfig::from_value(
-            serde_yaml::Value::Null,
-            &[
-                "model.widths=[3, 4]".into(),
-                "model.convs_per_stage=1".into(),
-                format!("model.decoder={decoder}"),
-                "model.boundary_head=true".into(),
-                "model.boundary_loss_weight=0.5".into(),
-                "data.shapes.image_size=16".into(),
-                "train.class_weights=[0.5, 1, 2, 1.5]".into(),
-            ],
-        )
-        .unwrap();
+        Self::with(decoder, &["model.boundary_loss_weight=0.5"])
+    }
+
+    /// The probe with further config overrides.
+    fn with(decoder: &str, extra: &[&str]) -> Self {
+        let mut overrides: Vec<String> = vec![
+            "model.widths=[3, 4]".into(),
+            "model.convs_per_stage=1".into(),
+            format!("model.decoder={decoder}"),
+            "model.boundary_head=true".into(),
+            "data.shapes.image_size=16".into(),
+            "train.class_weights=[0.5, 1, 2, 1.5]".into(),
+        ];
+        overrides.extend(extra.iter().map(|s| s.to_string()));
+        let config = TrainerConfig::from_value(serde_yaml::Value::Null, &overrides).unwrap();
         let shapes = Shapes::new(config.data.shapes.clone().unwrap());
         let samples: Vec<_> = (0..2).map(|i| shapes.get(i)).collect();
         let batch = Batch::collate(&samples, 3, [16, 16]);
         assert!(batch.boundaries.is_some(), "the boundary loss takes part");
         let device = Device::flex().autodiff();
         let model = SegNet::new(&config.model, 3, &device);
-        let (_, analytic) = loss_and_gradients(&model, &batch, &config, &device);
-        let base = trainable_values(&model);
-        assert_eq!(base.len(), analytic.len());
-        Self {
+        let mut probe = Self {
             config,
             batch,
             device,
             model,
-            base,
-            analytic,
+            base: Vec::new(),
+            analytic: Vec::new(),
             step: 0,
+        };
+        probe.set_model(probe.model.clone());
+        probe
+    }
+
+    /// Probes at `model`'s parameters instead.
+    fn set_model(&mut self, model: SegNet) {
+        let (_, analytic) = loss_and_gradients(&model, &self.batch, &self.config, &self.device);
+        self.base = trainable_values(&model);
+        assert_eq!(self.base.len(), analytic.len());
+        self.analytic = analytic;
+        self.model = model;
+    }
+
+    /// Where the trainable tensor `name` starts in the flat layout.
+    fn offset_of(&self, name: &str) -> usize {
+        let layout = trainyard_trainer::model::params::Layout::of(&self.model);
+        let mut offset = 0;
+        for e in layout.trainable() {
+            if e.name == name {
+                return offset;
+            }
+            offset += e.len;
         }
+        panic!("no trainable tensor `{name}`")
     }
 
     /// The loss at `params`. Batch norm in training mode normalises with batch
@@ -387,4 +410,43 @@ fn weight_noise_gradient_is_the_clean_weights_gradient() {
     assert_ne!(noisy, probe.analytic, "the noise changes the gradient");
     probe.analytic = noisy;
     probe.assert_directional_derivative(14, |_| true);
+}
+
+/// Under uncertainty weighting the objective is Σ exp(−s_i)·L_i + s_i/2, so
+/// each log-variance's gradient has the closed form ½ − exp(−s_i)·L_i, with
+/// L_i the task's own loss (measured here with fixed weights); and finite
+/// differences of the whole objective, network and log-variances moved
+/// together, match autodiff's. Away from s = 0, where exp(−s) = 1 would hide
+/// a missing factor.
+#[test]
+fn uncertainty_weights_gradient_is_the_closed_form_and_finite_differences() {
+    use trainyard_trainer::config::TaskWeighting;
+    use trainyard_trainer::model::task_weights::TaskWeights;
+    let mut probe = Probe::with("nearest", &["model.task_weighting=uncertainty"]);
+    let s = [0.4f32, -0.7];
+    let mut model = probe.model.clone();
+    model.task_weights = Some(TaskWeights::from_log_vars(s, &probe.device));
+    probe.set_model(model);
+
+    let task_loss = |boundary_weight: f64| {
+        let mut config = probe.config.clone();
+        config.model.task_weighting = TaskWeighting::Fixed;
+        config.model.boundary_loss_weight = boundary_weight;
+        let mut fixed = probe.model.clone();
+        fixed.task_weights = None;
+        scalar(batch_loss(&fixed, &probe.batch, &config, &probe.device))
+    };
+    let segmentation = task_loss(0.0);
+    let boundary = task_loss(1.0) - segmentation;
+    let at = probe.offset_of("task_weights.log_vars");
+    for (i, loss) in [segmentation, boundary].into_iter().enumerate() {
+        let want = 0.5 - (-f64::from(s[i])).exp() * loss;
+        let got = f64::from(probe.analytic[at + i]);
+        assert!(
+            (got - want).abs() <= 1e-5 + 1e-4 * want.abs(),
+            "log-variance {i}: autodiff {got} vs closed form {want}"
+        );
+    }
+    probe.assert_directional_derivative(15, |name| name.starts_with("task_weights."));
+    probe.assert_directional_derivative(16, |_| true);
 }

@@ -260,7 +260,9 @@ fn final_model(dir: &std::path::Path, step: u64) -> Vec<(String, Vec<f32>)> {
 /// divides by √v, which magnifies rounding in near-zero gradients, so the bound
 /// is absolute: 1e-6 (measured: 1.1e-7), under 0.01% of the 0.012 a weight
 /// can move in 4 steps at lr 0.003. Weight noise is drawn per step, the same
-/// on every rank and for every micro-batch, so it keeps the equality.
+/// on every rank and for every micro-batch, so it keeps the equality. The
+/// task weights are learned, and their log-variances are averaged with the
+/// rest.
 #[test]
 fn data_parallel_equals_accumulating_the_same_micro_batches() {
     for (world, tolerance) in [(2usize, 0.0f32), (4, 1e-6)] {
@@ -269,6 +271,8 @@ fn data_parallel_equals_accumulating_the_same_micro_batches() {
             "checkpoint.every=0",
             "data.noise={sigma: 0.1, probability: 0.5}",
             "train.weight_noise={sigma: 0.1}",
+            "model.boundary_head=true",
+            "model.task_weighting=uncertainty",
         ]);
         let mut single = group_config.clone();
         single.train.accumulate_steps = world as u64;
@@ -276,6 +280,11 @@ fn data_parallel_equals_accumulating_the_same_micro_batches() {
         train(&single, &opts(alone.path(), false)).unwrap();
         let group = train_group(&group_config, world);
         let (a, b) = (final_model(alone.path(), 4), final_model(group.path(), 4));
+        let log_vars = a.iter().find(|(n, _)| n == "task_weights.log_vars");
+        assert!(
+            log_vars.is_some_and(|(_, s)| s.iter().all(|v| *v != 0.0)),
+            "the log-variances are trained: {log_vars:?}"
+        );
         for ((name, x), (_, y)) in a.iter().zip(&b) {
             if name.contains("running_") {
                 continue; // averaged across ranks vs updated per micro-batch: see train()
@@ -705,4 +714,128 @@ fn scores_under_noise_are_reproducible_and_independent_of_sharding() {
             "σ input {input_sigma}, weights {weight_sigma}"
         );
     }
+}
+
+/// Learned task weights are parameters like any other: a resumed run
+/// replays them exactly, validation rows report them, and they move away
+/// from the 1 they start at.
+#[test]
+fn learned_task_weights_resume_exactly_and_are_reported() {
+    let learned = [
+        "model.boundary_head=true",
+        "model.task_weighting=uncertainty",
+    ];
+    assert_resume_is_exact(&learned, 3);
+    let run = tempfile::tempdir().unwrap();
+    train(&tiny_config(&learned), &opts(run.path(), false)).unwrap();
+    let rows: Vec<_> = RunDir::at(run.path())
+        .rows()
+        .unwrap()
+        .into_iter()
+        .filter_map(Row::val)
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let w = r
+            .task_weights
+            .expect("validation reports the learned weights");
+        assert!(
+            w.segmentation != 1.0 && w.boundary != 1.0,
+            "step {}: {w:?}",
+            r.step
+        );
+    }
+    let fixed = tempfile::tempdir().unwrap();
+    train(
+        &tiny_config(&["model.boundary_head=true"]),
+        &opts(fixed.path(), false),
+    )
+    .unwrap();
+    let rows = RunDir::at(fixed.path()).rows().unwrap();
+    assert!(
+        rows.into_iter()
+            .filter_map(Row::val)
+            .all(|r| r.task_weights.is_none()),
+        "fixed weights are not reported as learned"
+    );
+}
+
+/// Fine-tuning with learned task weights on a base trained without them:
+/// the log-variances start at 0, are trained beside the adapter (they are
+/// part of the objective), are kept in the run's checkpoints, and stay out
+/// of the PEFT adapter file, which holds only what changes the network.
+#[test]
+fn fine_tuning_learns_the_task_balance_outside_the_adapter() {
+    use trainyard_trainer::peft::adapter::WEIGHTS_FILE;
+    let dir = tempfile::tempdir().unwrap();
+    train(
+        &tiny_config(&["model.boundary_head=true", "train.steps=3"]),
+        &opts(&dir.path().join("base"), false),
+    )
+    .unwrap();
+    let base_ck = CheckpointDir::new(dir.path().join("base/checkpoints"))
+        .latest()
+        .unwrap()
+        .unwrap();
+    let peft = format!(
+        "peft={{base: '{}', r: 2, lora_alpha: 4, target_modules: [conv]}}",
+        base_ck.display()
+    );
+    let config = tiny_config(&[
+        "model.boundary_head=true",
+        "model.task_weighting=uncertainty",
+        "train.steps=3",
+        &peft,
+    ]);
+    let run = dir.path().join("ft");
+    let summary = train(&config, &opts(&run, false)).unwrap();
+    let tuned = final_model(&run, 3);
+    let (_, log_vars) = tuned
+        .iter()
+        .find(|(n, _)| n == "task_weights.log_vars")
+        .expect("the run's checkpoint keeps the log-variances");
+    assert!(log_vars.iter().all(|s| *s != 0.0), "{log_vars:?} trained");
+    let adapter_values: usize = tuned
+        .iter()
+        .filter(|(n, _)| n.contains(".lora_"))
+        .map(|(_, v)| v.len())
+        .sum();
+    assert_eq!(summary.parameters, adapter_values + log_vars.len());
+
+    let file = std::fs::read(summary.adapter.unwrap().join(WEIGHTS_FILE)).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&file)
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(!names.is_empty());
+    assert!(
+        names.iter().all(|n| n.contains(".lora_")),
+        "only adapter factors in the PEFT file: {names:?}"
+    );
+    // The base's own balance is not used by a run with fixed weights.
+    let learned_base = dir.path().join("learned");
+    train(
+        &tiny_config(&[
+            "model.boundary_head=true",
+            "model.task_weighting=uncertainty",
+            "train.steps=3",
+        ]),
+        &opts(&learned_base, false),
+    )
+    .unwrap();
+    let fixed_ft = tiny_config(&[
+        "model.boundary_head=true",
+        "train.steps=3",
+        &format!(
+            "peft={{base: '{}', r: 2, lora_alpha: 4, target_modules: [conv]}}",
+            CheckpointDir::new(learned_base.join("checkpoints"))
+                .latest()
+                .unwrap()
+                .unwrap()
+                .display()
+        ),
+    ]);
+    train(&fixed_ft, &opts(&dir.path().join("ft-fixed"), false)).unwrap();
 }
