@@ -2,10 +2,10 @@
 
 use trainyard_trainer::checkpoint::{Checkpoint, CheckpointDir};
 use trainyard_trainer::eval::metrics::Confusion;
-use trainyard_trainer::run_dir::{Row, RunDir, RunDirError};
+use trainyard_trainer::run_dir::RunDirError;
 use trainyard_trainer::train::{RunOptions, Setup, TrainError, train};
 
-use crate::util::{tiny_config, train_rows};
+use crate::util::{tiny_config, train_rows, val_rows};
 
 fn opts(dir: &std::path::Path, resume: bool) -> RunOptions {
     RunOptions {
@@ -441,13 +441,7 @@ fn sharded_validation_equals_scoring_the_whole_split() {
         "model.boundary_head=true",
     ]);
     let run = train_group(&config, 3);
-    let rows: Vec<trainyard_trainer::run_dir::EvalReport> = RunDir::at(run.path())
-        .rows()
-        .unwrap()
-        .into_iter()
-        .filter_map(Row::val)
-        .map(|v| v.report)
-        .collect();
+    let rows: Vec<_> = val_rows(run.path()).into_iter().map(|v| v.report).collect();
     let last = rows.last().expect("a validation row at the last step");
     let predictor = trainyard_trainer::infer::Predictor::load(
         &CheckpointDir::new(run.path().join("checkpoints")).path_for(3),
@@ -648,12 +642,7 @@ fn resume_under_weight_noise_is_exact_and_validation_names_its_noise() {
     let config = tiny_config(&["train.steps=3", "checkpoint.every=0", noise]);
     let run = tempfile::tempdir().unwrap();
     train(&config, &opts(run.path(), false)).unwrap();
-    let rows: Vec<_> = RunDir::at(run.path())
-        .rows()
-        .unwrap()
-        .into_iter()
-        .filter_map(Row::val)
-        .collect();
+    let rows = val_rows(run.path());
     assert!(!rows.is_empty());
     for r in rows {
         assert_eq!(r.report.noise, config.train.validation_noise);
@@ -728,12 +717,7 @@ fn learned_task_weights_resume_exactly_and_are_reported() {
     assert_resume_is_exact(&learned, 3);
     let run = tempfile::tempdir().unwrap();
     train(&tiny_config(&learned), &opts(run.path(), false)).unwrap();
-    let rows: Vec<_> = RunDir::at(run.path())
-        .rows()
-        .unwrap()
-        .into_iter()
-        .filter_map(Row::val)
-        .collect();
+    let rows = val_rows(run.path());
     assert_eq!(rows.len(), 2);
     for r in &rows {
         let w = r
@@ -751,10 +735,9 @@ fn learned_task_weights_resume_exactly_and_are_reported() {
         &opts(fixed.path(), false),
     )
     .unwrap();
-    let rows = RunDir::at(fixed.path()).rows().unwrap();
     assert!(
-        rows.into_iter()
-            .filter_map(Row::val)
+        val_rows(fixed.path())
+            .iter()
             .all(|r| r.task_weights.is_none()),
         "fixed weights are not reported as learned"
     );

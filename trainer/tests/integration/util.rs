@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use trainyard_trainer::config::TrainerConfig;
-use trainyard_trainer::run_dir::{RoundRow, Row, RunDir, TrainRow};
+use trainyard_trainer::run_dir::{RoundRow, Row, RunDir, TrainRow, ValRow};
 
 /// The group secret the tests' multi-rank runs share.
 pub const SECRET: &str = "integration-test group secret";
@@ -45,6 +45,16 @@ pub fn train_rows(dir: &Path) -> Vec<TrainRow> {
             samples_per_sec: 0.0,
             ..r
         })
+        .collect()
+}
+
+/// The validation rows of a run's metrics.jsonl.
+pub fn val_rows(dir: &Path) -> Vec<ValRow> {
+    RunDir::at(dir)
+        .rows()
+        .unwrap()
+        .into_iter()
+        .filter_map(Row::val)
         .collect()
 }
 
